@@ -1,0 +1,20 @@
+"""Pure-torch definitions of every kernel: the ground truth the tests compare against.
+
+They follow the same fp32 operation order as the kernels, so elementwise results agree
+bit for bit. They take the parameters in the full-rank layout used by the ops (see
+rapidquant.ops._utils.block_spec).
+"""
+from rapidquant.reference.adaround import adaround_weight
+from rapidquant.reference.qdq import (
+    dequantize,
+    expand_param,
+    float_quantize_dequantize,
+    quantize,
+    quantize_dequantize,
+)
+from rapidquant.reference.stats import histogram, minmax, range_search
+
+__all__ = [
+    "adaround_weight", "dequantize", "expand_param", "float_quantize_dequantize", "histogram",
+    "minmax", "quantize", "quantize_dequantize", "range_search",
+]

@@ -1,0 +1,59 @@
+"""Reference affine and float quantize-dequantize (ONNX QuantizeLinear/DequantizeLinear)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_FORMATS = {
+    torch.float16: 65504.0,
+    torch.bfloat16: float(torch.finfo(torch.bfloat16).max),
+    torch.float8_e4m3fn: 448.0,
+    torch.float8_e5m2: 57344.0,
+}
+
+
+def expand_param(p: torch.Tensor, shape: Sequence[int], spec: Sequence[int]) -> torch.Tensor:
+    """Broadcast a full-rank parameter tensor to x's shape following the block list."""
+    for d, b in enumerate(spec):
+        if b > 1:
+            p = p.repeat_interleave(b, dim=d)
+    return p.expand(tuple(shape))
+
+
+def _round_ste(v: torch.Tensor) -> torch.Tensor:
+    # forward: round half to even (exact, see tests); backward: identity
+    return v + (torch.round(v) - v).detach()
+
+
+def quantize_dequantize(x, scale, zero_point, qmin, qmax, spec):
+    """(clamp(round(x / s) + zp, qmin, qmax) - zp) * s in fp32; LSQ gradients via autograd."""
+    s = expand_param(scale.float(), x.shape, spec)
+    z = expand_param(zero_point.float(), x.shape, spec)
+    u = _round_ste(x.float() / s) + z
+    return ((torch.clamp(u, qmin, qmax) - z) * s).to(x.dtype)
+
+
+def quantize(x, scale, zero_point, qmin, qmax, spec, dtype=torch.int32):
+    s = expand_param(scale.float(), x.shape, spec)
+    z = expand_param(zero_point.float(), x.shape, spec)
+    return torch.clamp(torch.round(x.float() / s) + z, qmin, qmax).to(dtype)
+
+
+def dequantize(q, scale, zero_point, spec, dtype=torch.float32):
+    s = expand_param(scale.float(), q.shape, spec)
+    z = expand_param(zero_point.float(), q.shape, spec)
+    return ((q.float() - z) * s).to(dtype)
+
+
+def float_quantize_dequantize(x, fmt: torch.dtype, scale=None, spec=None):
+    """Saturating round-to-nearest-even cast to fmt (optionally scaled), back in x.dtype."""
+    m = FLOAT_FORMATS[fmt]
+    v = x.float()
+    if scale is not None:
+        s = expand_param(scale.float(), x.shape, spec)
+        v = v / s
+    v = torch.clamp(v, -m, m).to(fmt).float()
+    if scale is not None:
+        v = v * s
+    return v.to(x.dtype)
