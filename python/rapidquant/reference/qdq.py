@@ -21,9 +21,20 @@ def expand_param(p: torch.Tensor, shape: Sequence[int], spec: Sequence[int]) -> 
     return p.expand(tuple(shape))
 
 
+class _RoundSTE(torch.autograd.Function):
+    """round half to even forward, identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, v):
+        return torch.round(v)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
 def _round_ste(v: torch.Tensor) -> torch.Tensor:
-    # forward: round half to even (exact, see tests); backward: identity
-    return v + (torch.round(v) - v).detach()
+    return _RoundSTE.apply(v)
 
 
 def quantize_dequantize(x, scale, zero_point, qmin, qmax, spec):
