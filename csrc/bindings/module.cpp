@@ -25,8 +25,8 @@ py::list cuda_archs() {
   py::list out;
 #ifdef RAPIDQUANT_CUDA_ARCHS
   std::string s = RAPIDQUANT_CUDA_ARCHS, cur;
-  for (char c : s + ";") {
-    if (c == ';') { if (!cur.empty()) out.append(cur); cur.clear(); } else cur += c;
+  for (char c : s + ",") {
+    if (c == ',') { if (!cur.empty()) out.append(cur); cur.clear(); } else cur += c;
   }
 #endif
   return out;
