@@ -53,6 +53,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_archs") = cuda_archs();
   m.attr("version") = RAPIDQUANT_VERSION;
 
+  m.def("cpu_isa", []() { return std::string(rq::cpu_isa()); },
+        "Instruction set the CPU kernels use: avx512, avx2 or base.");
+  m.def("set_cpu_isa", [](const std::string& name) { rq::set_cpu_isa(name.c_str()); },
+        "Force the CPU kernels' instruction set (base, avx2, avx512).");
+
   m.def("layout", [](const Shape& shape, const Shape& block) {
     Layout L = layout_of(shape, block);
     Shape sz(L.size, L.size + L.ndim), bl(L.block, L.block + L.ndim);

@@ -1,13 +1,15 @@
 // AdaRound: fused soft-rounded weight, regularizer, and the gradient w.r.t. V.
 #include <cmath>
 #include "elementwise.h"
+#include "vec_math.h"
 #include "rapidquant/kernels.h"
 
 namespace rq {
+namespace RQ_ISA {  // compiled once per instruction set; see dispatch.cpp
 namespace {
 
 inline float rect_sigmoid_lin(float v, float* sig) {
-  const float sg = 1.0f / (1.0f + std::exp(-v));
+  const float sg = vm_sigmoid(v);
   *sig = sg;
   return sg * (kAdaZeta - kAdaGamma) + kAdaGamma;
 }
@@ -22,23 +24,38 @@ struct AdaFwdOp : NoAccum {
   void bind(int tid) { preg.bind(tid); }
   template <bool PE>
   void run(int64_t i0, int64_t n, int64_t p) {
-    double reg = 0.0;
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t pi = PE ? p + k : p;
-      float h;
+    // locals, so the compiler knows the stores cannot change them (vectorization)
+    const float* __restrict w = this->w;
+    const float* __restrict v = this->v;
+    float* __restrict out = this->out;
+    const float* __restrict s = this->s;
+    const float* __restrict z = this->z;
+    const float qmin = this->qmin, qmax = this->qmax, beta = this->beta;
+    float rbuf[kChunk];
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int64_t m = std::min(kChunk, n - c0);
       if (hard) {
-        h = v[i0 + k] >= 0.f ? 1.f : 0.f;
-      } else {
-        float sg;
-        const float hl = rect_sigmoid_lin(v[i0 + k], &sg);
-        h = hl < 0.f ? 0.f : (hl > 1.f ? 1.f : hl);
-        reg += 1.0 - std::pow((double)std::fabs(2.f * h - 1.f), (double)beta);
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t i = i0 + c0 + k, pi = PE ? p + c0 + k : p;
+          const float h = v[i] >= 0.f ? 1.f : 0.f;
+          float u = std::floor(w[i] / s[pi]) + h + z[pi];
+          u = u < qmin ? qmin : (u > qmax ? qmax : u);
+          out[i] = (u - z[pi]) * s[pi];
+        }
+        continue;
       }
-      float u = std::floor(w[i0 + k] / s[pi]) + h + z[pi];
-      u = u < qmin ? qmin : (u > qmax ? qmax : u);
-      out[i0 + k] = (u - z[pi]) * s[pi];
+      for (int64_t k = 0; k < m; ++k) {
+        const int64_t i = i0 + c0 + k, pi = PE ? p + c0 + k : p;
+        float sg;
+        const float hl = rect_sigmoid_lin(v[i], &sg);
+        const float h = hl < 0.f ? 0.f : (hl > 1.f ? 1.f : hl);
+        rbuf[k] = 1.0f - vm_pow(std::fabs(2.f * h - 1.f), beta);
+        float u = std::floor(w[i] / s[pi]) + h + z[pi];
+        u = u < qmin ? qmin : (u > qmax ? qmax : u);
+        out[i] = (u - z[pi]) * s[pi];
+      }
+      preg.mine[0] += lane_sum(rbuf, m);
     }
-    preg.mine[0] += reg;
   }
 };
 
@@ -49,19 +66,34 @@ struct AdaBwdOp : NoAccum {
   float qmin, qmax, beta, lam;
   template <bool PE>
   void run(int64_t i0, int64_t n, int64_t p) {
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t pi = PE ? p + k : p;
-      float sg;
-      const float hl = rect_sigmoid_lin(v[i0 + k], &sg);
-      const bool hin = hl >= 0.f && hl <= 1.f;
-      const float h = hl < 0.f ? 0.f : (hl > 1.f ? 1.f : hl);
-      const float dh = hin ? sg * (1.f - sg) * (kAdaZeta - kAdaGamma) : 0.f;
-      const float u = std::floor(w[i0 + k] / s[pi]) + h + z[pi];
-      const bool uin = u >= qmin && u <= qmax;
-      const float a = 2.f * h - 1.f;
-      const float sgn = a > 0.f ? 1.f : (a < 0.f ? -1.f : 0.f);
-      const float dreg = -beta * std::pow(std::fabs(a), beta - 1.f) * sgn * 2.f;
-      dv[i0 + k] = (uin ? dout[i0 + k] * s[pi] : 0.f) * dh + lam * dreg * dh;
+    const float* __restrict w = this->w;
+    const float* __restrict v = this->v;
+    const float* __restrict dout = this->dout;
+    float* __restrict dv = this->dv;
+    const float* __restrict s = this->s;
+    const float* __restrict z = this->z;
+    const float qmin = this->qmin, qmax = this->qmax, beta = this->beta, lam = this->lam;
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int m = (int)std::min(kChunk, n - c0);
+      const float* __restrict vc = v + i0 + c0;
+      const float* __restrict wc = w + i0 + c0;
+      const float* __restrict gc = dout + i0 + c0;
+      float* __restrict dc = dv + i0 + c0;
+      for (int k = 0; k < m; ++k) {
+        const int64_t pi = PE ? p + c0 + k : p;
+        const float vi = vc[k], wi = wc[k], gi = gc[k], sc = s[pi], zz = z[pi];
+        float sg;
+        const float hl = rect_sigmoid_lin(vi, &sg);
+        // (selects on floats, not bools, so GCC vectorizes the loop)
+        const float h = hl < 0.f ? 0.f : (hl > 1.f ? 1.f : hl);
+        const float dh = hl < 0.f ? 0.f : (hl > 1.f ? 0.f : sg * (1.f - sg) * (kAdaZeta - kAdaGamma));
+        const float u = std::floor(wi / sc) + h + zz;
+        const float gu = u < qmin ? 0.f : (u > qmax ? 0.f : gi * sc);
+        const float a = 2.f * h - 1.f;
+        const float sgn = a > 0.f ? 1.f : (a < 0.f ? -1.f : 0.f);
+        const float dreg = -beta * vm_pow(std::fabs(a), beta - 1.f) * sgn * 2.f;
+        dc[k] = gu * dh + lam * dreg * dh;
+      }
     }
   }
 };
@@ -92,4 +124,5 @@ void adaround_backward_cpu(const float* w, const float* v, const float* dout, fl
   walk(L, nthreads, op);
 }
 
+}  // namespace RQ_ISA
 }  // namespace rq

@@ -41,6 +41,21 @@ void walk(const Layout& L, int nthreads, Op op) {
   op.finish(nt);
 }
 
+// Elements per chunk for reductions: per-element terms go to a float buffer, the buffer is
+// summed in 16 float lanes (vectorizable), and chunk sums add up in double.
+constexpr int64_t kChunk = 1024;
+
+inline double lane_sum(const float* r, int64_t n) {
+  float acc[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += r[k + l];
+  double t = 0.0;
+  for (int l = 0; l < 16; ++l) t += acc[l];
+  for (; k < n; ++k) t += r[k];
+  return t;
+}
+
 // Base for ops without accumulators.
 struct NoAccum {
   void prepare(int) {}

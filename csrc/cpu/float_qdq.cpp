@@ -5,6 +5,7 @@
 #include "rapidquant/kernels.h"
 
 namespace rq {
+namespace RQ_ISA {  // compiled once per instruction set; see dispatch.cpp
 namespace {
 
 template <class T>
@@ -42,4 +43,5 @@ void float_qdq_cpu(const void* x, void* y, DType dt, const Layout& L, const floa
   });
 }
 
+}  // namespace RQ_ISA
 }  // namespace rq

@@ -4,6 +4,7 @@
 #include "rapidquant/kernels.h"
 
 namespace rq {
+namespace RQ_ISA {  // compiled once per instruction set; see dispatch.cpp
 namespace {
 
 // Cheap checks of the encoding on the CPU path (the CUDA path leaves them to the caller).
@@ -105,31 +106,37 @@ struct QdqBackwardOp {
   }
   void finish(int) {}
 
+  // per-element terms: dx, and the scale / zero-point gradient contributions
+  inline void terms(int64_t i, float sc, float zz, float& ds, float& dz) const {
+    const float lo = qmin - zz, hi = qmax - zz;
+    const float v = IO<T>::load(x, i) / sc;
+    const float r = rint_small(v > 4194304.f ? 4194304.f : (v < -4194304.f ? -4194304.f : v));
+    const float rr = v != v ? v : r;  // keep NaN visible in dscale
+    const bool inside = rr >= lo && rr <= hi;
+    const float g = IO<T>::load(dy, i);
+    IO<T>::store(dx, i, inside ? g : 0.f);
+    ds = g * (inside ? rr - v : (rr < lo ? lo : (rr > hi ? hi : rr)));
+    dz = inside ? 0.f : -g * sc;
+  }
+
   template <bool PE>
   void run(int64_t i0, int64_t n, int64_t p) {
-    double as = 0.0, az = 0.0;
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t pi = PE ? p + k : p;
-      const float sc = s[pi], lo = qmin - z[pi], hi = qmax - z[pi];
-      const float v = IO<T>::load(x, i0 + k) / sc;
-      const float r = rint_small(v > 4194304.f ? 4194304.f : (v < -4194304.f ? -4194304.f : v));
-      const float rr = v != v ? v : r;  // keep NaN visible in dscale
-      const bool inside = rr >= lo && rr <= hi;
-      const float g = IO<T>::load(dy, i0 + k);
-      if (dx) IO<T>::store(dx, i0 + k, inside ? g : 0.f);
-      if (want_s) {
-        const float ds = inside ? rr - v : (rr < lo ? lo : (rr > hi ? hi : rr));
-        const double c = (double)g * (double)ds;
-        if (PE) ps.mine[pi] += c; else as += c;
+    if constexpr (PE) {
+      for (int64_t k = 0; k < n; ++k) {
+        float ds, dz;
+        terms(i0 + k, s[p + k], z[p + k], ds, dz);
+        if (want_s) ps.mine[p + k] += ds;
+        if (want_z) pz.mine[p + k] += dz;
       }
-      if (want_z) {
-        const double c = inside ? 0.0 : -(double)g * (double)sc;
-        if (PE) pz.mine[pi] += c; else az += c;
+    } else {
+      float cs[kChunk], cz[kChunk];
+      const float sc = s[p], zz = z[p];
+      for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - c0);
+        for (int64_t k = 0; k < m; ++k) terms(i0 + c0 + k, sc, zz, cs[k], cz[k]);
+        if (want_s) ps.mine[p] += lane_sum(cs, m);
+        if (want_z) pz.mine[p] += lane_sum(cz, m);
       }
-    }
-    if (!PE) {
-      if (want_s) ps.mine[p] += as;
-      if (want_z) pz.mine[p] += az;
     }
   }
 };
@@ -197,6 +204,7 @@ void qdq_backward_cpu(const void* x, const void* dy, void* dx, DType dt, const L
                       const float* scale, const float* zp, int qmin, int qmax, float* dscale,
                       float* dzp, int nthreads) {
   check_encoding(scale, zp, L.nparam, qmin, qmax);
+  RQ_CHECK(dx != nullptr, "qdq_backward_cpu needs an output for dx");
   std::vector<double> acc_s, acc_z;
   const int nt = pick_threads(L.numel, nthreads);
   RQ_DISPATCH_DTYPE(dt, T, {
@@ -211,4 +219,5 @@ void qdq_backward_cpu(const void* x, const void* dy, void* dx, DType dt, const L
   if (dzp) reduce_privates(acc_z, nt, L.nparam, dzp);
 }
 
+}  // namespace RQ_ISA
 }  // namespace rq

@@ -5,6 +5,7 @@
 #include "rapidquant/kernels.h"
 
 namespace rq {
+namespace RQ_ISA {  // compiled once per instruction set; see dispatch.cpp
 namespace {
 
 template <class T>
@@ -25,19 +26,31 @@ struct MinMaxOp : NoAccum {
         pnan.mine[p + k] |= (uint8_t)(v != v);
       }
     } else {
-      float a = std::numeric_limits<float>::infinity(), b = -a;
-      int nan = 0;
-      for (int64_t k = 0; k < n; ++k) {
+      // 16 independent lanes (vectorizable), folded at the end of the run
+      const float inf = std::numeric_limits<float>::infinity();
+      float amin[16], amax[16], anan[16];
+      for (int l = 0; l < 16; ++l) { amin[l] = inf; amax[l] = -inf; anan[l] = 0.f; }
+      int64_t k = 0;
+      for (; k + 16 <= n; k += 16)
+        for (int l = 0; l < 16; ++l) {
+          const float v = IO<T>::load(x, i0 + k + l);
+          amin[l] = v < amin[l] ? v : amin[l];
+          amax[l] = v > amax[l] ? v : amax[l];
+          anan[l] = v != v ? 1.f : anan[l];
+        }
+      for (; k < n; ++k) {
         const float v = IO<T>::load(x, i0 + k);
-        a = v < a ? v : a;
-        b = v > b ? v : b;
-        nan |= (v != v);
+        amin[0] = v < amin[0] ? v : amin[0];
+        amax[0] = v > amax[0] ? v : amax[0];
+        anan[0] = v != v ? 1.f : anan[0];
       }
       float& A = pmn.mine[p];
       float& B = pmx.mine[p];
-      A = a < A ? a : A;
-      B = b > B ? b : B;
-      pnan.mine[p] |= (uint8_t)nan;
+      for (int l = 0; l < 16; ++l) {
+        A = amin[l] < A ? amin[l] : A;
+        B = amax[l] > B ? amax[l] : B;
+        pnan.mine[p] |= (uint8_t)(anan[l] != 0.f);
+      }
     }
   }
 };
@@ -68,7 +81,29 @@ struct HistOp : NoAccum {
   }
   template <bool PE>
   void run(int64_t i0, int64_t n, int64_t p) {
-    for (int64_t k = 0; k < n; ++k) add(IO<T>::load(x, i0 + k), PE ? p + k : p);
+    if constexpr (PE) {
+      for (int64_t k = 0; k < n; ++k) add(IO<T>::load(x, i0 + k), p + k);
+      return;
+    }
+    // bin indices for a chunk in a vectorizable loop (-1 = dropped), then the increments
+    const float l = lo[p], h = hi[p], inv = (float)bins / (h - l), bmax = (float)(bins - 1);
+    const float lo_out = clamp_outside ? 0.f : -1.f, hi_out = clamp_outside ? bmax : -1.f;
+    int32_t idx[kChunk];
+    int64_t* cnt = pc.mine + p * bins;
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int64_t m = std::min(kChunk, n - c0);
+      for (int64_t k = 0; k < m; ++k) {
+        const float v = IO<T>::load(x, i0 + c0 + k);
+        float t = (v - l) * inv;
+        t = t > bmax ? bmax : t;
+        t = v < l ? lo_out : t;
+        t = v > h ? hi_out : t;
+        t = v != v ? -1.f : t;
+        idx[k] = (int32_t)t;
+      }
+      for (int64_t k = 0; k < m; ++k)
+        if (idx[k] >= 0) ++cnt[idx[k]];
+    }
   }
 };
 
@@ -123,4 +158,5 @@ void histogram_cpu(const void* x, DType dt, const Layout& L, const float* lo, co
   }
 }
 
+}  // namespace RQ_ISA
 }  // namespace rq

@@ -99,6 +99,9 @@ def param_shape(shape: Sequence[int], spec: Sequence[int]) -> list[int]:
 def as_param(t, x: torch.Tensor, spec, name: str, float_param: bool = True) -> torch.Tensor:
     """Reshape a scale/zero-point to the full-rank parameter shape, as float32."""
     pshape = param_shape(x.shape, spec)
+    if (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device == x.device
+            and list(t.shape) == pshape):
+        return t  # fast path: already in the kernel layout
     if not isinstance(t, torch.Tensor):
         t = torch.tensor(t, dtype=torch.float32, device=x.device)
     if t.device != x.device:

@@ -87,6 +87,8 @@ def _dequantize_impl(device):
     return impl
 
 
+_QDQ_CPU = _qdq_impl("cpu")
+
 for _name, _make in ((QDQ, _qdq_impl), (QDQ_BWD, _qdq_bwd_impl), (QUANTIZE, _quantize_impl),
                      (DEQUANTIZE, _dequantize_impl)):
     register(_name, _make("cpu"), _make("cuda"))
@@ -148,6 +150,17 @@ def _prepare(x, scale, zero_point, qmin, qmax, axis, block_size):
     return spec, s, z
 
 
+def _eager_cpu(*tensors) -> bool:
+    """True when the dispatcher adds nothing: plain CPU tensors, no autograd, no tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return True
+
+
 def quantize_dequantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, block_size=None):
     """Fake-quantize x: (clamp(round_half_even(x / scale) + zero_point, qmin, qmax) - zero_point) * scale.
 
@@ -157,6 +170,8 @@ def quantize_dequantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, b
     inside the range), scale and zero_point (LSQ-style).
     """
     spec, s, z = _prepare(x, scale, zero_point, qmin, qmax, axis, block_size)
+    if _eager_cpu(x, s, z):  # same kernel, minus ~8 us of dispatcher per call
+        return _QDQ_CPU(x, s, z, int(qmin), int(qmax), spec)
     return torch.ops.rapidquant.quantize_dequantize(x, s, z, int(qmin), int(qmax), spec)
 
 
