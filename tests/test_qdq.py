@@ -119,7 +119,7 @@ def test_empty_and_scalar(device):
     assert_bitexact(ops.quantize_dequantize(x, s, z, -128, 127), ref_qdq(x, s, z, -128, 127))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)  # same examples every run
 @given(
     shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
     bits=st.integers(2, 16),
@@ -146,7 +146,8 @@ def test_property_matches_reference(shape, bits, signed, log_scale, zp_frac, per
     z = zp if axis is None else zp.reshape(s.shape)
     q = y.float() / s + z
     if dtype == torch.float32:
-        assert torch.all(q >= qmin - 1e-3) and torch.all(q <= qmax + 1e-3)
+        tol = 1e-3 + 1e-6 * (qmax - qmin)  # y / s + z is itself rounded
+        assert torch.all(q >= qmin - tol) and torch.all(q <= qmax + tol)
         assert torch.equal(ops.quantize_dequantize(y, scale, zp, qmin, qmax, axis=axis), y)
 
 
