@@ -3,6 +3,13 @@ import torch  # noqa: F401  # torch first: its OpenMP runtime is the one _C shar
 
 from rapidquant._ext import build_info
 from rapidquant import ops
+from rapidquant.config import QuantSimConfig
+from rapidquant.graph import register_function, register_module
+from rapidquant.quantizer import Quantizer
+from rapidquant.quantsim import QuantSim, UnsupportedModuleError
 
 __version__ = build_info()["version"]
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = [
+    "QuantSim", "QuantSimConfig", "Quantizer", "UnsupportedModuleError", "build_info", "ops",
+    "register_function", "register_module", "__version__",
+]

@@ -1,0 +1,209 @@
+"""Encodings files: the rapidquant format and AIMET-compatible 1.0.0 / 2.0.0 schemas.
+
+rapidquant format (``"format": "rapidquant-encodings"``, version 1): one record per
+quantizer name with dtype, bitwidth, enabled, symmetric, signed, qmin/qmax, axis,
+block_size, the scale/zero-point tensor shape and flat ``scale``/``zero_point`` lists
+(ONNX convention: q = round(x / scale) + zero_point), plus ``onnx_tensor`` when written
+by an export. AIMET files are keyed by ONNX tensor names; ours carry a
+``"rapidquant": {"tensor_to_quantizer": ...}`` map so they load back into a sim.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+import rapidquant
+
+FORMATS = ("rapidquant", "1.0.0", "2.0.0")
+
+
+def _check_writable(path: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def _dump(obj, path: str) -> str:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # never leave a half-written file behind
+    return path
+
+
+def rapidquant_doc(sim, tensor_names: dict | None = None, int32_bias: dict | None = None) -> dict:
+    recs = {}
+    for name, q in sim.quantizers().items():
+        enc = q.encoding
+        rec = dict(enc) if enc is not None else {"dtype": q.dtype, "bitwidth": q.bitwidth, "enabled": q.enabled}
+        rec["frozen"] = q.frozen
+        if tensor_names and name in tensor_names:
+            rec["onnx_tensor"] = tensor_names[name]
+        recs[name] = rec
+    doc = {"format": "rapidquant-encodings", "version": 1,
+           "producer": {"rapidquant": rapidquant.__version__, "torch": torch.__version__},
+           "quantizers": recs}
+    if int32_bias:
+        doc["int32_bias"] = int32_bias
+    return doc
+
+
+def write_rapidquant(sim, path: str, overwrite: bool = False, tensor_names=None, int32_bias=None) -> str:
+    _check_writable(path, overwrite)
+    return _dump(rapidquant_doc(sim, tensor_names, int32_bias), path)
+
+
+def _onnx_dtype(qmin: int, qmax: int) -> str:
+    for lo, hi, name in ((-8, 7, "int4"), (0, 15, "uint4"), (-128, 127, "int8"), (0, 255, "uint8"),
+                         (-32768, 32767, "int16"), (0, 65535, "uint16")):
+        if lo <= qmin and qmax <= hi:
+            return name
+    return "int32"
+
+
+def aimet_doc(sim, version: str, tensor_names: dict, int32_bias: dict | None = None) -> dict:
+    """AIMET 1.0.0 or 2.0.0 encodings keyed by ONNX tensor names (enabled quantizers only)."""
+    params = set(sim.param_quantizers())
+    acts, prms, v2 = [], [], []
+    for name, q in sim.quantizers().items():
+        t = tensor_names.get(name)
+        if t is None or not q.enabled or q.encoding is None:
+            continue
+        e = q.encoding
+        if q.dtype == "float":
+            if version == "1.0.0":
+                rec = {"name": t, "dtype": "FLOAT", "bw": q.bitwidth, "enc_type": "PER_TENSOR"}
+                (prms if name in params else acts).append(rec)
+            elif "scale" in e:
+                v2.append({"name": t, "output_dtype": {"fp8_e4m3": "float8e4m3fn", "fp8_e5m2": "float8e5m2"}[q.float_format],
+                           "y_scale": e["scale"] if len(e["scale"]) > 1 else e["scale"][0]})
+            continue
+        qmin, qmax = e["qmin"], e["qmax"]
+        per_block = q.block_size is not None
+        per_ch = q.axis is not None and not per_block
+        if version == "1.0.0":
+            rec = {"name": t, "dtype": "INT", "bw": q.bitwidth, "is_sym": bool(q.symmetric),
+                   "enc_type": "PER_BLOCK" if per_block else ("PER_CHANNEL" if per_ch else "PER_TENSOR"),
+                   "scale": e["scale"], "offset": [qmin - z for z in e["zero_point"]]}
+            if per_block:
+                rec["block_size"] = q.block_size
+            (prms if name in params else acts).append(rec)
+        else:
+            zps = e["zero_point"]
+            rec = {"name": t, "output_dtype": _onnx_dtype(qmin, qmax),
+                   "y_scale": e["scale"] if (per_ch or per_block) else e["scale"][0]}
+            if any(zps):
+                rec["y_zero_point"] = zps if (per_ch or per_block) else zps[0]
+            if per_ch or per_block:
+                rec["axis"] = q.axis if not per_block else 1
+            if per_block:
+                rec["block_size"] = q.block_size
+            v2.append(rec)
+    producer = {"package": "rapidquant", "version": rapidquant.__version__}
+    extra = {"rapidquant": {"tensor_to_quantizer": {t: n for n, t in tensor_names.items()}}}
+    if version == "1.0.0":
+        doc = {"version": "1.0.0", "activation_encodings": acts, "param_encodings": prms,
+               "excluded_layers": [], "quantizer_args": {"activation_bitwidth": sim._bitwidths()[1],
+                                                         "param_bitwidth": sim._bitwidths()[0],
+                                                         "dtype": sim.config.dtype,
+                                                         "quant_scheme": sim.config.act_scheme}}
+        if int32_bias:
+            for t, b in int32_bias.items():
+                doc["param_encodings"].append({"name": t, "dtype": "INT", "bw": 32, "is_sym": True,
+                                               "enc_type": "PER_CHANNEL" if len(b["scale"]) > 1 else "PER_TENSOR",
+                                               "scale": b["scale"], "offset": [-(2 ** 31)] * len(b["scale"])})
+    else:
+        if int32_bias:
+            for t, b in int32_bias.items():
+                rec = {"name": t, "output_dtype": "int32", "y_scale": b["scale"] if len(b["scale"]) > 1 else b["scale"][0]}
+                if len(b["scale"]) > 1:
+                    rec["axis"] = 0
+                v2.append(rec)
+        doc = {"version": "2.0.0", "producer": producer, "encodings": v2}
+    doc.update(extra)
+    return doc
+
+
+def load_into(sim, src, freeze: bool = True, strict: bool = True) -> None:
+    """Load any supported encodings file (or dict) into a sim."""
+    doc = src
+    if not isinstance(src, dict):
+        with open(src) as f:
+            doc = json.load(f)
+    qs = sim.quantizers()
+    if doc.get("format") == "rapidquant-encodings":
+        recs = doc["quantizers"]
+        if strict:
+            missing, extra = sorted(set(qs) - set(recs)), sorted(set(recs) - set(qs))
+            if missing or extra:
+                raise KeyError(f"encodings do not match this sim: missing {missing[:8]}, unexpected {extra[:8]} "
+                               "(pass strict=False to load the overlap)")
+        for name, rec in recs.items():
+            if name in qs:
+                _apply_record(qs[name], rec, freeze)
+        _clear_caches(sim)
+        return
+    version = doc.get("version")
+    t2q = doc.get("rapidquant", {}).get("tensor_to_quantizer")
+    if version not in ("1.0.0", "2.0.0") or t2q is None:
+        raise ValueError("unsupported encodings file: expected the rapidquant format or an AIMET "
+                         "1.0.0/2.0.0 file written by rapidquant (it carries the tensor->quantizer map)")
+    if version == "1.0.0":
+        records = doc["activation_encodings"] + doc["param_encodings"]
+        for r in records:
+            name = t2q.get(r["name"])
+            if name is None or name not in qs or r["dtype"] != "INT":
+                continue
+            q = qs[name]
+            q.bitwidth, q.symmetric = r["bw"], r["is_sym"]
+            qmin, _ = q.qrange
+            scale = _shaped(q, r["scale"])
+            zp = torch.tensor([qmin - o for o in r["offset"]], dtype=torch.float32).reshape(scale.shape)
+            q.set_encoding(scale, zp)
+            q.frozen = freeze
+            q.enabled = True
+    else:
+        for r in doc["encodings"]:
+            name = t2q.get(r["name"])
+            if name is None or name not in qs or r["output_dtype"].startswith("float"):
+                continue
+            q = qs[name]
+            scale = _shaped(q, r["y_scale"])
+            zp = torch.tensor(r.get("y_zero_point", 0), dtype=torch.float32).expand(scale.shape).clone()
+            q.set_encoding(scale, zp)
+            q.frozen = freeze
+            q.enabled = True
+    _clear_caches(sim)
+
+
+def _shaped(q, values) -> torch.Tensor:
+    """Scale values in the quantizer's current shape (or flat / scalar before calibration)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    if q.scale is not None and q.scale.numel() == t.numel():
+        return t.reshape(q.scale.shape)
+    return t.reshape(()) if t.numel() == 1 else t.reshape(-1)
+
+
+def _apply_record(q, rec: dict, freeze: bool) -> None:
+    q.enabled = rec.get("enabled", True)
+    if rec.get("dtype", "int") != q.dtype or rec.get("bitwidth") != q.bitwidth:
+        q.set_dtype(rec.get("dtype", "int"), rec["bitwidth"], rec.get("format"))
+    if "symmetric" in rec:
+        q.symmetric = rec["symmetric"]
+        q._signed = rec["signed"]
+    if "scale" in rec:
+        shape = rec.get("shape", [])
+        scale = torch.tensor(rec["scale"], dtype=torch.float32).reshape(shape)
+        zp = torch.tensor(rec.get("zero_point", [0] * len(rec["scale"])), dtype=torch.float32).reshape(shape)
+        q.set_encoding(scale, zp)
+    q.frozen = freeze or rec.get("frozen", False)
+    q._touch()
+
+
+def _clear_caches(sim) -> None:
+    from rapidquant.qmodules import QuantizedModule
+    for m in sim.model.modules():
+        if isinstance(m, QuantizedModule):
+            m.clear_cache()

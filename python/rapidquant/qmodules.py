@@ -1,0 +1,110 @@
+"""Modules QuantSim puts into the traced graph: quantized module wrappers and functional ops."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from rapidquant.quantizer import Quantizer
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class QuantizedModule(nn.Module):
+    """Wraps a module: quantized parameters (cached in eval mode) and a quantized output.
+
+    ``module`` is the original module (its parameters are the float master weights),
+    ``param_quantizers`` maps parameter names to quantizers, ``output_quantizer`` may be
+    None. ``op_type`` is the ONNX op type the hardware config knows it as.
+    """
+
+    def __init__(self, module: nn.Module, op_type: str, param_quantizers: dict[str, Quantizer],
+                 output_quantizer: Quantizer | None):
+        super().__init__()
+        self.module = module
+        self.op_type = op_type
+        self.param_quantizers = nn.ModuleDict({k.replace(".", "__"): q for k, q in param_quantizers.items()})
+        self._param_names = {k.replace(".", "__"): k for k in param_quantizers}
+        self.output_quantizer = output_quantizer
+        self._cache: dict[str, tuple] = {}
+
+    def param(self, name: str) -> torch.Tensor:
+        return self.module.get_parameter(name)
+
+    def quantized_param(self, key: str) -> torch.Tensor:
+        """The parameter after its quantizer; reused while neither weight nor encoding changes."""
+        q = self.param_quantizers[key]
+        p = self.param(self._param_names[key])
+        if q.observer is not None:  # calibration: observe, pass through
+            q.observer.update(p)
+            return p
+        if not q.enabled:
+            return p
+        track_grad = torch.is_grad_enabled() and (p.requires_grad or any(t.requires_grad for t in q.parameters()))
+        if self.training or track_grad:
+            return q(p)
+        key_now = (p.data_ptr(), p._version, q.version, id(q.scale) if q.scale is not None else 0,
+                   q.scale._version if q.scale is not None else 0)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == key_now:
+            return hit[1]
+        qp = q(p)
+        self._cache[key] = (key_now, qp)
+        return qp
+
+    def forward(self, *args, **kwargs):
+        m = self.module
+        if not self.param_quantizers:
+            out = m(*args, **kwargs)
+        elif isinstance(m, _CONV) and set(self.param_quantizers) <= {"weight"} and not kwargs:
+            out = m._conv_forward(args[0], self.quantized_param("weight"), m.bias)
+        elif isinstance(m, nn.Linear) and set(self.param_quantizers) <= {"weight"} and not kwargs:
+            out = F.linear(args[0], self.quantized_param("weight"), m.bias)
+        else:
+            params = {self._param_names[k]: self.quantized_param(k) for k in self.param_quantizers}
+            out = functional_call(m, params, args, kwargs)
+        q = self.output_quantizer
+        if q is None:
+            return out
+        if isinstance(out, tuple):  # e.g. MultiheadAttention: (output, weights)
+            return (q(out[0]),) + tuple(out[1:])
+        return q(out)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def extra_repr(self) -> str:
+        return f"op_type={self.op_type}"
+
+
+class FunctionalOp(nn.Module):
+    """A function or tensor method from the traced graph, with its output quantized."""
+
+    def __init__(self, kind: str, target, op_type: str, output_quantizer: Quantizer):
+        super().__init__()
+        self.kind, self.target, self.op_type = kind, target, op_type
+        self.output_quantizer = output_quantizer
+
+    def forward(self, *args, **kwargs):
+        if self.kind == "call_function":
+            out = self.target(*args, **kwargs)
+        else:
+            out = getattr(args[0], self.target)(*args[1:], **kwargs)
+        return self.output_quantizer(out)
+
+    def extra_repr(self) -> str:
+        name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", str(self.target))
+        return f"{self.kind}={name}, op_type={self.op_type}"
+
+
+class InputQuantizer(nn.Module):
+    """Quantizes one model input."""
+
+    def __init__(self, quantizer: Quantizer):
+        super().__init__()
+        self.output_quantizer = quantizer
+        self.op_type = "Input"
+
+    def forward(self, x):
+        return self.output_quantizer(x)

@@ -1,0 +1,368 @@
+"""QuantSim: simulate quantization of a model, calibrate it, save/load encodings, export."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import fx, nn
+
+from rapidquant import graph as G
+from rapidquant.config import HwConfig, QuantSimConfig
+from rapidquant.progress import progress
+from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule
+from rapidquant.quantizer import Quantizer
+
+
+class UnsupportedModuleError(TypeError):
+    pass
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
+def to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def call_model(model: nn.Module, batch, n_inputs: int | None = None):
+    """Run model on a batch of any structure: tensor, dict (keyword inputs) or tuple/list.
+
+    A tuple/list batch whose length exceeds the model's number of inputs (e.g. (x, label)
+    from a DataLoader) passes only its first n_inputs elements.
+    """
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        args = batch if n_inputs is None else batch[:n_inputs]
+        return model(*args)
+    return model(batch)
+
+
+def _count_inputs(dummy_input) -> int:
+    return len(dummy_input) if isinstance(dummy_input, (list, tuple)) else 1
+
+
+class QuantSim:
+    """Wrap a model so that its inputs, op outputs and parameters pass through quantizers.
+
+    ``sim.model`` is an ordinary ``nn.Module`` (a ``torch.fx.GraphModule``): quantized
+    modules keep their names, functional ops become named modules (``add``, ``matmul_1``,
+    ...), and every quantizer is reachable by name through :meth:`quantizers` or as an
+    attribute (``sim.model.conv1.param_quantizers["weight"]``,
+    ``sim.model.conv1.output_quantizer``).
+    """
+
+    def __init__(self, model: nn.Module, dummy_input, config: QuantSimConfig | None = None, *,
+                 inplace: bool = False, leaf_modules: Iterable = (), concrete_args: dict | None = None):
+        self.config = config or QuantSimConfig()
+        self.hw = HwConfig.load(self.config.hw_config)
+        self._n_inputs = _count_inputs(dummy_input)
+        device = _model_device(model)
+        for t in _tensors(dummy_input):
+            if device is not None and t.device != device:
+                raise ValueError(f"dummy_input is on {t.device} but the model is on {device}; "
+                                 f"move it with .to({str(device)!r})")
+        src = model if inplace else copy.deepcopy(model)
+        leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        leaf_names = [n for n in leaf_modules if isinstance(n, str)]
+        excluded = set(self.config.exclude)
+        leaf_types += tuple(t for t in excluded if isinstance(t, type))
+        leaf_names += [n for n in excluded if isinstance(n, str)]
+        gm = G.trace(src, leaf_types, leaf_names, concrete_args)
+        self.model = gm
+        self._build(gm, excluded | set(leaf_modules))
+        self._check_runs(dummy_input)
+
+    # ------------------------------------------------------------------ construction
+    def _bitwidths(self):
+        c = self.config
+        k = self.hw.default_bitwidths() or {}
+        pbw = c.param_bw or k.get("param", {}).get("bitwidth", 8)
+        abw = c.act_bw or k.get("activation", {}).get("bitwidth", 8)
+        return pbw, abw
+
+    def _new_quantizer(self, name, *, param: bool, op_type: str, pname: str = "", axis=None,
+                       block_size=None) -> Quantizer:
+        c, hw = self.config, self.hw
+        pbw, abw = self._bitwidths()
+        dtype = c.dtype if param else (c.act_dtype or c.dtype)
+        if param:
+            sym = c.param_symmetric if c.param_symmetric is not None else hw.param_symmetric(op_type, pname)
+        else:
+            sym = c.act_symmetric if c.act_symmetric is not None else hw.act_symmetric(op_type)
+        signed = True if (param and sym) else (False if not sym else not hw.unsigned_symmetric())
+        return Quantizer(
+            bitwidth=pbw if param else abw, symmetric=sym, signed=signed, axis=axis,
+            block_size=block_size, scheme=c.param_scheme if param else c.act_scheme,
+            percentile=c.percentile, gamma=c.sqnr_gamma, dtype=dtype,
+            float_format=c.float_format, learn_range=c.learn_range, name=name,
+            bins=c.histogram_bins, nonfinite=c.nonfinite)
+
+    def _build(self, gm: fx.GraphModule, excluded: set) -> None:
+        infos, unsupported, unknown = G.classify(gm, excluded)
+        if unsupported:
+            raise UnsupportedModuleError(
+                "QuantSim has no quantized version of these modules:\n  " + "\n  ".join(unsupported) +
+                "\nRegister one with rapidquant.register_module(cls, op_type, params={'weight': axis}), "
+                "or leave them in float with QuantSimConfig(exclude=(cls_or_name, ...)).")
+        if unknown:
+            warnings.warn("QuantSim leaves the outputs of these functions unquantized (unknown ops): "
+                          + ", ".join(unknown) + ". Teach it with rapidquant.register_function(fn, op_type).",
+                          stacklevel=3)
+        fused = G.match_supergroups(infos, self.hw.supergroups())
+        outputs = _output_nodes(gm)
+        out_q = self.hw.model_output_quantized()
+        c = self.config
+        g = gm.graph
+        no_blocks: list[str] = []
+        for info in infos:
+            node = info.node
+            if info.op_type is None or info.passthrough:
+                continue
+            quantize_out = self.hw.output_quantized(info.op_type) and node not in fused
+            if node in outputs and out_q is not None:
+                quantize_out = out_q
+            if node.op == "call_module":
+                name = node.target
+                pq = {}
+                for pname, axis in info.spec.params.items():
+                    try:
+                        p = info.module.get_parameter(pname)
+                    except AttributeError:
+                        continue
+                    if p is None or not self.hw.param_quantized(info.op_type, pname):
+                        continue
+                    per_ch = c.per_channel if c.per_channel is not None else self.hw.per_channel(info.op_type)
+                    use_axis = axis if (per_ch and axis is not None) else None
+                    block = None
+                    if c.block_size and pname == "weight" and axis == 0 and p.dim() >= 2:
+                        if p.shape[1] % c.block_size:
+                            no_blocks.append(f"{name} ({p.shape[1]} input channels)")
+                            use_axis = 0
+                        else:
+                            block, use_axis = c.block_size, 0
+                    pq[pname] = self._new_quantizer(f"{name}.{pname}", param=True, op_type=info.op_type,
+                                                    pname=pname.split(".")[-1], axis=use_axis, block_size=block)
+                oq = self._new_quantizer(f"{name}.output", param=False, op_type=info.op_type) if quantize_out else None
+                if oq is not None:
+                    _apply_constraints(oq, self.hw.encoding_constraints(info.op_type))
+                if not pq and oq is None:
+                    continue
+                gm.set_submodule(name, QuantizedModule(info.module, info.op_type, pq, oq))
+            elif quantize_out:
+                name = _unique_name(gm, node.name)
+                oq = self._new_quantizer(f"{name}.output", param=False, op_type=info.op_type)
+                _apply_constraints(oq, self.hw.encoding_constraints(info.op_type))
+                gm.add_submodule(name, FunctionalOp(node.op, node.target, info.op_type, oq))
+                with g.inserting_after(node):
+                    new = g.call_module(name, node.args, node.kwargs)
+                node.replace_all_uses_with(new)
+                g.erase_node(node)
+        if no_blocks:
+            warnings.warn(f"block_size {c.block_size} does not divide the input channels of "
+                          + ", ".join(no_blocks) + "; those weights use per-channel encodings", stacklevel=3)
+        if self.hw.model_input_quantized():
+            for node in list(g.nodes):
+                if node.op != "placeholder":
+                    continue
+                name = _unique_name(gm, f"input_{node.name}")
+                gm.add_submodule(name, InputQuantizer(self._new_quantizer(f"{name}.output", param=False, op_type="Input")))
+                with g.inserting_after(node):
+                    new = g.call_module(name, (node,))
+                node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        g.lint()
+        gm.recompile()
+
+    def _check_runs(self, dummy_input) -> None:
+        with self.disabled(), torch.no_grad():
+            was = self.model.training
+            self.model.eval()
+            try:
+                call_model(self.model, dummy_input, self._n_inputs)
+            finally:
+                self.model.train(was)
+
+    # ------------------------------------------------------------------ quantizer access
+    def quantizers(self) -> "OrderedDict[str, Quantizer]":
+        """All quantizers by name (``conv1.weight``, ``conv1.output``, ``add.output``, ``input_x.output``)."""
+        return OrderedDict((q.name, q) for q in self.model.modules() if isinstance(q, Quantizer))
+
+    def param_quantizers(self) -> "OrderedDict[str, Quantizer]":
+        out = OrderedDict()
+        for m in self.model.modules():
+            if isinstance(m, QuantizedModule):
+                for q in m.param_quantizers.values():
+                    out[q.name] = q
+        return out
+
+    def activation_quantizers(self) -> "OrderedDict[str, Quantizer]":
+        params = self.param_quantizers()
+        return OrderedDict((n, q) for n, q in self.quantizers().items() if n not in params)
+
+    def quantizer(self, name: str) -> Quantizer:
+        qs = self.quantizers()
+        if name not in qs:
+            raise KeyError(f"no quantizer named {name!r}; there are {len(qs)}, e.g. {list(qs)[:5]}")
+        return qs[name]
+
+    def qmodules(self):
+        return [(n, m) for n, m in self.model.named_modules()
+                if isinstance(m, (QuantizedModule, FunctionalOp, InputQuantizer))]
+
+    @contextmanager
+    def disabled(self, which: Callable[[Quantizer], bool] | None = None):
+        """Temporarily disable (some) quantizers."""
+        qs = [q for q in self.quantizers().values() if which is None or which(q)]
+        before = [q.enabled for q in qs]
+        for q in qs:
+            q.enabled = False
+            q._touch()
+        try:
+            yield self
+        finally:
+            for q, e in zip(qs, before):
+                q.enabled = e
+                q._touch()
+
+    # ------------------------------------------------------------------ calibration
+    def compute_encodings(self, data, num_batches: int | None = None, show_progress: bool = True) -> None:
+        """Calibrate: parameter encodings from the weights, activation encodings from data.
+
+        ``data`` is an iterable of batches (tensor, tuple/list or dict; tuples longer than
+        the model's inputs pass their first elements) or a callable ``data(model)`` that
+        runs the forward passes itself. Activations pass through unquantized while their
+        statistics accumulate; weights are already quantized.
+        """
+        self._calibrate_params()
+        acts = [q for q in self.activation_quantizers().values()
+                if q.enabled and not (q.frozen and q.is_initialized)]
+        for q in acts:
+            q.start_calibration()
+        model = self.model
+        was = model.training
+        model.eval()
+        device = _model_device(model)
+        seen = 0
+        try:
+            with torch.no_grad():
+                if callable(data) and not isinstance(data, (torch.utils.data.DataLoader, list, tuple)):
+                    data(model)
+                    seen = 1
+                else:
+                    total = num_batches
+                    if total is None and hasattr(data, "__len__"):
+                        total = len(data)
+                    for batch in progress(data, total=total, desc="calibrating", enabled=show_progress):
+                        if num_batches is not None and seen >= num_batches:
+                            break
+                        call_model(model, to_device(batch, device) if device else batch, self._n_inputs)
+                        seen += 1
+        except BaseException:
+            for q in acts:
+                q.observer = None
+            raise
+        finally:
+            model.train(was)
+        if seen == 0:
+            for q in acts:
+                q.observer = None
+            raise ValueError("compute_encodings got no batches: the data loader is empty "
+                             "(or num_batches=0); pass at least one batch")
+        unused = [q.name for q in acts if not q.finish_calibration()]
+        if unused:
+            for name in unused:
+                self.quantizer(name).enabled = False
+            warnings.warn(f"{len(unused)} quantizers saw no data during calibration and were disabled: "
+                          + ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""), stacklevel=2)
+
+    def _calibrate_params(self) -> None:
+        for m in self.model.modules():
+            if not isinstance(m, QuantizedModule):
+                continue
+            for key, q in m.param_quantizers.items():
+                if q.frozen and q.is_initialized:
+                    continue
+                q.start_calibration()
+                q.observer.update(m.param(m._param_names[key]))
+                q.finish_calibration()
+            m.clear_cache()
+
+    # ------------------------------------------------------------------ encodings I/O
+    def encodings(self) -> dict:
+        """All encodings as plain data (the rapidquant format, keyed by quantizer name)."""
+        return {name: q.encoding for name, q in self.quantizers().items()}
+
+    def save_encodings(self, path: str, overwrite: bool = False) -> str:
+        from rapidquant.export.encodings import write_rapidquant
+        return write_rapidquant(self, path, overwrite=overwrite)
+
+    def load_encodings(self, path_or_dict, freeze: bool = True, strict: bool = True) -> None:
+        """Load encodings written by save_encodings or export (any supported format)."""
+        from rapidquant.export.encodings import load_into
+        load_into(self, path_or_dict, freeze=freeze, strict=strict)
+
+    def export(self, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
+               export_int32_bias: bool = True, overwrite: bool = False, opset: int | None = None):
+        """Write ``<filename>.onnx`` (QuantizeLinear/DequantizeLinear) and ``<filename>.encodings.json``."""
+        from rapidquant.export.onnx_qdq import export_sim
+        return export_sim(self, out_dir, dummy_input, filename, encoding_format=encoding_format,
+                          export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset)
+
+    def __repr__(self) -> str:
+        qs = self.quantizers()
+        on = sum(q.enabled for q in qs.values())
+        return f"QuantSim({len(qs)} quantizers, {on} enabled, config={self.config})"
+
+
+def _model_device(model: nn.Module):
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+def _output_nodes(gm: fx.GraphModule) -> set:
+    outs = set()
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                outs.add(a)
+    return outs
+
+
+def _unique_name(gm: nn.Module, base: str) -> str:
+    base = base.replace(".", "_")
+    name, i = base, 1
+    existing = dict(gm.named_modules())
+    while name in existing or hasattr(gm, name):
+        name = f"{base}_{i}"
+        i += 1
+    return name
+
+
+def _apply_constraints(q: Quantizer, cons: dict) -> None:
+    """encoding_constraints from the hw config: a fixed range (e.g. Sigmoid [0, 1])."""
+    if not cons or "min" not in cons or "max" not in cons:
+        return
+    q.set_range(torch.tensor(float(cons["min"])), torch.tensor(float(cons["max"])))
+    q.frozen = True
