@@ -1,10 +1,13 @@
 """Test setup: pinned threads, seeds, and a `device` parameter (cpu, plus cuda when usable)."""
 import os
+import sys
 
 import pytest
 import torch
 
 import rapidquant
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/_models.py
 
 # The CI machine has 2 shared cores: use both (exercises the OpenMP paths) but no more.
 torch.set_num_threads(int(os.environ.get("RAPIDQUANT_TEST_THREADS", "2")))

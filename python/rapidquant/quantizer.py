@@ -255,7 +255,7 @@ class Quantizer(nn.Module):
         if self.scale.device != x.device:  # e.g. encodings loaded on CPU, model on GPU
             self._to(x.device)
         scale, zp = self.scale, self.zero_point
-        if self.learn_range and self.training:
+        if self.learn_range:
             # keep the learned encoding valid: positive scale, integer zero point in range
             scale = scale.clamp_min(min_scale(qmax - qmin))
             zp = torch.clamp(_RoundSTE.apply(zp), qmin, qmax)

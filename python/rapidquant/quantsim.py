@@ -89,7 +89,7 @@ class QuantSim:
         leaf_names += [n for n in excluded if isinstance(n, str)]
         gm = G.trace(src, leaf_types, leaf_names, concrete_args)
         self.model = gm
-        self._build(gm, excluded | set(leaf_modules))
+        self._build(gm, excluded | set(leaf_modules), dummy_input)
         self._check_runs(dummy_input)
 
     # ------------------------------------------------------------------ construction
@@ -117,7 +117,7 @@ class QuantSim:
             float_format=c.float_format, learn_range=c.learn_range, name=name,
             bins=c.histogram_bins, nonfinite=c.nonfinite)
 
-    def _build(self, gm: fx.GraphModule, excluded: set) -> None:
+    def _build(self, gm: fx.GraphModule, excluded: set, dummy_input) -> None:
         infos, unsupported, unknown = G.classify(gm, excluded)
         if unsupported:
             raise UnsupportedModuleError(
@@ -149,7 +149,7 @@ class QuantSim:
                         p = info.module.get_parameter(pname)
                     except AttributeError:
                         continue
-                    if p is None or not self.hw.param_quantized(info.op_type, pname):
+                    if p is None or not self.hw.param_quantized(info.op_type, _param_kind(pname)):
                         continue
                     per_ch = c.per_channel if c.per_channel is not None else self.hw.per_channel(info.op_type)
                     use_axis = axis if (per_ch and axis is not None) else None
@@ -161,7 +161,7 @@ class QuantSim:
                         else:
                             block, use_axis = c.block_size, 0
                     pq[pname] = self._new_quantizer(f"{name}.{pname}", param=True, op_type=info.op_type,
-                                                    pname=pname.split(".")[-1], axis=use_axis, block_size=block)
+                                                    pname=_param_kind(pname), axis=use_axis, block_size=block)
                 oq = self._new_quantizer(f"{name}.output", param=False, op_type=info.op_type) if quantize_out else None
                 if oq is not None:
                     _apply_constraints(oq, self.hw.encoding_constraints(info.op_type))
@@ -181,9 +181,11 @@ class QuantSim:
             warnings.warn(f"block_size {c.block_size} does not divide the input channels of "
                           + ", ".join(no_blocks) + "; those weights use per-channel encodings", stacklevel=3)
         if self.hw.model_input_quantized():
-            for node in list(g.nodes):
-                if node.op != "placeholder":
-                    continue
+            float_inputs = [t.is_floating_point() if isinstance(t, torch.Tensor) else False
+                            for t in (dummy_input if isinstance(dummy_input, (tuple, list)) else (dummy_input,))]
+            for i, node in enumerate([n for n in g.nodes if n.op == "placeholder"]):
+                if i < len(float_inputs) and not float_inputs[i]:
+                    continue  # integer inputs (token ids, masks) are not quantized
                 name = _unique_name(gm, f"input_{node.name}")
                 gm.add_submodule(name, InputQuantizer(self._new_quantizer(f"{name}.output", param=False, op_type="Input")))
                 with g.inserting_after(node):
@@ -217,6 +219,17 @@ class QuantSim:
     def activation_quantizers(self) -> "OrderedDict[str, Quantizer]":
         params = self.param_quantizers()
         return OrderedDict((n, q) for n, q in self.quantizers().items() if n not in params)
+
+    def quantizer_parameters(self) -> list:
+        """Learnable scales/zero points (QAT with learn_range=True): give them their own,
+        smaller learning rate, e.g. Adam([{"params": weights, "lr": 1e-4},
+        {"params": sim.quantizer_parameters(), "lr": 1e-5}])."""
+        return [p for q in self.quantizers().values() for p in q.parameters()]
+
+    def model_parameters(self) -> list:
+        """The model's own (float master) parameters, without quantizer parameters."""
+        ids = {id(p) for p in self.quantizer_parameters()}
+        return [p for p in self.model.parameters() if id(p) not in ids]
 
     def quantizer(self, name: str) -> Quantizer:
         qs = self.quantizers()
@@ -358,6 +371,12 @@ def _unique_name(gm: nn.Module, base: str) -> str:
         name = f"{base}_{i}"
         i += 1
     return name
+
+
+def _param_kind(pname: str) -> str:
+    """Config name of a parameter: 'in_proj_bias' is a bias, 'out_proj.weight' a weight."""
+    leaf = pname.split(".")[-1]
+    return "bias" if leaf.endswith("bias") else ("weight" if leaf.endswith("weight") else leaf)
 
 
 def _apply_constraints(q: Quantizer, cons: dict) -> None:

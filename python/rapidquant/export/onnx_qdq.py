@@ -4,7 +4,9 @@ torch.onnx (dynamo) exports sim.model; our ops translate to standard ONNX: an af
 becomes QuantizeLinear + DequantizeLinear (per tensor, per channel with ``axis``, or
 blocked with ``block_size`` at opset 21), with the zero point in the smallest ONNX
 integer type that holds [qmin, qmax] and a Max/Min clamp in front when the grid is
-narrower than that type. Float quantizers become casts (fp16/bf16) or float8 QDQ.
+narrower than that type (2..7-bit grids use int8/uint8 containers). Float quantizers
+become casts (fp16/bf16) or float8 QDQ. The parity check runs onnxruntime with basic graph
+optimizations: its extended fusions may change fp8 numerics.
 Afterwards Q nodes are matched to quantizer names (for the encodings file), int32 bias
 encodings are added, and the model is run in onnxruntime against the sim.
 """
@@ -35,8 +37,11 @@ class ExportResult:
 
 
 def _qtype(qmin: int, qmax: int):
+    # 2..8-bit grids use int8/uint8 containers (with a clamp when narrower): onnxruntime's
+    # optimizer fails on int4 activation QDQ after Relu/Clip; the encodings file keeps the
+    # true bitwidth.
     from onnx import TensorProto as T
-    for lo, hi, t in ((-8, 7, T.INT4), (0, 15, T.UINT4), (-128, 127, T.INT8), (0, 255, T.UINT8),
+    for lo, hi, t in ((-128, 127, T.INT8), (0, 255, T.UINT8),
                       (-32768, 32767, T.INT16), (0, 65535, T.UINT16)):
         if lo <= qmin and qmax <= hi:
             return t, lo, hi
@@ -75,11 +80,15 @@ def _translation_table():
         else:
             raise ValueError(f"cannot express block layout {block} as ONNX blocked quantization")
         zq = op.Cast(z, to=t)
+        narrow = (qmin, qmax) != (lo, hi)
         xin = x
-        if (qmin, qmax) != (lo, hi):  # narrower grid than the ONNX type: clamp first
+        if narrow and not blocked:  # narrower grid than the ONNX type: clamp x first
             xin = op.Min(op.Max(x, op.Mul(op.Sub(op.CastLike(qmin, scale), zero_point), scale)),
                          op.Mul(op.Sub(op.CastLike(qmax, scale), zero_point), scale))
-        return op.DequantizeLinear(op.QuantizeLinear(xin, s, zq, **attrs), s, zq, **attrs)
+        q = op.QuantizeLinear(xin, s, zq, **attrs)
+        if narrow and blocked:  # blocked scales do not broadcast: clamp the integers instead
+            q = op.Clip(q, op.Cast(op.Constant(value_int=qmin), to=t), op.Cast(op.Constant(value_int=qmax), to=t))
+        return op.DequantizeLinear(q, s, zq, **attrs)
 
     def float_qdq(x, scale, fmt: int, block):
         if fmt in (0, 1):  # fp16 / bf16: saturate, cast, cast back
@@ -205,7 +214,9 @@ def _add_int32_bias(model_proto, sim) -> dict:
 
 def _run_ort(path: str, sim, dummy_input):
     import onnxruntime as ort
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     args = dummy_input if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
     got = sess.run(None, feeds)
