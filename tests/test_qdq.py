@@ -296,3 +296,15 @@ def test_scale_on_wrong_device_is_reported():
     x = torch.randn(4, device="meta")
     with pytest.raises(ValueError, match="scale is on cpu but x is on meta"):
         ops.quantize_dequantize(x, torch.tensor(1.0), torch.tensor(0.0), -8, 7)
+
+
+def test_inplace_variant_matches_and_reuses_storage(device):
+    x = torch.randn(64, 33, device=device)
+    s, z = torch.rand(33, device=device) * 0.05 + 0.01, torch.zeros(33, device=device)
+    want = ops.quantize_dequantize(x, s, z, -128, 127, axis=1)
+    ptr = x.data_ptr()
+    got = ops.quantize_dequantize_(x, s, z, -128, 127, axis=1)
+    assert got.data_ptr() == ptr and torch.equal(got, want)
+    xt = torch.randn(33, 64, device=device).t()  # non-contiguous: falls back to out of place
+    assert torch.equal(ops.quantize_dequantize_(xt, s, z, -128, 127, axis=1),
+                       ops.quantize_dequantize(xt, s, z, -128, 127, axis=1))

@@ -326,9 +326,13 @@ def test_int4_int16_blocked_export(tmp_path, cfg):
     m = MobileNetV2ish().eval()
     x = torch.randn(2, 3, 32, 32)
     sim = calibrated(m, x, cfg, [torch.randn(2, 3, 32, 32) for _ in range(2)])
-    res = sim.export(str(tmp_path), x)
-    assert res.ort_ok
+    res = sim.export(str(tmp_path), x, encoding_format="1.0.0")
+    assert res.ort_ok and len(res.tensor_names) == res.qdq_pairs == len(sim.quantizers())
     assert res.ort_max_abs_diff <= float(sim.quantizer("head.3.output").scale) * 1.0001
+    sim2 = rq.QuantSim(m, x, cfg)
+    sim2.load_encodings(res.encodings)
+    with torch.no_grad():
+        assert torch.equal(sim2.model(x), sim.model(x))
 
 
 def test_transformer_and_mobilenet_export(tmp_path):

@@ -11,6 +11,17 @@ from rapidquant.quantizer import Quantizer
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _fresh(out, args) -> bool:
+    """True when out is a new tensor (not one of the inputs, e.g. ReLU(inplace=True))."""
+    if type(out) is not torch.Tensor or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False  # fake/traced tensors have no storage; autograd needs the input
+    p = out.data_ptr()
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.data_ptr() == p:
+            return False
+    return True
+
+
 class QuantizedModule(nn.Module):
     """Wraps a module: quantized parameters (cached in eval mode) and a quantized output.
 
@@ -69,7 +80,7 @@ class QuantizedModule(nn.Module):
             return out
         if isinstance(out, tuple):  # e.g. MultiheadAttention: (output, weights)
             return (q(out[0]),) + tuple(out[1:])
-        return q(out)
+        return q(out, inplace=_fresh(out, args))
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -91,7 +102,7 @@ class FunctionalOp(nn.Module):
             out = self.target(*args, **kwargs)
         else:
             out = getattr(args[0], self.target)(*args[1:], **kwargs)
-        return self.output_quantizer(out)
+        return self.output_quantizer(out, inplace=_fresh(out, args))
 
     def extra_repr(self) -> str:
         name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", str(self.target))

@@ -236,7 +236,9 @@ class Quantizer(nn.Module):
         self.observer.update(x)
 
     # ------------------------------------------------------------ forward
-    def forward(self, x):
+    def forward(self, x, inplace: bool = False):
+        """Quantize-dequantize x. ``inplace=True`` (used by QuantSim for op outputs nobody
+        else holds) overwrites x when autograd does not need it."""
         if self.observer is not None:
             self.observer.update(x)
             return x
@@ -259,6 +261,8 @@ class Quantizer(nn.Module):
             # keep the learned encoding valid: positive scale, integer zero point in range
             scale = scale.clamp_min(min_scale(qmax - qmin))
             zp = torch.clamp(_RoundSTE.apply(zp), qmin, qmax)
+        if inplace:
+            return ops.quantize_dequantize_(x, scale, zp, qmin, qmax, axis=self.axis, block_size=self.block_size)
         return ops.quantize_dequantize(x, scale, zp, qmin, qmax, axis=self.axis, block_size=self.block_size)
 
     def _to(self, device) -> None:

@@ -12,6 +12,7 @@ encodings are added, and the model is run in onnxruntime against the sim.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -144,11 +145,15 @@ def _match_quantizers(model_proto, sim) -> dict:
     for p, m in wrappers.items():
         for key, q in m.param_quantizers.items():
             param_q[f"{p}.module.{m._param_names[key]}"] = q
+    producer = {o: n for n in model_proto.graph.node for o in n.output}
+    inits = {i.name for i in model_proto.graph.initializer}
     out = {}
     for node in model_proto.graph.node:
         if node.op_type != "QuantizeLinear":
             continue
         src = node.input[0]
+        while src in producer and producer[src].op_type in ("Min", "Max"):  # narrow-grid clamp
+            src = producer[src].input[0]
         if src in param_q:
             out.setdefault(param_q[src].name, src)
             continue
@@ -156,8 +161,15 @@ def _match_quantizers(model_proto, sim) -> dict:
             if path in paths:
                 out.setdefault(paths[path].name, src)
                 break
-            if path in wrappers and wrappers[path].output_quantizer is not None:
-                out.setdefault(wrappers[path].output_quantizer.name, src)
+            if path in wrappers:
+                w = wrappers[path]
+                if src in inits:  # a constant-folded parameter (e.g. after a narrow-grid clamp)
+                    free = [q for q in w.param_quantizers.values() if q.name not in out]
+                    if free:
+                        out[free[0].name] = src
+                        break
+                if w.output_quantizer is not None:
+                    out.setdefault(w.output_quantizer.name, src)
                 break
     return out
 
@@ -216,6 +228,7 @@ def _run_ort(path: str, sim, dummy_input):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     args = dummy_input if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
@@ -245,6 +258,10 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     model = sim.model
     was = model.training
     model.eval()
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch._dynamo", "torch.export")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:  # the exporter's progress chatter and constant-folding notes
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -252,6 +269,8 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
                                      custom_translation_table=_translation_table(), verbose=False)
     finally:
         model.train(was)
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
     proto = prog.model_proto
     names = _match_quantizers(proto, sim)
     bias = _add_int32_bias(proto, sim) if export_int32_bias else {}

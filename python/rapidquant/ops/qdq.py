@@ -175,6 +175,30 @@ def quantize_dequantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, b
     return torch.ops.rapidquant.quantize_dequantize(x, s, z, int(qmin), int(qmax), spec)
 
 
+def quantize_dequantize_(x, scale, zero_point, qmin: int, qmax: int, axis=None, block_size=None):
+    """In-place quantize_dequantize for inference (no autograd): overwrites and returns x.
+
+    Saves the output allocation on large activations. Falls back to the out-of-place op
+    where in-place is not possible (non-contiguous x, autograd, tracing, devices without
+    a native kernel).
+    """
+    spec, s, z = _prepare(x, scale, zero_point, qmin, qmax, axis, block_size)
+    if not x.is_contiguous() or torch.compiler.is_compiling() or type(x) is not torch.Tensor \
+            or (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad or z.requires_grad)) \
+            or x.device.type not in ("cpu", "cuda"):
+        return torch.ops.rapidquant.quantize_dequantize(x, s, z, int(qmin), int(qmax), spec)
+    sc, zc = s.contiguous(), z.contiguous()
+    args = (x.data_ptr(), x.data_ptr(), U.dtype_code(x), list(x.shape), spec, sc.data_ptr(), zc.data_ptr(),
+            int(qmin), int(qmax))
+    if x.device.type == "cpu":
+        _C.qdq_cpu(*args, U.nthreads())
+    else:
+        from rapidquant._ext import require_cuda
+        require_cuda("quantize_dequantize_")
+        cfn("qdq_cuda")(*args, U.stream(x))
+    return x
+
+
 def _int_dtype(qmin: int, qmax: int) -> torch.dtype:
     if qmin >= -128 and qmax <= 127:
         return torch.int8
