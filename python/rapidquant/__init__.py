@@ -7,9 +7,15 @@ from rapidquant.config import QuantSimConfig
 from rapidquant.graph import register_function, register_module
 from rapidquant.quantizer import Quantizer
 from rapidquant.quantsim import QuantSim, UnsupportedModuleError
+from rapidquant.techniques import (
+    AdaRoundConfig, BiasCorrectionConfig, CLEConfig, SeqMSEConfig, adaround, correct_bias, equalize,
+    fold_batch_norms, fold_batch_norms_to_scale, reestimate_bn_stats, seq_mse,
+)
 
 __version__ = build_info()["version"]
 __all__ = [
+    "AdaRoundConfig", "BiasCorrectionConfig", "CLEConfig", "SeqMSEConfig", "adaround", "correct_bias",
+    "equalize", "fold_batch_norms", "fold_batch_norms_to_scale", "reestimate_bn_stats", "seq_mse",
     "QuantSim", "QuantSimConfig", "Quantizer", "UnsupportedModuleError", "build_info", "ops",
     "register_function", "register_module", "__version__",
 ]

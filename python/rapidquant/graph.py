@@ -196,6 +196,14 @@ def classify(gm: fx.GraphModule, excluded: set) -> tuple[list[OpInfo], list[str]
     return infos, unsupported, sorted(set(unknown))
 
 
+def _skip_identity(node, by_node):
+    """The single consumer of node, looking through Identity/Dropout (e.g. folded BNs)."""
+    users = list(node.users)
+    while len(users) == 1 and by_node.get(users[0]) is not None and by_node[users[0]].op_type == "Identity":
+        users = list(users[0].users)
+    return users[0] if len(users) == 1 and by_node.get(users[0]) is not None else None
+
+
 def match_supergroups(infos: list[OpInfo], patterns: list[list[str]]) -> set:
     """Nodes whose output is inside a fused group (all but the last op of a matched chain)."""
     by_node = {i.node: i for i in infos}
@@ -207,11 +215,11 @@ def match_supergroups(infos: list[OpInfo], patterns: list[list[str]]) -> set:
             chain, cur = [info.node], info.node
             ok = True
             for want in pat[1:]:
-                users = list(cur.users)
-                if len(users) != 1 or by_node.get(users[0]) is None or by_node[users[0]].op_type != want:
+                nxt = _skip_identity(cur, by_node)
+                if nxt is None or by_node[nxt].op_type != want:
                     ok = False
                     break
-                cur = users[0]
+                cur = nxt
                 chain.append(cur)
             if ok:
                 fused.update(chain[:-1])

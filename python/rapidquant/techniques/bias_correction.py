@@ -1,0 +1,160 @@
+"""Bias correction: remove the mean output shift that weight quantization causes."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rapidquant.progress import progress
+from rapidquant.techniques.adaround import SUPPORTED, _layer_forward
+from rapidquant.techniques.layerwise import collect_batches, run_layerwise
+from rapidquant.techniques.patterns import BNS
+
+
+@dataclass(frozen=True)
+class BiasCorrectionConfig:
+    mode: str = "empirical"          # "empirical" (data) or "analytical" (from BN statistics)
+    num_batches: int | None = 8
+    quantize_activations: bool = True  # empirical: the quantized path includes activation quantizers
+
+    def __post_init__(self):
+        if self.mode not in ("empirical", "analytical"):
+            raise ValueError("mode must be 'empirical' or 'analytical'")
+
+
+@dataclass
+class BiasCorrectionResult:
+    deltas: dict = field(default_factory=dict)   # layer name -> bias change (tensor)
+    skipped: list = field(default_factory=list)  # (layer, reason)
+    seconds: float = 0.0
+
+    def apply_to(self, model: nn.Module) -> None:
+        """Apply the same bias changes to another copy of the model (by layer name)."""
+        with torch.no_grad():
+            for name, d in self.deltas.items():
+                layer = model.get_submodule(name)
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(torch.zeros_like(d))
+                layer.bias.add_(d.to(layer.bias.device))
+
+
+def _add_bias(layer, delta):
+    with torch.no_grad():
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(delta.numel(), device=layer.weight.device))
+        layer.bias.add_(delta)
+
+
+def correct_bias(sim, data=None, config: BiasCorrectionConfig = BiasCorrectionConfig(),
+                 show_progress: bool = True) -> BiasCorrectionResult:
+    """Correct the biases of the Conv/Linear layers of a calibrated sim (its float master
+    biases), so the quantized layers' mean output matches the FP32 model's.
+
+    empirical: per layer in execution order, b -= mean over samples (and positions) of
+    (layer_q(x_q) - layer_fp(x_fp)), with x_q from the partially corrected quantized path.
+    analytical: for layers fed by a BatchNorm (optionally through ReLU/ReLU6), the input
+    mean per channel follows from the BN's beta/gamma (a Gaussian assumption) and
+    b -= sum_kernel(W_q - W) . E[x]; no data needed.
+    """
+    from rapidquant.qmodules import QuantizedModule
+    t0 = time.perf_counter()
+    res = BiasCorrectionResult()
+    targets = {n: m for n, m in sim.model.named_modules()
+               if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED)
+               and "weight" in m.param_quantizers and m.param_quantizers["weight"].enabled}
+    if config.mode == "analytical":
+        _analytical(sim, targets, res)
+        res.seconds = time.perf_counter() - t0
+        return res
+    if data is None:
+        raise ValueError("empirical bias correction needs data")
+    device = next(sim.model.parameters()).device
+    batches = collect_batches(data, config.num_batches, sim._n_inputs, device)
+    bar = iter(progress(range(len(targets)), total=len(targets), desc="bias correction", enabled=show_progress))
+
+    def on_layer(name, wrapper, q_args, f_args, node):
+        layer = wrapper.module
+        wq = wrapper.quantized_param("weight")
+        with torch.no_grad():
+            diff_sum, count = None, 0
+            for qa, fa in zip(q_args, f_args):
+                d = _layer_forward(layer, qa[0], wq) - _layer_forward(layer, fa[0], layer.weight)
+                ch = d.dim() - 1 if isinstance(layer, nn.Linear) else 1  # output channels
+                dims = [i for i in range(d.dim()) if i != ch]
+                s = d.double().sum(dim=dims)
+                diff_sum = s if diff_sum is None else diff_sum + s
+                count += d.numel() // d.shape[ch]
+            delta = -(diff_sum / count).float()
+        _add_bias(layer, delta)
+        res.deltas[name] = delta.cpu()
+        next(bar, None)
+
+    run_layerwise(sim, batches, set(targets), on_layer, quantize_activations=config.quantize_activations)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _expected_input(bn, act) -> torch.Tensor:
+    """E[act(y)] per channel for y ~ N(beta, gamma^2)."""
+    beta = bn.bias.detach().double()
+    gamma = bn.weight.detach().double().abs().clamp_min(1e-12)
+    if act is None:
+        return beta
+    normal = torch.distributions.Normal(0.0, 1.0)
+
+    def relu_mean(mu, sd):
+        z = mu / sd
+        return mu * normal.cdf(z) + sd * torch.exp(normal.log_prob(z))
+
+    if isinstance(act, nn.ReLU):
+        return relu_mean(beta, gamma)
+    if isinstance(act, nn.ReLU6):  # E[min(relu(y), 6)] = E[relu(y)] - E[relu(y - 6)]
+        return relu_mean(beta, gamma) - relu_mean(beta - 6, gamma)
+    return None
+
+
+def _analytical(sim, targets, res) -> None:
+    from rapidquant.qmodules import QuantizedModule
+    gm = sim.model
+    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+
+    def inner(name):
+        m = gm.get_submodule(name)
+        return m.module if isinstance(m, QuantizedModule) else m
+
+    for name, wrapper in targets.items():
+        node = by_target.get(name)
+        src = node.args[0] if node is not None and node.args else None
+        act = None
+        if src is not None and src.op == "call_module" and isinstance(inner(src.target), (nn.ReLU, nn.ReLU6, nn.Identity)):
+            act = inner(src.target)
+            act = None if isinstance(act, nn.Identity) else act
+            src = src.args[0] if src.args else None
+        bn = inner(src.target) if src is not None and src.op == "call_module" else None
+        if not isinstance(bn, BNS):
+            res.skipped.append((name, "not fed by a BatchNorm (optionally through ReLU/ReLU6)"))
+            continue
+        ex = _expected_input(bn, act)
+        if ex is None:
+            res.skipped.append((name, f"activation {type(act).__name__} has no closed-form mean"))
+            continue
+        layer = wrapper.module
+        with torch.no_grad():
+            dw = (wrapper.quantized_param("weight") - layer.weight).double()
+            if isinstance(layer, nn.ConvTranspose2d):
+                dw = dw.transpose(0, 1)
+            per_in = dw.sum(dim=tuple(range(2, dw.dim()))) if dw.dim() > 2 else dw
+            if layer.__class__ in (nn.Conv1d, nn.Conv2d) and layer.groups > 1:
+                if layer.groups != layer.in_channels:
+                    res.skipped.append((name, "grouped convolution"))
+                    continue
+                shift = per_in[:, 0] * ex
+            else:
+                shift = per_in @ ex
+            delta = -shift.float()
+        _add_bias(layer, delta)
+        wrapper.clear_cache()
+        res.deltas[name] = delta.cpu()

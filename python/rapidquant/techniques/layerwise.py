@@ -1,0 +1,182 @@
+"""Layer-by-layer execution of a QuantSim graph over cached batches.
+
+AdaRound, SeqMSE and empirical bias correction all need, for each layer in execution
+order, the layer's input on the (partially) quantized path and on the FP32 path. AIMET
+re-runs the model from its input for every layer (quadratic in depth). Here the graph
+is interpreted node by node for all cached batches at once, in lockstep with an FP32
+twin, so every node runs once per path: each layer sees its inputs after all earlier
+layers were adjusted. Activations are freed after their last use, kept within a memory
+budget, and spilled to a temporary directory beyond it.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from typing import Callable
+
+import torch
+from torch import fx
+
+from rapidquant.quantsim import call_model, to_device
+
+
+class ActivationStore:
+    """Lists of per-batch tensors by key, spilled to disk past a byte budget."""
+
+    def __init__(self, budget_bytes: int | None):
+        self.budget = budget_bytes
+        self.mem: dict = {}
+        self.disk: dict = {}
+        self.bytes = 0
+        self.spilled_bytes = 0
+        self._dir = None
+
+    @staticmethod
+    def _size(v) -> int:
+        return sum(t.numel() * t.element_size() for t in v if isinstance(t, torch.Tensor))
+
+    def put(self, key, value: list) -> None:
+        self.mem[key] = value
+        self.bytes += self._size(value)
+        while self.budget is not None and self.bytes > self.budget and len(self.mem) > 1:
+            victim = next(k for k in self.mem if k != key)
+            self._spill(victim)
+
+    def _spill(self, key) -> None:
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="rapidquant-acts-")
+        v = self.mem.pop(key)
+        self.bytes -= self._size(v)
+        path = os.path.join(self._dir.name, f"{len(self.disk)}_{abs(hash(key))}.pt")
+        torch.save(v, path)
+        self.disk[key] = path
+        self.spilled_bytes += self._size(v)
+
+    def get(self, key) -> list:
+        if key in self.mem:
+            return self.mem[key]
+        return torch.load(self.disk[key], weights_only=False)
+
+    def drop(self, key) -> None:
+        if key in self.mem:
+            self.bytes -= self._size(self.mem.pop(key))
+        elif key in self.disk:
+            os.remove(self.disk.pop(key))
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+def collect_batches(data, num_batches: int | None, n_inputs: int, device) -> list[tuple]:
+    out = []
+    for batch in data:
+        if num_batches is not None and len(out) >= num_batches:
+            break
+        batch = to_device(batch, device) if device is not None else batch
+        if isinstance(batch, dict):
+            raise TypeError("layer-wise techniques take positional batches (tensor or tuple), not dicts")
+        args = tuple(batch[:n_inputs]) if isinstance(batch, (list, tuple)) else (batch,)
+        out.append(args)
+    if not out:
+        raise ValueError("the data loader yielded no batches; pass at least one")
+    return out
+
+
+def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *,
+                  quantize_activations: bool = False, budget_bytes: int | None = None) -> dict:
+    """Interpret sim.model node by node; before each target module runs, call
+    ``on_layer(name, module, q_args, fp_args, node)`` where q_args / fp_args are lists (one
+    per batch) of that module's positional inputs on the quantized and FP32 paths.
+
+    The quantized path uses the sim's parameter quantizers (and activation quantizers when
+    ``quantize_activations``); the FP32 path is a copy of the graph with every quantizer
+    off. Returns store statistics.
+    """
+    from rapidquant.quantizer import Quantizer
+    gm = sim.model
+    fp = copy.deepcopy(gm)
+    for q in fp.modules():
+        if isinstance(q, Quantizer):
+            q.enabled = False
+    fp_mods = dict(fp.named_modules())
+    q_mods = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    last_use = {}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last_use[a] = i
+    store = ActivationStore(budget_bytes)
+    act_off = None if quantize_activations else (lambda q: q.name not in sim.param_quantizers())
+    try:
+        with torch.no_grad(), sim.disabled(act_off) if act_off else _null():
+            for i, node in enumerate(nodes):
+                if node.op == "placeholder":
+                    idx = [n for n in nodes if n.op == "placeholder"].index(node)
+                    vals = [b[idx] if idx < len(b) else None for b in batches]
+                    store.put(("q", node), vals)
+                    store.put(("f", node), vals)
+                elif node.op == "output":
+                    break
+                else:
+                    for path, mods in (("q", q_mods), ("f", fp_mods)):
+                        load = {a: store.get((path, a)) for a in node.all_input_nodes}
+                        outs = []
+                        for b in range(len(batches)):
+                            args = fx.node.map_arg(node.args, lambda a: load[a][b])
+                            kwargs = fx.node.map_arg(node.kwargs, lambda a: load[a][b])
+                            if path == "q" and node.op == "call_module" and node.target in targets and b == 0:
+                                q_args = [fx.node.map_arg(node.args, lambda a, bb=bb: load[a][bb]) for bb in range(len(batches))]
+                                fload = {a: store.get(("f", a)) for a in node.all_input_nodes}
+                                f_args = [fx.node.map_arg(node.args, lambda a, bb=bb: fload[a][bb]) for bb in range(len(batches))]
+                                on_layer(node.target, mods[node.target], q_args, f_args, node)
+                            outs.append(_run_node(node, mods, gm if path == "q" else fp, args, kwargs))
+                        store.put((path, node), outs)
+                for a in node.all_input_nodes:
+                    if last_use.get(a) == i:
+                        store.drop(("q", a))
+                        store.drop(("f", a))
+    finally:
+        store.close()
+    return {"spilled_bytes": store.spilled_bytes}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _run_node(node, mods, gm, args, kwargs):
+    if node.op == "call_module":
+        return mods[node.target](*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    raise RuntimeError(f"unexpected node {node.op}")
+
+
+def following_activation(gm: fx.GraphModule, node: fx.Node):
+    """The activation module right after node (through its quantized wrapper), if any."""
+    from torch import nn
+    from rapidquant.qmodules import FunctionalOp, QuantizedModule
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    m = gm.get_submodule(users[0].target)
+    inner = m.module if isinstance(m, QuantizedModule) else m
+    if isinstance(inner, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU)):
+        return inner
+    if isinstance(m, FunctionalOp) and m.op_type in ("Relu", "Clip"):
+        import torch.nn.functional as F
+        return F.relu if m.op_type == "Relu" else F.relu6
+    return None
