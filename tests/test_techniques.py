@@ -1,0 +1,264 @@
+"""Post-training techniques: BN folding, CLE, bias correction, AdaRound, SeqMSE, BN re-estimation."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rapidquant as rq
+from _digits import accuracy, calib_batches, digits_data, trained_digits_net
+from _models import ConvNet, MobileNetV2ish
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def randomize_bn(model, data):
+    """Non-trivial BN parameters with statistics that match the data."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.rand(m.bias.shape, generator=g) * 2 - 0.5
+    rq.reestimate_bn_stats(model, data, show_progress=False)
+    return model.eval()
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+class BNZoo(nn.Module):
+    """conv->BN, linear->BN1d, convT->BN, BN->conv (unpadded), and BNs that cannot fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.t1, self.bt = nn.ConvTranspose2d(8, 8, 2, stride=2), nn.BatchNorm2d(8)
+        self.b_pre, self.c2 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)       # forward fold
+        self.b_pad, self.c3 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)  # padded: not foldable
+        self.b_add = nn.BatchNorm2d(8)                                      # after an add: not foldable
+        self.fc, self.b_fc = nn.Linear(8, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = self.bt(self.t1(y))
+        y = self.c2(self.b_pre(y))
+        y = self.c3(self.b_pad(torch.relu(y)))
+        y = self.b_add(y + 1.0)
+        return self.b_fc(self.fc(y.mean((2, 3))))
+
+
+def test_bn_fold_preserves_function_and_reports_unfoldable():
+    data = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    m = randomize_bn(BNZoo(), data)
+    ref = m(data[0])
+    res = rq.fold_batch_norms(m, data[0])
+    folded = {bn for _, bn, _ in res.folded}
+    assert folded == {"b1", "bt", "b_pre", "b_fc"}
+    reasons = dict(res.not_folded)
+    assert "pads its input" in reasons["b_pad"] and "b_add" in reasons
+    assert isinstance(m.b1, nn.Identity) and isinstance(m.b_pad, nn.BatchNorm2d)
+    assert rel_err(m(data[0]), ref) < 1e-5
+
+
+@pytest.mark.parametrize("make", [ConvNet, MobileNetV2ish])
+def test_bn_fold_and_cle_preserve_function(make):
+    data = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    m = randomize_bn(make(), data)
+    ref = m(data[0])
+    res = rq.equalize(m, data[0], rq.CLEConfig(high_bias_fold=False))
+    assert res.folded and res.scaled
+    assert rel_err(m(data[0]), ref) < 1e-5
+    if make is MobileNetV2ish:  # ReLU6 between scaled layers became an exact per-channel clip
+        assert res.relu6_replaced
+
+
+def test_cle_skip_mode_reports_relu6():
+    m = randomize_bn(MobileNetV2ish(), [torch.randn(8, 3, 32, 32)])
+    res = rq.equalize(m, torch.randn(1, 3, 32, 32), rq.CLEConfig(bounded="skip"))
+    assert any("ReLU6" in why for _, why in res.skipped) and not res.relu6_replaced
+
+
+def test_high_bias_fold_is_close_on_matching_statistics():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    m[1].weight.data.uniform_(0.2, 0.5)
+    m[1].bias.data.uniform_(1, 3)  # biases well above 3 sigma: HBF moves them
+    data = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    rq.reestimate_bn_stats(m, data, show_progress=False)
+    ref = m(data[0])
+    b0 = copy.deepcopy(m)
+    rq.equalize(b0, data[0], rq.CLEConfig(high_bias_fold=False))
+    res = rq.equalize(m, data[0])
+    assert res.high_bias_folded == [("0", "3")]
+    assert (m[0].bias.abs().mean() < b0[0].bias.abs().mean())  # smaller activation ranges
+    err = (m(data[0]) - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+    assert err < 0.01  # exact wherever the pre-activation stays above beta - 3|gamma|
+
+
+def test_cle_restores_per_tensor_accuracy_of_imbalanced_model():
+    fp = trained_digits_net()
+    m = copy.deepcopy(fp)
+    rq.fold_batch_norms(m)
+    # rescale channels between conv1 and conv2 (ReLU in between): same FP32 function,
+    # per-tensor weight ranges now span 4 orders of magnitude
+    k = 10 ** (torch.linspace(-2, 2, 16))
+    with torch.no_grad():
+        m.conv1.weight.mul_(k.view(-1, 1, 1, 1))
+        m.conv1.bias.mul_(k)
+        m.conv2.weight.div_(k.view(1, -1, 1, 1))
+    x = calib_batches(1)[0]
+    assert accuracy(m) == pytest.approx(accuracy(fp), abs=1e-6)
+    cfg = rq.QuantSimConfig(param_bw=8, act_bw=8, per_channel=False)
+
+    def w8a8(model):
+        sim = rq.QuantSim(model, x, cfg)
+        sim.compute_encodings(calib_batches(), show_progress=False)
+        return accuracy(sim.model)
+
+    before = w8a8(m)
+    rq.equalize(m, x)
+    after = w8a8(m)
+    assert before < accuracy(fp) - 0.05  # collapsed
+    assert after >= accuracy(fp) - 0.01  # near FP32
+
+
+def test_adaround_beats_nearest_and_is_deterministic():
+    fp = trained_digits_net()
+    x = calib_batches(1)[0]
+    cfg = rq.AdaRoundConfig(param_bw=3, per_channel=False, iterations=1000, num_batches=6)
+    res = rq.adaround(fp, x, calib_batches(6), cfg, show_progress=False)
+    assert [l.name for l in res.layers] == ["conv1", "conv2", "conv3", "fc"]
+    assert all(l.mse_adaround <= l.mse_nearest for l in res.layers)
+    assert sum(l.mse_adaround for l in res.layers) < 0.6 * sum(l.mse_nearest for l in res.layers)
+    assert any(0 < l.flipped for l in res.layers)
+    for p, q in zip(fp.parameters(), trained_digits_net().parameters()):
+        assert torch.equal(p, q)  # the input model is untouched
+    qcfg = rq.QuantSimConfig(param_bw=3, act_bw=8, per_channel=False)
+    nearest = rq.QuantSim(fp, x, qcfg)
+    nearest.compute_encodings(calib_batches(), show_progress=False)
+    ada = rq.QuantSim(res.model, x, qcfg)
+    res.apply_to(ada)
+    ada.compute_encodings(calib_batches(), show_progress=False)
+    assert ada.quantizer("conv2.weight").frozen
+    assert accuracy(ada.model) > accuracy(nearest.model)
+    again = rq.adaround(fp, x, calib_batches(6), cfg, show_progress=False)
+    for a, b in zip(res.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_adaround_fp16_cache_and_disk_spill_match_closely():
+    fp = trained_digits_net()
+    x = calib_batches(1)[0]
+    base = rq.AdaRoundConfig(param_bw=4, iterations=200, num_batches=4)
+    a = rq.adaround(fp, x, calib_batches(4), base, show_progress=False)
+    b = rq.adaround(fp, x, calib_batches(4), rq.AdaRoundConfig(**{**base.__dict__, "memory_budget_mb": 0.01}),
+                    show_progress=False)
+    assert b.spilled_bytes > 0
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)  # spilling to disk changes nothing
+    c = rq.adaround(fp, x, calib_batches(4), rq.AdaRoundConfig(**{**base.__dict__, "cache_fp16": True}),
+                    show_progress=False)
+    flips = sum((p != q).sum().item() for p, q in zip(a.model.parameters(), c.model.parameters()))
+    total = sum(p.numel() for p in a.model.parameters())
+    assert flips / total < 0.05
+
+
+def _output_error(sim, fp, batches):
+    with torch.no_grad():
+        return torch.stack([(sim.model(b) - fp(b)).mean(0) for b in batches]).mean(0).abs().mean().item()
+
+
+def test_bias_correction_reduces_mean_output_error():
+    fp = trained_digits_net()
+    x = calib_batches(1)[0]
+    cfg = rq.QuantSimConfig(param_bw=3, act_bw=8, per_channel=False)
+    for mode in ("empirical", "analytical"):
+        sim = rq.QuantSim(fp, x, cfg)
+        sim.compute_encodings(calib_batches(), show_progress=False)
+        before = _output_error(sim, fp, calib_batches(8))
+        res = rq.correct_bias(sim, calib_batches(8), rq.BiasCorrectionConfig(mode=mode), show_progress=False)
+        after = _output_error(sim, fp, calib_batches(8))
+        assert res.deltas and after < before, mode
+        if mode == "analytical":
+            assert "conv1" not in res.deltas  # fed by the image, not a BatchNorm
+            assert any(n == "conv1" for n, _ in res.skipped)
+    m2 = copy.deepcopy(fp)
+    res.apply_to(m2)
+    assert not torch.equal(m2.conv2.bias, fp.conv2.bias)
+
+
+def test_seq_mse_beats_minmax_at_4_bits():
+    fp = trained_digits_net()
+    x = calib_batches(1)[0]
+    cfg = rq.QuantSimConfig(param_bw=4, act_dtype="float", act_bw=16, float_format="fp16")
+
+    def out_mse(sim):
+        with torch.no_grad():
+            return sum((sim.model(b) - fp(b)).pow(2).mean().item() for b in calib_batches(8))
+
+    mm = rq.QuantSim(fp, x, cfg)
+    mm.compute_encodings(calib_batches(), show_progress=False)
+    sq = rq.QuantSim(fp, x, cfg)
+    sq.compute_encodings(calib_batches(), show_progress=False)
+    res = rq.seq_mse(sq, calib_batches(8), show_progress=False)
+    assert set(res.layers) == {"conv1", "conv2", "conv3", "fc"}
+    assert out_mse(sq) < out_mse(mm)
+    assert sq.quantizer("conv2.weight").frozen
+
+
+def test_bn_reestimation_handle_restores_exactly():
+    m = ConvNet().eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    h = rq.reestimate_bn_stats(m, [torch.randn(4, 3, 16, 16) * 3 + 1 for _ in range(3)], show_progress=False)
+    assert h.batches == 3
+    assert not torch.equal(m.bn1.running_mean, before["bn1.running_mean"])
+    assert torch.allclose(m.bn1.running_mean, m.bn1.running_mean)  # finite
+    h.restore()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert m.bn1.momentum == 0.1 and not m.bn1.training
+
+
+def test_fold_into_sim_for_qat_keeps_quantized_function():
+    fp = trained_digits_net()
+    x = calib_batches(1)[0]
+    sim = rq.QuantSim(fp, x, rq.QuantSimConfig(param_bw=8, act_bw=8))
+    sim.compute_encodings(calib_batches(), show_progress=False)
+    with torch.no_grad():
+        before = sim.model(x)
+    res = rq.fold_batch_norms_to_scale(sim)
+    assert len(res.folded) == 2
+    with torch.no_grad():
+        after = sim.model(x)
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
+    assert (after.argmax(1) == before.argmax(1)).float().mean() > 0.97
+
+
+def test_bad_input_is_reported_not_crashed():
+    lin = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert rq.fold_batch_norms(lin).folded == []
+    assert rq.equalize(lin, torch.randn(1, 4)).scaled == []  # linear layers are not equalized
+    with pytest.raises(ValueError, match="no batches"):
+        rq.adaround(lin, torch.randn(1, 4), [], rq.AdaRoundConfig(iterations=10), show_progress=False)
+    sim = rq.QuantSim(lin, torch.randn(1, 4))
+    sim.compute_encodings([torch.randn(2, 4)], show_progress=False)
+    with pytest.raises(ValueError, match="needs data"):
+        rq.correct_bias(sim, None)
+    with pytest.raises(ValueError, match="no batches"):
+        rq.reestimate_bn_stats(ConvNet(), [], show_progress=False)
+    res = rq.correct_bias(sim, None, rq.BiasCorrectionConfig(mode="analytical"))
+    assert res.skipped and not res.deltas
+
+    class C3(nn.Module):  # Conv3d is not AdaRound-able: left with nearest rounding
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv3d(1, 2, 1)
+            self.l = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.l(self.c(x).mean((2, 3, 4)))
+
+    r = rq.adaround(C3(), torch.randn(1, 1, 2, 2, 2), [torch.randn(4, 1, 2, 2, 2)],
+                    rq.AdaRoundConfig(iterations=20), show_progress=False)
+    assert [l.name for l in r.layers] == ["l"]
