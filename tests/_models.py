@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rapidquant.zoo.digits import InvertedResidual
+
 
 class ConvNet(nn.Module):
     def __init__(self, num_classes=10):
@@ -19,21 +21,6 @@ class ConvNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin, cout, stride, expand):
-        super().__init__()
-        hid = cin * expand
-        self.use_res = stride == 1 and cin == cout
-        self.block = nn.Sequential(
-            nn.Conv2d(cin, hid, 1, bias=False), nn.BatchNorm2d(hid), nn.ReLU6(),
-            nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False), nn.BatchNorm2d(hid), nn.ReLU6(),
-            nn.Conv2d(hid, cout, 1, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.block(x)
-        return x + y if self.use_res else y
 
 
 class MobileNetV2ish(nn.Module):

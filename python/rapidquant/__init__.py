@@ -7,6 +7,7 @@ from rapidquant.config import QuantSimConfig
 from rapidquant.graph import register_function, register_module
 from rapidquant.quantizer import Quantizer
 from rapidquant.quantsim import QuantSim, UnsupportedModuleError
+from rapidquant.mixed_precision import AMPResult, SensitivityResult, amp, analyze, lite_mp, set_precision
 from rapidquant.techniques import (
     AdaRoundConfig, BiasCorrectionConfig, CLEConfig, SeqMSEConfig, adaround, correct_bias, equalize,
     fold_batch_norms, fold_batch_norms_to_scale, reestimate_bn_stats, seq_mse,
@@ -14,6 +15,7 @@ from rapidquant.techniques import (
 
 __version__ = build_info()["version"]
 __all__ = [
+    "AMPResult", "SensitivityResult", "amp", "analyze", "lite_mp", "set_precision",
     "AdaRoundConfig", "BiasCorrectionConfig", "CLEConfig", "SeqMSEConfig", "adaround", "correct_bias",
     "equalize", "fold_batch_norms", "fold_batch_norms_to_scale", "reestimate_bn_stats", "seq_mse",
     "QuantSim", "QuantSimConfig", "Quantizer", "UnsupportedModuleError", "build_info", "ops",

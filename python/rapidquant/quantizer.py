@@ -6,6 +6,7 @@ from torch import nn
 
 from rapidquant import ops
 from rapidquant.calibration import HIST_SCHEMES, SCHEMES, Observer, Stats, encoding_range
+from rapidquant.reference.qdq import round_ste
 
 FLOAT_FORMATS = {
     "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -16,16 +17,6 @@ FLOAT_FORMATS = {
 def min_scale(num_steps: int) -> float:
     """Smallest scale an encoding may have (AIMET's rule): keeps zero ranges valid."""
     return min(torch.finfo(torch.float32).eps, 0.01 / num_steps)
-
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 class Quantizer(nn.Module):
@@ -260,7 +251,7 @@ class Quantizer(nn.Module):
         if self.learn_range:
             # keep the learned encoding valid: positive scale, integer zero point in range
             scale = scale.clamp_min(min_scale(qmax - qmin))
-            zp = torch.clamp(_RoundSTE.apply(zp), qmin, qmax)
+            zp = torch.clamp(round_ste(zp), qmin, qmax)
         if inplace:
             return ops.quantize_dequantize_(x, scale, zp, qmin, qmax, axis=self.axis, block_size=self.block_size)
         return ops.quantize_dequantize(x, scale, zp, qmin, qmax, axis=self.axis, block_size=self.block_size)

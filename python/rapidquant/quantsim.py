@@ -76,6 +76,7 @@ class QuantSim:
         self.config = config or QuantSimConfig()
         self.hw = HwConfig.load(self.config.hw_config)
         self._n_inputs = _count_inputs(dummy_input)
+        self.dummy_input = dummy_input
         device = _model_device(model)
         for t in _tensors(dummy_input):
             if device is not None and t.device != device:

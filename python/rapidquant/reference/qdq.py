@@ -21,7 +21,7 @@ def expand_param(p: torch.Tensor, shape: Sequence[int], spec: Sequence[int]) -> 
     return p.expand(tuple(shape))
 
 
-class _RoundSTE(torch.autograd.Function):
+class RoundSTE(torch.autograd.Function):
     """round half to even forward, identity backward (the straight-through estimator)."""
 
     @staticmethod
@@ -33,15 +33,15 @@ class _RoundSTE(torch.autograd.Function):
         return g
 
 
-def _round_ste(v: torch.Tensor) -> torch.Tensor:
-    return _RoundSTE.apply(v)
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    return RoundSTE.apply(v)
 
 
 def quantize_dequantize(x, scale, zero_point, qmin, qmax, spec):
     """(clamp(round(x / s) + zp, qmin, qmax) - zp) * s in fp32; LSQ gradients via autograd."""
     s = expand_param(scale.float(), x.shape, spec)
     z = expand_param(zero_point.float(), x.shape, spec)
-    u = _round_ste(x.float() / s) + z
+    u = round_ste(x.float() / s) + z
     return ((torch.clamp(u, qmin, qmax) - z) * s).to(x.dtype)
 
 

@@ -36,18 +36,19 @@ class AdaRoundConfig:
     param_scheme: str = "mse"
     hw_config: str | dict = "default_per_channel"
     num_batches: int | None = 16          # cached calibration batches
-    iterations: int = 2000                # per layer, upper bound (early stop may end sooner)
+    iterations: int = 500                 # per layer, upper bound (early stop may end sooner)
     batch_rows: int = 32                  # rows (samples) per optimization step
-    lr: float = 1e-2
+    lr: float = 2e-2
     reg_param: float = 0.01               # lambda
     beta_range: tuple = (20.0, 2.0)
     warm_start: float = 0.2               # fraction of iterations without the regularizer
     early_stop: bool = True
-    settled_fraction: float = 1e-3        # stop when fewer weights than this are undecided
+    settled_fraction: float = 1e-2        # stop when fewer weights than this are undecided
     cache_fp16: bool = False              # store cached layer inputs/targets in fp16
     memory_budget_mb: float | None = None  # spill activations to disk beyond this
     seed: int = 0
     skip: tuple = ()                      # layer names left with round-to-nearest
+    use_reference_math: bool = False      # plain torch autograd instead of the fused kernel (benchmarks)
 
 
 @dataclass
@@ -97,6 +98,14 @@ def _init_v(w, s, z, qmin, qmax, axis):
     return -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
 
 
+def _reference_soft(w, V, s, z, qmin, qmax, axis, beta):
+    from rapidquant import reference as R
+    from rapidquant.ops import _utils as U
+    spec = U.block_spec(w.shape, axis, None)
+    ps = U.param_shape(w.shape, spec)
+    return R.adaround_weight(w, V, s.reshape(ps), z.reshape(ps), qmin, qmax, spec, beta)
+
+
 def _recon(out, target, act):
     if act is not None:
         out, target = act(out), act(target)
@@ -125,7 +134,10 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
         else:
             t = (it - warm) / max(1, cfg.iterations - warm)
             beta, lam = b1 + 0.5 * (b0 - b1) * (1 + math.cos(math.pi * t)), cfg.reg_param
-        wt, reg = ops.adaround_weight(w, V, s, z, qmin, qmax, axis=axis, beta=beta)
+        if cfg.use_reference_math:
+            wt, reg = _reference_soft(w, V, s, z, qmin, qmax, axis, beta)
+        else:
+            wt, reg = ops.adaround_weight(w, V, s, z, qmin, qmax, axis=axis, beta=beta)
         loss = _recon(_layer_forward(layer, x, wt), target, act)
         if lam:
             loss = loss + lam * reg

@@ -1,0 +1,234 @@
+"""Quantizer groups (what flips precision together), candidates and BitOps cost."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule
+
+FLOAT_BITOPS_FACTOR = 1.5 ** 0.5  # a float bitwidth costs about 1.22x the same integer width (AIMET)
+MAC_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """((act_bw, act_dtype), (param_bw, param_dtype)), e.g. W8A16 = Candidate(16, "int", 8, "int")."""
+    act_bw: int
+    act_dtype: str
+    param_bw: int
+    param_dtype: str
+
+    @property
+    def name(self) -> str:
+        def part(bw, dt):
+            return f"{'fp' if dt == 'float' else ''}{bw}"
+        if self.act_dtype == self.param_dtype == "float" and self.act_bw == self.param_bw:
+            return f"FP{self.act_bw}"
+        return f"W{part(self.param_bw, self.param_dtype)}A{part(self.act_bw, self.act_dtype)}"
+
+    def as_tuple(self):
+        return ((self.act_bw, self.act_dtype), (self.param_bw, self.param_dtype))
+
+    def cost_bits(self) -> tuple[float, float]:
+        a = self.act_bw * (FLOAT_BITOPS_FACTOR if self.act_dtype == "float" else 1)
+        p = self.param_bw * (FLOAT_BITOPS_FACTOR if self.param_dtype == "float" else 1)
+        return a, p
+
+
+def parse_candidate(c) -> Candidate:
+    """Accept Candidate, ((abw, adt), (pbw, pdt)) or names like "W8A16" / "FP16"."""
+    if isinstance(c, Candidate):
+        return c
+    if isinstance(c, str):
+        s = c.upper()
+        if s.startswith("FP"):
+            bw = int(s[2:])
+            return Candidate(bw, "float", bw, "float")
+        if s.startswith("W") and "A" in s:
+            w, a = s[1:].split("A")
+            wd, ad = ("float" if w.startswith("FP") else "int"), ("float" if a.startswith("FP") else "int")
+            return Candidate(int(a.replace("FP", "")), ad, int(w.replace("FP", "")), wd)
+        raise ValueError(f"cannot parse candidate {c!r}; use e.g. 'W8A8', 'W8A16', 'FP16' or ((16,'int'),(8,'int'))")
+    try:
+        (abw, adt), (pbw, pdt) = c
+    except (TypeError, ValueError):
+        raise ValueError(f"a candidate is ((act_bw, dtype), (param_bw, dtype)); got {c!r}") from None
+    for dt in (adt, pdt):
+        if dt not in ("int", "float"):
+            raise ValueError(f"candidate dtype must be 'int' or 'float' (got {dt!r} in {c!r})")
+    return Candidate(int(abw), adt, int(pbw), pdt)
+
+
+@dataclass
+class QuantizerGroup:
+    """Activation quantizers feeding a set of MAC layers, plus those layers' parameter
+    quantizers: they change precision together."""
+    name: str
+    act_quantizers: list = field(default_factory=list)    # quantizer names
+    param_quantizers: list = field(default_factory=list)
+    layers: list = field(default_factory=list)             # module names of MAC layers
+    macs: int = 0
+
+
+def _upstream_quantizers(gm, node, qmods) -> list[str]:
+    """Names of the nearest enabled output quantizers feeding node (through passthrough ops)."""
+    out, stack, seen = [], list(node.all_input_nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        m = qmods.get(n.target) if n.op == "call_module" else None
+        q = getattr(m, "output_quantizer", None) if m is not None else None
+        if q is not None and q.enabled:
+            out.append(q.name)
+        elif n.op != "placeholder":
+            stack.extend(n.all_input_nodes)
+    return out
+
+
+def count_macs(sim, dummy_input) -> dict[str, int]:
+    """MACs of every Conv/Linear per forward of dummy_input, by module name."""
+    from rapidquant.quantsim import call_model
+    macs, hooks = {}, []
+    for name, m in sim.model.named_modules():
+        if isinstance(m, QuantizedModule) and isinstance(m.module, MAC_TYPES):
+            def hook(mod, inp, out, name=name):
+                layer = mod.module
+                o = out[0] if isinstance(out, tuple) else out
+                if isinstance(layer, nn.Linear):
+                    macs[name] = macs.get(name, 0) + o.numel() * layer.in_features
+                else:
+                    k = layer.weight[0].numel() if not isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) \
+                        else layer.weight.shape[0] // layer.groups * layer.weight[0, 0].numel()
+                    macs[name] = macs.get(name, 0) + o.numel() * k
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), sim.disabled():
+            call_model(sim.model, dummy_input, sim._n_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+def find_groups(sim, dummy_input=None) -> list[QuantizerGroup]:
+    """Group each MAC layer's weights with the activation quantizers feeding it (merging
+    layers that share an input); remaining activation quantizers form their own groups."""
+    gm = sim.model
+    qmods = {n: m for n, m in gm.named_modules() if isinstance(m, (QuantizedModule, FunctionalOp, InputQuantizer))}
+    parent: dict[str, str] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a, b):
+        parent[find(a)] = find(b)
+
+    layer_acts = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = qmods.get(node.target)
+        if isinstance(m, QuantizedModule) and isinstance(m.module, MAC_TYPES) and m.param_quantizers:
+            key = "L:" + node.target
+            find(key)
+            acts = _upstream_quantizers(gm, node, qmods)
+            layer_acts[node.target] = acts
+            for a in acts:
+                union("A:" + a, key)
+    for name, q in sim.activation_quantizers().items():
+        if q.enabled:
+            find("A:" + name)
+    macs = count_macs(sim, dummy_input) if dummy_input is not None else {}
+    groups: dict[str, QuantizerGroup] = {}
+    for key in list(parent):
+        root = find(key)
+        g = groups.setdefault(root, QuantizerGroup(name=""))
+        kind, name = key.split(":", 1)
+        if kind == "A":
+            g.act_quantizers.append(name)
+        else:
+            g.layers.append(name)
+            g.param_quantizers += [q.name for q in qmods[name].param_quantizers.values() if q.enabled]
+            g.macs += macs.get(name, 0)
+    out = []
+    for g in groups.values():
+        g.name = ",".join(g.layers) if g.layers else ",".join(g.act_quantizers)
+        out.append(g)
+    order = {q: i for i, q in enumerate(sim.quantizers())}
+    out.sort(key=lambda g: min(order.get(q, 0) for q in g.act_quantizers + g.param_quantizers))
+    return out
+
+
+def bitops(groups: list[QuantizerGroup], assignment: dict[str, Candidate]) -> float:
+    """Sum over MAC layers of MACs x activation bits x weight bits."""
+    total = 0.0
+    for g in groups:
+        c = assignment.get(g.name)
+        if c is None or not g.macs:
+            continue
+        a, p = c.cost_bits()
+        total += g.macs * a * p
+    return total
+
+
+def snapshot(sim) -> dict:
+    """Each quantizer's precision and encoding, to restore exactly later."""
+    snap = {}
+    for n, q in sim.quantizers().items():
+        snap[n] = (q.enabled, q.dtype, q.bitwidth, q.float_format,
+                   None if q.scale is None else q.scale.detach().clone(),
+                   None if q.zero_point is None else q.zero_point.detach().clone(), q.frozen)
+    return snap
+
+
+def restore(sim, snap: dict) -> None:
+    for n, q in sim.quantizers().items():
+        en, dt, bw, fmt, s, z, fr = snap[n]
+        _set(q, en, dt, bw, fmt, snap_entry=snap[n])
+    _clear(sim)
+
+
+def _set(q, enabled, dt, bw, fmt, snap_entry=None) -> None:
+    """Put q at (dt, bw); reuse the snapshot's encoding when it is for that precision
+    (keeps frozen encodings such as AdaRound's), else derive one from the statistics."""
+    q.enabled = enabled
+    if not enabled:
+        q._touch()
+        return
+    same = snap_entry is not None and snap_entry[1] == dt and snap_entry[2] == bw and snap_entry[3] == fmt
+    if same and snap_entry[4] is not None:
+        q.dtype, q.float_format = dt, fmt
+        q._bitwidth = bw
+        q.set_encoding(snap_entry[4], snap_entry[5])
+        q.frozen = snap_entry[6]
+    elif (q.dtype, q.bitwidth, q.float_format if q.dtype == "float" else None) != (dt, bw, fmt) or q.scale is None:
+        frozen, q.frozen = q.frozen, False  # a new grid needs a new encoding
+        q.set_dtype(dt, bw, fmt)
+        q.frozen = frozen and same
+    q._touch()
+
+
+def _clear(sim) -> None:
+    for m in sim.model.modules():
+        if isinstance(m, QuantizedModule):
+            m.clear_cache()
+
+
+def apply_candidate(sim, group: QuantizerGroup, c: Candidate | None, snap: dict | None = None) -> None:
+    """Set a group's quantizers to a candidate (None: leave them in float). Encodings come
+    from the kept calibration statistics (or the snapshot for the original precision):
+    no calibration pass."""
+    qs = sim.quantizers()
+    for names, bw, dt in ((group.act_quantizers, c.act_bw if c else None, c.act_dtype if c else None),
+                          (group.param_quantizers, c.param_bw if c else None, c.param_dtype if c else None)):
+        fmt = {16: "fp16", 8: "fp8_e4m3"}.get(bw) if dt == "float" else None
+        for n in names:
+            _set(qs[n], c is not None, dt, bw, fmt, snap.get(n) if snap else None)
+    _clear(sim)

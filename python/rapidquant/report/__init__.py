@@ -1,0 +1,1 @@
+"""HTML reports with matplotlib plots embedded as PNG (self-contained files)."""

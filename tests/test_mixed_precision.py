@@ -1,0 +1,159 @@
+"""Sensitivity analysis, LiteMP, AMP and manual mixed precision."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import rapidquant as rq
+from _digits import accuracy, calib_batches, trained_digits_net
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def sensitive_model():
+    """The digits CNN with one outlier output channel in conv2 (FP32 function unchanged):
+    per-tensor weight quantization of conv2 then loses most of its resolution."""
+    fp = copy.deepcopy(trained_digits_net())
+    rq.fold_batch_norms(fp)
+    with torch.no_grad():
+        fp.conv2.weight[5] *= 40
+        fp.conv2.bias[5] *= 40
+        fp.conv3.weight[:, 5] /= 40
+    return fp
+
+
+def make_sim(model, **kw):
+    cfg = rq.QuantSimConfig(**{"param_bw": 8, "act_bw": 8, "per_channel": False, **kw})
+    sim = rq.QuantSim(model, calib_batches(1)[0], cfg)
+    sim.compute_encodings(calib_batches(), show_progress=False)
+    return sim
+
+
+def test_analysis_ranks_the_sensitive_layer_first(sensitive_model, tmp_path):
+    sim = make_sim(sensitive_model)
+    before = {n: (q.enabled, q.bitwidth) for n, q in sim.quantizers().items()}
+    res = rq.analyze(sim, accuracy, calib_batches(4), results_dir=str(tmp_path), show_progress=False)
+    assert res.ranking()[0] == "conv2"
+    assert res.fp32 >= res.quantized and math.isfinite(res.weights_only) and math.isfinite(res.activations_only)
+    sq = {r["layer"]: r["sqnr_db"] for r in res.per_layer}
+    assert sq["conv2"] < sq["conv1"] - 10  # the error appears at conv2 (and accumulates after it)
+    assert {n: (q.enabled, q.bitwidth) for n, q in sim.quantizers().items()} == before  # restored
+    doc = json.load(open(res.json_path))
+    assert doc["per_layer"] and doc["ranges"]
+    page = open(res.html_path).read()
+    assert page.count("data:image/png;base64") >= 4 and "Per-layer sensitivity" in page
+
+
+def test_lite_mp_promotes_the_sensitive_layer(sensitive_model):
+    sim = make_sim(sensitive_model, param_bw=4)
+    res = rq.analyze(sim, accuracy, calib_batches(2), per_layer=True, show_progress=False)
+    before = accuracy(sim.model)
+    promoted = rq.lite_mp(sim, res, percent=10, precision="int16")  # the top one of ~6 layers
+    assert promoted == ["conv2"]
+    assert sim.quantizer("conv2.weight").bitwidth == 16
+    assert sim.quantizer("conv1.weight").bitwidth == 4
+    assert accuracy(sim.model) > before
+
+
+def test_amp_meets_drop_at_lower_bitops_and_resumes(sensitive_model, tmp_path):
+    sim = make_sim(sensitive_model)
+    calls = []
+
+    def ev(m):
+        calls.append(1)
+        return accuracy(m)
+
+    cands = [((8, "int"), (4, "int")), ((8, "int"), (8, "int")), ((16, "int"), (16, "int"))]
+    res = rq.amp(sim, cands, ev, 0.01, calib_batches(8), results_dir=str(tmp_path), show_progress=False)
+    assert res.met and res.chosen.score >= res.fp32_score - 0.01
+    assert res.chosen.rel_bitops < 1.0  # cheaper than all-W16A16
+    assert accuracy(sim.model) == pytest.approx(res.chosen.score)  # the sim is left in that state
+    assert res.chosen.config["conv2"] in ("W16A16", "W8A8")
+    assert os.path.exists(res.plot_path) and res.pareto_front
+    assert res.calibration_passes == 0  # statistics were reused for every candidate
+
+    # rerun: every phase-1 proxy and every score come from the saved results
+    n = len(calls)
+    res2 = rq.amp(sim, cands, ev, 0.01, calib_batches(8), results_dir=str(tmp_path), show_progress=False)
+    assert len(calls) == n and res2.proxy_evaluations == 0 and res2.chosen.config == res.chosen.config
+
+
+def test_amp_resumes_after_interruption_in_phase2(sensitive_model, tmp_path):
+    sim = make_sim(sensitive_model)
+    state = {"n": 0, "fail_after": 3}
+
+    def ev(m):
+        state["n"] += 1
+        if state["fail_after"] and state["n"] > state["fail_after"]:
+            raise KeyboardInterrupt("simulated crash in phase 2")
+        return accuracy(m)
+
+    with pytest.raises(KeyboardInterrupt):
+        rq.amp(sim, ["W4A8", "W8A8", "W16A16"], ev, 0.01, calib_batches(8), results_dir=str(tmp_path),
+               show_progress=False)
+    state.update(n=0, fail_after=0)
+    res = rq.amp(sim, ["W4A8", "W8A8", "W16A16"], ev, 0.01, calib_batches(8), results_dir=str(tmp_path),
+                 show_progress=False)
+    assert res.proxy_evaluations == 0  # phase 1 was saved before the crash
+    assert res.evaluations == state["n"] and state["n"] < 6  # only the unsaved phase-2 points
+
+
+def test_amp_early_exits(sensitive_model):
+    sim = make_sim(sensitive_model)
+    easy = rq.amp(sim, ["W8A8", "W16A16"], lambda m: 1.0, 0.5, calib_batches(4), show_progress=False)
+    assert easy.met and "cheapest" in easy.message and easy.chosen.rel_bitops < 1
+    impossible = rq.amp(sim, ["W4A8", "W8A8"], accuracy, -0.5, calib_batches(4), show_progress=False)
+    assert not impossible.met and "cannot meet" in impossible.message
+
+
+def test_amp_brute_force_builds_the_whole_curve(sensitive_model):
+    sim = make_sim(sensitive_model)
+    res = rq.amp(sim, ["W4A8", "W8A8"], accuracy, None, calib_batches(4), show_progress=False)
+    assert len(res.pareto_front) >= 4 and not res.met
+
+
+def test_amp_bad_input(sensitive_model):
+    sim = make_sim(sensitive_model)
+    with pytest.raises(ValueError, match="at least two distinct candidates"):
+        rq.amp(sim, ["W8A8"], accuracy, 0.01, calib_batches(2))
+    with pytest.raises(ValueError, match="baseline W16A16 is not among"):
+        rq.amp(sim, ["W4A8", "W8A8"], accuracy, 0.01, calib_batches(2), baseline="W16A16")
+    with pytest.raises(ValueError, match="finite float"):
+        rq.amp(sim, ["W4A8", "W8A8"], lambda m: float("nan"), 0.01, calib_batches(2), show_progress=False)
+    with pytest.raises(ValueError, match="candidate dtype"):
+        rq.amp(sim, [((8, "int"), (8, "int")), ((8, "bogus"), (8, "int"))], accuracy, 0.01, calib_batches(2))
+    cfg = json.load(open(os.path.join(os.path.dirname(rq.__file__), "hw_configs", "default_per_channel.json")))
+    cfg["defaults"]["supported_kernels"] = [{"activation": {"bitwidth": 8, "dtype": "int"},
+                                             "param": {"bitwidth": 8, "dtype": "int"}}]
+    s2 = rq.QuantSim(sensitive_model, calib_batches(1)[0], rq.QuantSimConfig(hw_config=cfg))
+    s2.compute_encodings(calib_batches(2), show_progress=False)
+    with pytest.raises(ValueError, match="supported_kernels"):
+        rq.amp(s2, ["W4A8", "W16A16"], accuracy, 0.01, calib_batches(2))
+
+
+def test_manual_precision_api(sensitive_model):
+    sim = make_sim(sensitive_model)
+    log = rq.set_precision(sim, "conv2", activation="int16", param="int16")
+    assert sim.quantizer("conv2.weight").bitwidth == 16
+    assert sim.quantizer("relu1.output").bitwidth == 16  # the activation feeding conv2 follows it
+    assert any("conv2.weight" in line for line in log)
+    rq.set_precision(sim, nn.Linear, param="int4")
+    assert sim.quantizer("fc.weight").bitwidth == 4
+    rq.set_precision(sim, "model_input", activation="int16")
+    assert sim.quantizer("input_x.output").bitwidth == 16
+    log = rq.set_precision(sim, "conv3", activation="int8")  # relu2 feeds conv3; no conflict with conv2
+    log = rq.set_precision(sim, "conv2", activation="int8")   # conflicts with the earlier int16 request
+    assert any("conflict" in line for line in log) and sim.quantizer("relu1.output").bitwidth == 16
+    rq.set_precision(sim, "relu2", activation="fp16")
+    assert sim.quantizer("relu2.output").dtype == "float"
+    with torch.no_grad():
+        assert torch.isfinite(sim.model(calib_batches(1)[0])).all()
+    with pytest.raises(ValueError, match="choose one of"):
+        rq.set_precision(sim, "conv2", activation="int7")
+    with pytest.raises(KeyError):
+        rq.set_precision(sim, "nope", activation="int8")
