@@ -141,18 +141,6 @@ struct QdqBackwardOp {
   }
 };
 
-template <class Q>
-struct ITypeOf;
-
-#define RQ_DISPATCH_ITYPE(qt, Q, ...)                                         \
-  switch (qt) {                                                               \
-    case IType::I8: { using Q = int8_t; __VA_ARGS__; break; }                 \
-    case IType::U8: { using Q = uint8_t; __VA_ARGS__; break; }                \
-    case IType::I16: { using Q = int16_t; __VA_ARGS__; break; }               \
-    case IType::I32: { using Q = int32_t; __VA_ARGS__; break; }               \
-    default: RQ_CHECK(false, "unsupported integer dtype code " << (int)(qt)); \
-  }
-
 void reduce_privates(const std::vector<double>& acc, int nt, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) {
     double t = 0.0;

@@ -110,15 +110,6 @@ struct FloatQdqOp {
   }
 };
 
-#define RQ_CUDA_DISPATCH_ITYPE(qt, Q, ...)                                      \
-  switch (qt) {                                                                 \
-    case IType::I8: { using Q = int8_t; __VA_ARGS__; break; }                   \
-    case IType::U8: { using Q = uint8_t; __VA_ARGS__; break; }                  \
-    case IType::I16: { using Q = int16_t; __VA_ARGS__; break; }                 \
-    case IType::I32: { using Q = int32_t; __VA_ARGS__; break; }                 \
-    default: RQ_CHECK(false, "unsupported integer dtype code " << (int)(qt));   \
-  }
-
 }  // namespace
 }  // namespace cu
 
@@ -133,7 +124,7 @@ void qdq_cuda(const void* x, void* y, DType dt, const Layout& L, const float* sc
 void quantize_cuda(const void* x, DType dt, void* q, IType qt, const Layout& L,
                    const float* scale, const float* zp, int qmin, int qmax, uintptr_t stream) {
   RQ_CUDA_DISPATCH_DTYPE(dt, T, {
-    RQ_CUDA_DISPATCH_ITYPE(qt, Q, {
+    RQ_DISPATCH_ITYPE(qt, Q, {
       cu::QuantizeOp<T, Q> op{(const T*)x, (Q*)q, scale, zp, (float)qmin, (float)qmax};
       cu::launch(L, op, cu::as_stream(stream));
     });
@@ -143,7 +134,7 @@ void quantize_cuda(const void* x, DType dt, void* q, IType qt, const Layout& L,
 void dequantize_cuda(const void* q, IType qt, void* y, DType dt, const Layout& L,
                      const float* scale, const float* zp, uintptr_t stream) {
   RQ_CUDA_DISPATCH_DTYPE(dt, T, {
-    RQ_CUDA_DISPATCH_ITYPE(qt, Q, {
+    RQ_DISPATCH_ITYPE(qt, Q, {
       cu::DequantizeOp<T, Q> op{(const Q*)q, (T*)y, scale, zp};
       cu::launch(L, op, cu::as_stream(stream));
     });

@@ -26,6 +26,16 @@ enum class FloatFormat : int { F16 = 0, BF16 = 1, E4M3FN = 2, E5M2 = 3 };
     }                                                                                    \
   } while (false)
 
+// Integer storage types (plain C++ ints on both CPU and CUDA).
+#define RQ_DISPATCH_ITYPE(qt, Q, ...)                                           \
+  switch (qt) {                                                                 \
+    case ::rq::IType::I8: { using Q = int8_t; __VA_ARGS__; break; }             \
+    case ::rq::IType::U8: { using Q = uint8_t; __VA_ARGS__; break; }            \
+    case ::rq::IType::I16: { using Q = int16_t; __VA_ARGS__; break; }           \
+    case ::rq::IType::I32: { using Q = int32_t; __VA_ARGS__; break; }           \
+    default: RQ_CHECK(false, "unsupported integer dtype code " << (int)(qt));   \
+  }
+
 // A tensor x (contiguous) seen against a parameter tensor p (scale, zero point, or a
 // statistic) that is broadcast or blocked along each dimension:
 //   p.shape[d] == 1                      (block[d] == 0: broadcast)
