@@ -1,4 +1,4 @@
-"""A small CNN trained on scikit-learn's digits (real handwritten data, installs offline)."""
+"""A small CNN trained on the digits data shipped in rapidquant.zoo (real handwritten digits)."""
 import functools
 
 import torch
@@ -27,16 +27,10 @@ class DigitsNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-@functools.lru_cache(maxsize=1)
 def digits_data():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0 - 0.5
-    y = torch.tensor(d.target)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(x), generator=g)
-    x, y = x[perm], y[perm]
-    return (x[:1300], y[:1300]), (x[1300:], y[1300:])
+    """The digits copy shipped in rapidquant.zoo, at its native 8x8."""
+    from rapidquant.zoo.digits import digits_splits
+    return digits_splits(size=8)
 
 
 @functools.lru_cache(maxsize=1)

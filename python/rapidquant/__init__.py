@@ -3,6 +3,7 @@ import torch  # noqa: F401  # torch first: its OpenMP runtime is the one _C shar
 
 from rapidquant._ext import build_info
 from rapidquant import ops
+from rapidquant.autoquant import AutoQuant, AutoQuantConfig, AutoQuantResult
 from rapidquant.config import QuantSimConfig
 from rapidquant.graph import register_function, register_module
 from rapidquant.quantizer import Quantizer
@@ -15,6 +16,7 @@ from rapidquant.techniques import (
 
 __version__ = build_info()["version"]
 __all__ = [
+    "AutoQuant", "AutoQuantConfig", "AutoQuantResult",
     "AMPResult", "SensitivityResult", "amp", "analyze", "lite_mp", "set_precision",
     "AdaRoundConfig", "BiasCorrectionConfig", "CLEConfig", "SeqMSEConfig", "adaround", "correct_bias",
     "equalize", "fold_batch_norms", "fold_batch_norms_to_scale", "reestimate_bn_stats", "seq_mse",

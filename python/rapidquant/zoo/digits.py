@@ -1,9 +1,12 @@
-"""Digits (8x8 handwritten, from scikit-learn) upsampled to 16x16, and two small CNNs:
-a ResNet-style net (BasicBlocks, residual adds) and a MobileNetV2-style net (inverted
-residuals, depthwise 3x3, BN, ReLU6)."""
+"""Digits (1797 handwritten 8x8 images, the UCI set that scikit-learn ships, CC BY 4.0;
+a copy lives in zoo/data/digits.pt) upsampled to 16x16, and two small CNNs: a
+ResNet-style net (BasicBlocks, residual adds) and a MobileNetV2-style net (inverted
+residuals, depthwise 3x3, BN, ReLU6). Pretrained weights ship in zoo/weights/ (made by
+scripts/train_zoo.py)."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -13,19 +16,31 @@ from torch import nn
 @functools.lru_cache(maxsize=1)
 def digits_splits(size: int = 16):
     """((x_train, y_train), (x_test, y_test)): 1400 / 397 images, normalized, 1 x size x size."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise ImportError("the digits data comes from scikit-learn: pip install scikit-learn") from e
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    d = torch.load(os.path.join(_HERE, "data", "digits.pt"), weights_only=True)
+    x = d["images"].float().unsqueeze(1) / 16.0
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = (x - 0.3) / 0.35
-    y = torch.tensor(d.target)
+    y = d["labels"].long()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = {"digits_resnet": "DigitsResNet", "digits_mobilenet": "DigitsMobileNet"}
+
+
+def pretrained(name: str = "digits_mobilenet") -> nn.Module:
+    """A shipped pretrained model (eval mode): "digits_mobilenet" or "digits_resnet"."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    model = globals()[MODELS[name]]()
+    path = os.path.join(_HERE, "weights", f"{name}.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; run scripts/train_zoo.py to create it")
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
 
 
 def calibration_batches(n: int = 8, batch_size: int = 32):

@@ -1,0 +1,166 @@
+"""The ``rapidquant`` command: autoquant, analyze and export, on the embedded demo model or
+on your own (``--model pkg.module:factory --data pkg.module:loader --eval pkg.module:fn``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import warnings
+
+DEMO = "the embedded demo: a MobileNetV2-style CNN trained on handwritten digits, with its data"
+
+
+def load_spec(spec: str, what: str, call: bool = True):
+    """'pkg.module:name' -> the object (called without arguments when it is a factory)."""
+    if ":" not in spec:
+        raise SystemExit(f"error: --{what} expects 'package.module:name' (got {spec!r})")
+    mod_name, attr = spec.split(":", 1)
+    sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise SystemExit(f"error: --{what} {spec!r}: cannot import module {mod_name!r}: {e}") from None
+    try:
+        obj = mod
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise SystemExit(f"error: --{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}") from None
+    if call and callable(obj) and not hasattr(obj, "forward") and what != "eval":
+        obj = obj()
+    return obj
+
+
+def _inputs(args):
+    """(model, data batches, eval_fn, description) from the specs or the demo."""
+    import torch
+    if args.model is None and args.data is None and args.eval is None:
+        from rapidquant import zoo
+        n = 4 if args.quick else 16
+        return (zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(n),
+                lambda m, num_samples=None: zoo.accuracy(m), DEMO)
+    missing = [k for k in ("model", "data", "eval") if getattr(args, k) is None]
+    if missing:
+        raise SystemExit("error: give --model, --data and --eval together (or none of them for the demo); "
+                         f"missing: {', '.join('--' + m for m in missing)}")
+    model = load_spec(args.model, "model")
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"error: --model {args.model!r} gave {type(model).__name__}, expected a torch.nn.Module "
+                         "(or a function returning one)")
+    data = load_spec(args.data, "data")
+    if not hasattr(data, "__iter__"):
+        raise SystemExit(f"error: --data {args.data!r} gave {type(data).__name__}, expected an iterable of batches "
+                         "(e.g. a DataLoader, or a function returning one)")
+    ev = load_spec(args.eval, "eval", call=False)
+    if not callable(ev):
+        raise SystemExit(f"error: --eval {args.eval!r} is not callable; expected fn(model, num_samples=None) -> float")
+    return model.eval(), data, ev, args.model
+
+
+def _first_input(batches):
+    b = next(iter(batches))
+    return b[0] if isinstance(b, (tuple, list)) else b
+
+
+def _common(p):
+    p.add_argument("--model", help="package.module:factory returning an nn.Module (default: the demo)")
+    p.add_argument("--data", help="package.module:loader returning an iterable of calibration batches")
+    p.add_argument("--eval", help="package.module:fn with fn(model, num_samples=None) -> float, higher is better")
+    p.add_argument("--param-bw", type=int, default=None, help="weight bitwidth (default 8; demo 4)")
+    p.add_argument("--act-bw", type=int, default=8, help="activation bitwidth (default 8)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None)
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false")
+    p.add_argument("--out", default="rapidquant-results", help="results directory (default ./rapidquant-results)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def cmd_autoquant(args) -> int:
+    import rapidquant as rq
+    model, data, ev, desc = _inputs(args)
+    demo = desc == DEMO
+    pbw = args.param_bw or (4 if demo else 8)
+    per_channel = args.per_channel if args.per_channel is not None else (False if demo else None)
+    ada = rq.AdaRoundConfig(iterations=100) if args.quick else None
+    cfg = rq.AutoQuantConfig(param_bw=pbw, act_bw=args.act_bw, per_channel=per_channel,
+                             allowed_drop=args.allowed_drop if args.allowed_drop is not None else (0.005 if demo else 0.01),
+                             amp_candidates=tuple(args.amp.split(",")) if args.amp else None,
+                             results_dir=args.out, time_budget_s=args.time_budget, strict=args.strict, adaround=ada,
+                             num_calibration_batches=4 if args.quick else 16)
+    print(f"rapidquant autoquant on {desc}: W{pbw}A{args.act_bw}, allowed drop {cfg.allowed_drop}", file=sys.stderr)
+    batches = list(data) if not isinstance(data, list) else data
+    res = rq.AutoQuant(model, _first_input(batches), batches, ev, cfg, show_progress=not args.quiet).optimize()
+    print(f"\n{'TARGET MET' if res.met else 'target not met'}: score {res.score:.4f} "
+          f"(FP32 {res.fp32_score:.4f}, target {res.target:.4f}, best stage {res.best_stage})")
+    print(f"ONNX model:  {res.onnx_path}\nencodings:   {res.encodings_path}\nreport:      {res.report_path}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    import rapidquant as rq
+    model, data, ev, desc = _inputs(args)
+    batches = list(data)
+    sim = rq.QuantSim(model, _first_input(batches), rq.QuantSimConfig(param_bw=args.param_bw or 8, act_bw=args.act_bw,
+                                                                      per_channel=args.per_channel))
+    sim.compute_encodings(batches, show_progress=not args.quiet)
+    res = rq.analyze(sim, ev, batches, results_dir=args.out, show_progress=not args.quiet)
+    print(f"FP32 {res.fp32:.4f}, quantized {res.quantized:.4f}, weights only {res.weights_only:.4f}, "
+          f"activations only {res.activations_only:.4f}")
+    print("most sensitive: " + ", ".join(res.ranking()[:5]))
+    print(f"report: {res.html_path}\njson:   {res.json_path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import rapidquant as rq
+    model, data, ev, desc = _inputs(args)
+    batches = list(data)
+    sim = rq.QuantSim(model, _first_input(batches), rq.QuantSimConfig(param_bw=args.param_bw or 8, act_bw=args.act_bw,
+                                                                      per_channel=args.per_channel))
+    if args.encodings:
+        sim.load_encodings(args.encodings)
+    else:
+        sim.compute_encodings(batches, show_progress=not args.quiet)
+    out = sim.export(args.out, _first_input(batches), args.name, encoding_format=args.format, overwrite=args.overwrite)
+    print(f"ONNX model: {out.onnx}\nencodings:  {out.encodings}\nonnxruntime: runs={out.ort_ok}, "
+          f"max |sim - ort| = {out.ort_max_abs_diff}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="rapidquant", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("autoquant", help="run AutoQuant (no arguments: " + DEMO + ")",
+                       description="Apply PTQ techniques until the allowed accuracy drop is met; writes the ONNX "
+                                   "model, encodings and an HTML report.")
+    _common(p)
+    p.add_argument("--allowed-drop", type=float, default=None, help="absolute drop from FP32 (default 0.01; demo 0.005)")
+    p.add_argument("--amp", help="AMP candidates, e.g. W8A8,W8A16,W16A16")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; no new stage starts after that")
+    p.add_argument("--strict", action="store_true", help="a failing stage raises instead of being skipped")
+    p.add_argument("--quick", action="store_true", help="fewer batches and AdaRound iterations (smoke tests)")
+    p.set_defaults(fn=cmd_autoquant)
+    p = sub.add_parser("analyze", help="per-layer sensitivity analysis with an HTML report")
+    _common(p)
+    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_analyze)
+    p = sub.add_parser("export", help="calibrate (or load encodings) and export ONNX QDQ + encodings")
+    _common(p)
+    p.add_argument("--encodings", help="load these encodings instead of calibrating")
+    p.add_argument("--format", default="rapidquant", choices=["rapidquant", "1.0.0", "2.0.0"])
+    p.add_argument("--name", default="model", help="file name stem (default model)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(fn=cmd_export)
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
