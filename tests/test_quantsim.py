@@ -456,3 +456,15 @@ def test_config_validation():
         rq.QuantSimConfig(act_scheme="tf")
     with pytest.raises(ValueError, match="2..16"):
         rq.QuantSimConfig(param_bw=1)
+
+
+def test_int32_bias_can_be_embedded_in_the_graph(tmp_path):
+    import onnx
+    m = ConvNet().eval()
+    x = torch.randn(4, 3, 16, 16)
+    sim = calibrated(m, x)
+    res = sim.export(str(tmp_path), x, export_int32_bias="onnx")
+    g = onnx.load(res.onnx).graph
+    int32 = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.INT32}
+    assert any(n.op_type == "DequantizeLinear" and n.input[0] in int32 for n in g.node)
+    assert res.ort_ok and json.load(open(res.encodings))["int32_bias"]

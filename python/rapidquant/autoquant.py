@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from rapidquant import distributed as D
 from rapidquant.config import QuantSimConfig
 from rapidquant.fingerprint import data_hash, model_hash, obj_hash
 from rapidquant.progress import progress
@@ -118,6 +119,8 @@ class AutoQuant:
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
+        if not D.is_main():
+            return
         if self._log_fn is not None:
             self._log_fn(msg)
         elif self.show_progress:
@@ -139,11 +142,13 @@ class AutoQuant:
         return QuantSimConfig(param_bw=c.param_bw, act_bw=c.act_bw, per_channel=c.per_channel, hw_config=c.hw_config,
                               param_scheme=ps, act_scheme=as_, percentile=c.percentile, **kw)
 
-    def _calibrated_sim(self, model, schemes=None, adaround_result=None) -> QuantSim:
+    def _calibrated_sim(self, model, schemes=None, adaround_result=None, shard=None) -> QuantSim:
         sim = QuantSim(model, self.dummy_input, self._sim_cfg(schemes))
         if adaround_result is not None:
             adaround_result.apply_to(sim)
-        sim.compute_encodings(self.batches, show_progress=False)
+        local = shard is False  # a rank's own piece of split work: no collectives
+        sim.compute_encodings(self.batches, show_progress=self.show_progress and D.is_main(),
+                              shard=None if not local else False, sync=None if not local else False)
         return sim
 
     def _proxy(self, sim, ref_outs) -> float:
@@ -159,6 +164,8 @@ class AutoQuant:
         return os.path.join(c.results_dir, "cache", key)
 
     def _load_stage(self, name):
+        if hasattr(self, "_snapshot"):
+            return self._snapshot.get(name)
         path = os.path.join(self.cache, f"{name}.json")
         if not os.path.exists(path):
             return None
@@ -168,6 +175,8 @@ class AutoQuant:
 
     def _save_stage(self, rec: StageRecord, model: nn.Module | None = None, sim: QuantSim | None = None,
                     extra=None) -> None:
+        if not D.is_main():
+            return  # one set of artifacts, written by rank 0
         os.makedirs(self.cache, exist_ok=True)
         if model is not None:  # the whole module: later stages may have changed its structure
             p = os.path.join(self.cache, f"{rec.name}.model.pt")
@@ -206,6 +215,10 @@ class AutoQuant:
         torch.manual_seed(c.seed)
         os.makedirs(c.results_dir, exist_ok=True)
         self.cache = self._cache_dir()
+        D.barrier()  # every rank sees the same cache: decided once, before any stage runs
+        if hasattr(self, "_snapshot"):
+            del self._snapshot
+        self._snapshot = {n: r for n in STAGES if (r := self._load_stage(n)) is not None}
         stages: dict[str, StageRecord] = {}
         best = {"score": None, "sim": None, "model": None, "stage": None}
         res = AutoQuantResult(None, None, None, None, None, False, "", [])
@@ -275,16 +288,33 @@ class AutoQuant:
             def schemes():
                 from rapidquant.mixed_precision.amp import _outputs
                 ref = _outputs(self.model, self.batches[: c.num_proxy_batches], _n_inputs(self.dummy_input))
-                scored = []
-                for sch in progress(c.scheme_candidates, desc="scheme selection", enabled=self.show_progress):
-                    sim = self._calibrated_sim(copy.deepcopy(self.model), sch)
-                    scored.append((self._proxy(sim, ref), sch, sim))
-                scored.sort(key=lambda t: -t[0])
-                full = []
-                for proxy, sch, sim in scored[: c.schemes_fully_evaluated]:
-                    full.append((self._eval(sim.model, f"scheme {sch}"), proxy, sch, sim))
-                full.sort(key=lambda t: -t[0])
-                score, _, sch, sim = full[0]
+                mine = {}
+                for i, sch in enumerate(progress(c.scheme_candidates, desc="scheme selection",
+                                                 enabled=self.show_progress and D.is_main())):
+                    if D.mine(i):  # under torch.distributed, each rank calibrates its share
+                        sim = self._calibrated_sim(copy.deepcopy(self.model), sch, shard=False)
+                        mine[i] = (self._proxy(sim, ref), sim)
+                proxies = {}
+                for part in D.gather_objects({i: p for i, (p, _) in mine.items()}):
+                    proxies.update(part)
+                order = sorted(proxies, key=lambda i: -proxies[i])
+                top = order[: c.schemes_fully_evaluated]
+                scores = {}
+                for j, i in enumerate(top):
+                    if D.mine(j):
+                        if i not in mine:
+                            sim = self._calibrated_sim(copy.deepcopy(self.model), c.scheme_candidates[i], shard=False)
+                            mine[i] = (proxies[i], sim)
+                        scores[i] = self._eval(mine[i][1].model, f"scheme {c.scheme_candidates[i]}")
+                for part in D.gather_objects(scores):
+                    scores.update(part)
+                best_i = max(top, key=lambda i: scores[i])
+                sch = tuple(c.scheme_candidates[best_i])
+                sim = mine[best_i][1] if best_i in mine else \
+                    self._calibrated_sim(copy.deepcopy(self.model), sch, shard=False)
+                score = scores[best_i]
+                scored = [(proxies[i], c.scheme_candidates[i], None) for i in order]
+                full = [(scores[i], proxies[i], c.scheme_candidates[i], None) for i in top]
                 self.schemes = tuple(sch)
                 table = [{"scheme": list(s), "proxy_sqnr_db": p} for p, s, _ in scored]
                 for sc, p, s, _ in full:
@@ -312,7 +342,7 @@ class AutoQuant:
                 sim = QuantSim(m, self.dummy_input, self._sim_cfg())
                 for q in sim.param_quantizers().values():
                     q.enabled = False
-                sim.compute_encodings(self.batches, show_progress=False)
+                sim.compute_encodings(self.batches, show_progress=self.show_progress)
                 return self._eval(sim.model, "activation-only quantization"), None, None, None, \
                     "weights float, activations quantized, on the BN-folded and equalized model"
             out = run("w32_check", w32)
@@ -419,12 +449,13 @@ class AutoQuant:
         res.message = message
         for s in STAGES[2:8]:
             stages.setdefault(s, StageRecord(s, "skipped", message="not needed" if res.met else ""))
-        if c.export and res.sim is not None:
+        if c.export and res.sim is not None and D.is_main():
             self._export(res, stages)
         res.stages = [stages[s] for s in STAGES if s in stages]
         res.seconds = time.perf_counter() - t_start
-        from rapidquant.report.autoquant_report import write_report
-        res.report_path = write_report(res, self, os.path.join(c.results_dir, "report.html"))
+        if D.is_main():
+            from rapidquant.report.autoquant_report import write_report
+            res.report_path = write_report(res, self, os.path.join(c.results_dir, "report.html"))
         self.log(f"done in {res.seconds:.1f} s: {res.message}; report: {res.report_path}")
         return res
 

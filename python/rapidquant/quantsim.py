@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx, nn
 
+from rapidquant import distributed as D
 from rapidquant import graph as G
 from rapidquant.config import HwConfig, QuantSimConfig
 from rapidquant.progress import progress
@@ -258,14 +259,23 @@ class QuantSim:
                 q._touch()
 
     # ------------------------------------------------------------------ calibration
-    def compute_encodings(self, data, num_batches: int | None = None, show_progress: bool = True) -> None:
+    def compute_encodings(self, data, num_batches: int | None = None, show_progress: bool = True,
+                          shard: bool | None = None, sync: bool | None = None) -> None:
         """Calibrate: parameter encodings from the weights, activation encodings from data.
 
         ``data`` is an iterable of batches (tensor, tuple/list or dict; tuples longer than
         the model's inputs pass their first elements) or a callable ``data(model)`` that
         runs the forward passes itself. Activations pass through unquantized while their
         statistics accumulate; weights are already quantized.
+
+        Under torch.distributed each rank calibrates every world_size-th batch and the
+        statistics are combined, so all ranks get the same encodings as one process on the
+        same data (min/max exactly; histogram schemes within about a bin). Pass
+        ``shard=False`` when each rank's loader already yields its own shard, and
+        ``sync=False`` for a purely local calibration (no collectives).
         """
+        sync = D.active() if sync is None else (sync and D.active())
+        shard = sync if shard is None else shard
         self._calibrate_params()
         acts = [q for q in self.activation_quantizers().values()
                 if q.enabled and not (q.frozen and q.is_initialized)]
@@ -275,7 +285,7 @@ class QuantSim:
         was = model.training
         model.eval()
         device = _model_device(model)
-        seen = 0
+        seen, error = 0, None
         try:
             with torch.no_grad():
                 if callable(data) and not isinstance(data, (torch.utils.data.DataLoader, list, tuple)):
@@ -285,22 +295,35 @@ class QuantSim:
                     total = num_batches
                     if total is None and hasattr(data, "__len__"):
                         total = len(data)
-                    for batch in progress(data, total=total, desc="calibrating", enabled=show_progress):
-                        if num_batches is not None and seen >= num_batches:
+                    bar = progress(data, total=total, desc="calibrating", enabled=show_progress and D.is_main())
+                    for i, batch in enumerate(bar):
+                        if num_batches is not None and i >= num_batches:
                             break
+                        if shard and not D.mine(i):
+                            continue  # another rank's batch
                         call_model(model, to_device(batch, device) if device else batch, self._n_inputs)
                         seen += 1
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = e
+        finally:
+            model.train(was)
+        try:
+            if sync:
+                D.check_failures(error, "calibration")
+                seen_t = torch.tensor([seen], dtype=torch.int64)
+                D.all_reduce(seen_t)
+                seen = int(seen_t)
+            elif error is not None:
+                raise error
+            if seen == 0:
+                raise ValueError("compute_encodings got no batches: the data loader is empty "
+                                 "(or num_batches=0); pass at least one batch")
+            if sync:
+                D.sync_observer_stats(acts)
         except BaseException:
             for q in acts:
                 q.observer = None
             raise
-        finally:
-            model.train(was)
-        if seen == 0:
-            for q in acts:
-                q.observer = None
-            raise ValueError("compute_encodings got no batches: the data loader is empty "
-                             "(or num_batches=0); pass at least one batch")
         unused = [q.name for q in acts if not q.finish_calibration()]
         if unused:
             for name in unused:
@@ -335,8 +358,11 @@ class QuantSim:
         load_into(self, path_or_dict, freeze=freeze, strict=strict)
 
     def export(self, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
-               export_int32_bias: bool = True, overwrite: bool = False, opset: int | None = None):
-        """Write ``<filename>.onnx`` (QuantizeLinear/DequantizeLinear) and ``<filename>.encodings.json``."""
+               export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None):
+        """Write ``<filename>.onnx`` (QuantizeLinear/DequantizeLinear) and ``<filename>.encodings.json``.
+
+        int32 bias encodings go to the encodings file; ``export_int32_bias="onnx"`` also
+        quantizes the biases inside the graph (not simulated by the sim)."""
         from rapidquant.export.onnx_qdq import export_sim
         return export_sim(self, out_dir, dummy_input, filename, encoding_format=encoding_format,
                           export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset)

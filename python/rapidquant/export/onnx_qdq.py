@@ -174,8 +174,9 @@ def _match_quantizers(model_proto, sim) -> dict:
     return out
 
 
-def _add_int32_bias(model_proto, sim) -> dict:
-    """Quantize Conv/Gemm biases to int32 with scale = s_input * s_weight (DequantizeLinear)."""
+def _add_int32_bias(model_proto, sim, embed: bool = False) -> dict:
+    """int32 encodings of Conv/Gemm biases, scale = s_input * s_weight. With ``embed`` the
+    biases also become int32 initializers behind a DequantizeLinear in the graph."""
     from onnx import numpy_helper, helper, TensorProto
     g = model_proto.graph
     inits = {i.name: i for i in g.initializer}
@@ -212,12 +213,14 @@ def _add_int32_bias(model_proto, sim) -> dict:
         sb = np.maximum(sb, np.finfo(np.float32).tiny).astype(np.float32)
         q = np.clip(np.rint(b / sb.astype(np.float64)), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
         name = node.input[2]
+        out[name] = {"scale": sb.tolist(), "bitwidth": 32}
+        if not embed:
+            continue
         qname, sname, dqname = name + "_int32", name + "_int32_scale", name + "_dq"
         g.initializer.extend([numpy_helper.from_array(q, qname), numpy_helper.from_array(sb, sname)])
         new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dqname], axis=0,
                                           name=name + "_DequantizeLinear"))
         node.input[2] = dqname
-        out[name] = {"scale": sb.tolist(), "bitwidth": 32}
     # DequantizeLinear nodes must come before their users: put them first
     for n in reversed(new_nodes):
         g.node.insert(0, n)
@@ -242,7 +245,11 @@ def _run_ort(path: str, sim, dummy_input):
 
 
 def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
-               export_int32_bias: bool = True, overwrite: bool = False, opset: int | None = None) -> ExportResult:
+               export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None) -> ExportResult:
+    """export_int32_bias: True writes int32 bias encodings (scale = s_in * s_w) to the
+    encodings file; "onnx" also puts the quantized biases in the graph. The sim does not
+    simulate bias quantization, so only the default keeps onnxruntime bit-faithful to it
+    (embedding shifts each pre-activation by up to half a bias step)."""
     import onnx
     if encoding_format not in FORMATS:
         raise ValueError(f"encoding_format must be one of {FORMATS}")
@@ -273,7 +280,7 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
             lg.setLevel(lv)
     proto = prog.model_proto
     names = _match_quantizers(proto, sim)
-    bias = _add_int32_bias(proto, sim) if export_int32_bias else {}
+    bias = _add_int32_bias(proto, sim, embed=export_int32_bias == "onnx") if export_int32_bias else {}
     tmp = onnx_path + ".tmp"
     onnx.save(proto, tmp)
     os.replace(tmp, onnx_path)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from rapidquant import distributed as D
 from rapidquant.fingerprint import data_hash, model_hash, obj_hash
 from rapidquant.mixed_precision.groups import (
     Candidate, QuantizerGroup, apply_candidate, bitops, find_groups, parse_candidate, restore, snapshot,
@@ -172,16 +173,25 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
     t1 = time.perf_counter()
     items = [(g, c) for g in groups for c in cands if c != base and cost(c) < base_bits]
     entries = []
-    for g, c in progress(items, total=len(items), desc="AMP phase 1", enabled=show_progress):
-        key = f"{g.name}|{c.name}"
-        if key not in cache.phase1:
+    todo = [(i, g, c) for i, (g, c) in enumerate(items) if f"{g.name}|{c.name}" not in cache.phase1]
+    error = None
+    try:  # under torch.distributed each rank scores its share of the items
+        for i, g, c in progress([t for t in todo if D.mine(t[0])], desc="AMP phase 1",
+                                enabled=show_progress and D.is_main()):
             set_all(None)
             apply_candidate(sim, g, c, snap)
             outs = _outputs(sim.model, proxy, sim._n_inputs)
-            cache.phase1[key] = sum(sqnr_db(o, r) for o, r in zip(outs, ref_outs)) / len(outs)
+            cache.phase1[f"{g.name}|{c.name}"] = sum(sqnr_db(o, r) for o, r in zip(outs, ref_outs)) / len(outs)
             res.proxy_evaluations += 1
             cache.save()
-        entries.append((g, c, cache.phase1[key]))
+    except Exception as e:  # noqa: BLE001 - re-raised after telling the other ranks
+        error = e
+    D.check_failures(error, "AMP phase 1")
+    for part in D.gather_objects(cache.phase1):
+        cache.phase1.update(part)
+    cache.save()
+    for g, c in items:
+        entries.append((g, c, cache.phase1[f"{g.name}|{c.name}"]))
     res.phase1 = [(g.name, c.name, s) for g, c, s in entries]
     res.phase1_seconds = time.perf_counter() - t1
     # most harmless changes first; ties: more bits kept, then larger saving
@@ -244,7 +254,7 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
 
 
 def _finish(res: AMPResult, cache: "_Cache", t0) -> AMPResult:
-    if cache.dir:
+    if cache.dir and D.is_main():
         res.plot_path = _plot(res, cache.dir)
         with open(os.path.join(cache.dir, "amp_result.json"), "w") as f:
             json.dump({k: v for k, v in asdict(res).items()}, f, indent=1, default=str)
@@ -268,7 +278,7 @@ class _Cache:
                     self.phase1, self.scores = d.get("phase1", {}), d.get("scores", {})
 
     def save(self):
-        if not self.dir:
+        if not self.dir or not D.is_main():
             return
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rapidquant import distributed as D
 from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
@@ -143,6 +144,9 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
             loss = loss + lam * reg
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if D.active():  # data-parallel: every rank applies the same averaged update
+            D.all_reduce(V.grad)
+            V.grad /= D.world()
         opt.step()
         if cfg.early_stop and it >= warm and (it - warm) % 50 == 49:
             with torch.no_grad():
@@ -183,10 +187,10 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
             if q.block_size is None and q.dtype == "int":
                 targets[name] = m
     device = next(model.parameters()).device
-    batches = collect_batches(data, config.num_batches, sim._n_inputs, device)
-    gen = torch.Generator().manual_seed(config.seed)
+    batches = collect_batches(data, config.num_batches, sim._n_inputs, device, shard=D.active())
+    gen = torch.Generator().manual_seed(config.seed + 7919 * D.rank())  # each rank samples its own rows
     reports = []
-    bar = progress(range(len(targets)), total=len(targets), desc="AdaRound", enabled=show_progress)
+    bar = progress(range(len(targets)), total=len(targets), desc="AdaRound", enabled=show_progress and D.is_main())
     bar_iter = iter(bar)
     store_dtype = torch.float16 if config.cache_fp16 else None
 

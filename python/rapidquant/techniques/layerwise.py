@@ -69,18 +69,23 @@ class ActivationStore:
             self._dir.cleanup()
 
 
-def collect_batches(data, num_batches: int | None, n_inputs: int, device) -> list[tuple]:
+def collect_batches(data, num_batches: int | None, n_inputs: int, device, shard: bool = False) -> list[tuple]:
+    """The first num_batches batches as tuples of model inputs (with shard: this rank's share)."""
+    from rapidquant import distributed as D
     out = []
-    for batch in data:
-        if num_batches is not None and len(out) >= num_batches:
+    for i, batch in enumerate(data):
+        if num_batches is not None and i >= num_batches:
             break
+        if shard and not D.mine(i):
+            continue
         batch = to_device(batch, device) if device is not None else batch
         if isinstance(batch, dict):
             raise TypeError("layer-wise techniques take positional batches (tensor or tuple), not dicts")
         args = tuple(batch[:n_inputs]) if isinstance(batch, (list, tuple)) else (batch,)
         out.append(args)
     if not out:
-        raise ValueError("the data loader yielded no batches; pass at least one")
+        raise ValueError("the data loader yielded no batches; pass at least one"
+                         + (" (per rank: give at least world_size batches)" if shard else ""))
     return out
 
 

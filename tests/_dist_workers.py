@@ -1,0 +1,119 @@
+"""Worker functions for tests/test_distributed.py (run in spawned processes)."""
+import json
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def _init(rank, world, port):
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    from datetime import timedelta
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
+def _encodings(sim):
+    return {n: (None if q.scale is None else [q.scale.reshape(-1).tolist(), q.zero_point.reshape(-1).tolist()])
+            for n, q in sim.quantizers().items()}
+
+
+def calibration(rank, world, port, out):
+    import rapidquant as rq
+    from rapidquant import zoo
+    _init(rank, world, port)
+    try:
+        model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
+        res = {}
+        for scheme in ("minmax", "sqnr", "percentile"):
+            sim = rq.QuantSim(model, data[0], rq.QuantSimConfig(act_scheme=scheme))
+            sim.compute_encodings(data, show_progress=False)
+            res[scheme] = _encodings(sim)
+        with open(os.path.join(out, f"calib_{rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def amp_phase1(rank, world, port, out):
+    import rapidquant as rq
+    from rapidquant import zoo
+    _init(rank, world, port)
+    try:
+        model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
+        sim = rq.QuantSim(model, data[0], rq.QuantSimConfig(per_channel=False, param_bw=4))
+        sim.compute_encodings(data, show_progress=False)
+        r = rq.amp(sim, ["W4A8", "W8A8", "W16A16"], lambda m: zoo.accuracy(m), 0.003, data, show_progress=False)
+        with open(os.path.join(out, f"amp_{rank}.json"), "w") as f:
+            json.dump({"phase1": r.phase1, "chosen": r.chosen.config if r.chosen else None,
+                       "proxy": r.proxy_evaluations}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def autoquant(rank, world, port, out):
+    import rapidquant as rq
+    from rapidquant import zoo
+    _init(rank, world, port)
+    try:
+        model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
+        cfg = rq.AutoQuantConfig(param_bw=4, per_channel=False, allowed_drop=0.005, results_dir=os.path.join(out, "aq"),
+                                 num_calibration_batches=8, adaround=rq.AdaRoundConfig(iterations=60))
+        r = rq.AutoQuant(model, data[0], data, lambda m, n=None: zoo.accuracy(m), cfg, show_progress=False).optimize()
+        w = {k: v.tolist() for k, v in r.model.state_dict().items() if k.endswith("weight")}
+        with open(os.path.join(out, f"aq_{rank}.json"), "w") as f:
+            json.dump({"score": r.score, "stages": [(s.name, s.status, s.score) for s in r.stages],
+                       "messages": [s.message for s in r.stages],
+                       "report": r.report_path, "weights": w}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+class _Exploding:
+    def __init__(self, data, bad_rank):
+        self.data, self.bad_rank = data, bad_rank
+
+    def __iter__(self):
+        for i, b in enumerate(self.data):
+            if dist.get_rank() == self.bad_rank and i >= 2:
+                raise OSError("disk read failed on this rank")
+            yield b
+
+
+def failing(rank, world, port, out):
+    import rapidquant as rq
+    from rapidquant import zoo
+    _init(rank, world, port)
+    try:
+        model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
+        sim = rq.QuantSim(model, data[0])
+        try:
+            sim.compute_encodings(_Exploding(data, bad_rank=1), show_progress=False)
+            msg = "no error"
+        except Exception as e:  # noqa: BLE001
+            msg = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, f"fail_{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def autoquant_debug(rank, world, port, out):
+    import rapidquant as rq
+    from rapidquant import zoo
+    _init(rank, world, port)
+    try:
+        model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
+        cfg = rq.AutoQuantConfig(param_bw=4, per_channel=False, allowed_drop=0.005, results_dir=os.path.join(out, "aq"),
+                                 num_calibration_batches=8, adaround=rq.AdaRoundConfig(iterations=60))
+        r = rq.AutoQuant(model, data[0], data, lambda m, n=None: zoo.accuracy(m), cfg, show_progress=False).optimize()
+        if rank == 0:
+            torch.save(r.model, os.path.join(out, "model.pt"))
+            r.sim.save_encodings(os.path.join(out, "enc.json"))
+            with open(os.path.join(out, "info.json"), "w") as f:
+                json.dump({"best": r.best_stage, "check": r.export_check}, f)
+    finally:
+        dist.destroy_process_group()
