@@ -16,6 +16,15 @@ def _init(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
 
 
+def _teardown():
+    """Both ranks reach this point before the group goes away (gloo aborts a process whose
+    peer disappears mid-teardown)."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _encodings(sim):
     return {n: (None if q.scale is None else [q.scale.reshape(-1).tolist(), q.zero_point.reshape(-1).tolist()])
             for n, q in sim.quantizers().items()}
@@ -35,7 +44,7 @@ def calibration(rank, world, port, out):
         with open(os.path.join(out, f"calib_{rank}.json"), "w") as f:
             json.dump(res, f)
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def amp_phase1(rank, world, port, out):
@@ -51,7 +60,7 @@ def amp_phase1(rank, world, port, out):
             json.dump({"phase1": r.phase1, "chosen": r.chosen.config if r.chosen else None,
                        "proxy": r.proxy_evaluations}, f)
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def autoquant(rank, world, port, out):
@@ -69,7 +78,7 @@ def autoquant(rank, world, port, out):
                        "messages": [s.message for s in r.stages],
                        "report": r.report_path, "weights": w}, f)
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 class _Exploding:
@@ -98,7 +107,7 @@ def failing(rank, world, port, out):
         with open(os.path.join(out, f"fail_{rank}.txt"), "w") as f:
             f.write(msg)
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def autoquant_debug(rank, world, port, out):
@@ -116,4 +125,4 @@ def autoquant_debug(rank, world, port, out):
             with open(os.path.join(out, "info.json"), "w") as f:
                 json.dump({"best": r.best_stage, "check": r.export_check}, f)
     finally:
-        dist.destroy_process_group()
+        _teardown()
