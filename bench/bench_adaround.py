@@ -12,7 +12,6 @@ per channel. BN folded first, as AutoQuant does.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, write_table  # noqa: E402
+from common import write_table  # noqa: E402
 
 
 def work(rank, world, port, out):

@@ -109,20 +109,3 @@ def failing(rank, world, port, out):
     finally:
         _teardown()
 
-
-def autoquant_debug(rank, world, port, out):
-    import rapidquant as rq
-    from rapidquant import zoo
-    _init(rank, world, port)
-    try:
-        model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
-        cfg = rq.AutoQuantConfig(param_bw=4, per_channel=False, allowed_drop=0.005, results_dir=os.path.join(out, "aq"),
-                                 num_calibration_batches=8, adaround=rq.AdaRoundConfig(iterations=60))
-        r = rq.AutoQuant(model, data[0], data, lambda m, n=None: zoo.accuracy(m), cfg, show_progress=False).optimize()
-        if rank == 0:
-            torch.save(r.model, os.path.join(out, "model.pt"))
-            r.sim.save_encodings(os.path.join(out, "enc.json"))
-            with open(os.path.join(out, "info.json"), "w") as f:
-                json.dump({"best": r.best_stage, "check": r.export_check}, f)
-    finally:
-        _teardown()

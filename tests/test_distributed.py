@@ -5,7 +5,6 @@ import socket
 import time
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
 import rapidquant as rq

@@ -1,7 +1,5 @@
 """QuantSim: placement, calibration schemes, encodings I/O, export parity, QAT, bad input."""
 import json
-import math
-import warnings
 
 import numpy as np
 import pytest

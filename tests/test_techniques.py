@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import rapidquant as rq
-from _digits import accuracy, calib_batches, digits_data, trained_digits_net
+from _digits import accuracy, calib_batches, trained_digits_net
 from _models import ConvNet, MobileNetV2ish
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

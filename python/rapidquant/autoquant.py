@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +22,7 @@ from rapidquant import distributed as D
 from rapidquant.config import QuantSimConfig
 from rapidquant.fingerprint import data_hash, model_hash, obj_hash
 from rapidquant.progress import progress
-from rapidquant.quantsim import QuantSim, call_model
+from rapidquant.quantsim import QuantSim
 from rapidquant.techniques import AdaRoundConfig, CLEConfig, adaround, equalize, fold_batch_norms
 
 STAGES = ("prepare", "fp32", "scheme_selection", "w32_check", "bn_fold", "cle", "adaround", "amp", "export")

@@ -98,12 +98,17 @@ def cmd_autoquant(args) -> int:
     return 0
 
 
+def _sim(args, model, batches):
+    import rapidquant as rq
+    cfg = rq.QuantSimConfig(param_bw=args.param_bw or 8, act_bw=args.act_bw, per_channel=args.per_channel)
+    return rq.QuantSim(model, _first_input(batches), cfg)
+
+
 def cmd_analyze(args) -> int:
     import rapidquant as rq
     model, data, ev, desc = _inputs(args)
     batches = list(data)
-    sim = rq.QuantSim(model, _first_input(batches), rq.QuantSimConfig(param_bw=args.param_bw or 8, act_bw=args.act_bw,
-                                                                      per_channel=args.per_channel))
+    sim = _sim(args, model, batches)
     sim.compute_encodings(batches, show_progress=not args.quiet)
     res = rq.analyze(sim, ev, batches, results_dir=args.out, show_progress=not args.quiet)
     print(f"FP32 {res.fp32:.4f}, quantized {res.quantized:.4f}, weights only {res.weights_only:.4f}, "
@@ -114,11 +119,9 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import rapidquant as rq
     model, data, ev, desc = _inputs(args)
     batches = list(data)
-    sim = rq.QuantSim(model, _first_input(batches), rq.QuantSimConfig(param_bw=args.param_bw or 8, act_bw=args.act_bw,
-                                                                      per_channel=args.per_channel))
+    sim = _sim(args, model, batches)
     if args.encodings:
         sim.load_encodings(args.encodings)
     else:

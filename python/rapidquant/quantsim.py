@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import fx, nn

@@ -177,7 +177,7 @@ def _match_quantizers(model_proto, sim) -> dict:
 def _add_int32_bias(model_proto, sim, embed: bool = False) -> dict:
     """int32 encodings of Conv/Gemm biases, scale = s_input * s_weight. With ``embed`` the
     biases also become int32 initializers behind a DequantizeLinear in the graph."""
-    from onnx import numpy_helper, helper, TensorProto
+    from onnx import numpy_helper, helper
     g = model_proto.graph
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}

@@ -13,7 +13,7 @@ import torch
 from rapidquant import distributed as D
 from rapidquant.fingerprint import data_hash, model_hash, obj_hash
 from rapidquant.mixed_precision.groups import (
-    Candidate, QuantizerGroup, apply_candidate, bitops, find_groups, parse_candidate, restore, snapshot,
+    Candidate, apply_candidate, bitops, find_groups, parse_candidate, snapshot,
 )
 from rapidquant.progress import progress
 
@@ -103,7 +103,6 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
     groups = find_groups(sim, sim.dummy_input)
     if not any(g.macs for g in groups):
         raise ValueError("no quantizer group contains a Conv/Linear layer: BitOps are zero for every candidate")
-    full = {g.name: None for g in groups}
 
     def cost(c):
         return bitops(groups, {g.name: c for g in groups})

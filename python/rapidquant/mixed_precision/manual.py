@@ -2,7 +2,7 @@
 precision; the activations feeding a layer follow the layer (they flip together)."""
 from __future__ import annotations
 
-from torch import fx, nn
+from torch import fx
 
 from rapidquant.mixed_precision.groups import _set, _upstream_quantizers
 from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule

@@ -9,12 +9,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from rapidquant import ops
 from rapidquant.calibration import Observer
 from rapidquant.mixed_precision.amp import _checked, sqnr_db
 from rapidquant.mixed_precision.groups import apply_candidate, find_groups, parse_candidate, snapshot
 from rapidquant.progress import progress
-from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule
+from rapidquant.qmodules import FunctionalOp, QuantizedModule
 
 
 @dataclass

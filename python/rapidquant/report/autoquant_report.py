@@ -90,7 +90,7 @@ def write_report(res, aq, path: str) -> str:
         body += ["<h2>AMP Pareto front</h2>", _img_file(amp_rec.artifacts["pareto_plot"])]
     sens = os.path.join(c.results_dir, "sensitivity.html")
     if os.path.exists(sens):
-        body.append(f"<h2>Sensitivity</h2><p>See <a href='sensitivity.html'>sensitivity.html</a>.</p>")
+        body.append("<h2>Sensitivity</h2><p>See <a href='sensitivity.html'>sensitivity.html</a>.</p>")
     if res.sim is not None:
         body += ["<h2>Chosen encodings</h2>", encodings_summary(res.sim)]
     if res.export_check:

@@ -1,7 +1,6 @@
 """Bias correction: remove the mean output shift that weight quantization causes."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 

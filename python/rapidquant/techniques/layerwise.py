@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from rapidquant.quantsim import call_model, to_device
+from rapidquant.quantsim import to_device
 
 
 class ActivationStore:

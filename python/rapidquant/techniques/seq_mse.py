@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from rapidquant.progress import progress
 from rapidquant.techniques.adaround import SUPPORTED, _layer_forward, _rows
