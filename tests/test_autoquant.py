@@ -150,7 +150,7 @@ def test_cli_demo_end_to_end(tmp_path):
     assert "report:" in proc.stdout and (out / "model.onnx").exists() and (out / "model.encodings.json").exists()
     page = (out / "report.html").read_text()
     for stage in AQ.STAGES:
-        assert stage.replace("_", " ") in page or stage in page, stage
+        assert stage in page, stage  # the stages table names every stage
     bad = subprocess.run([sys.executable, "-m", "rapidquant.cli", "autoquant", "--model", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "give --model, --data and --eval together" in bad.stderr

@@ -25,7 +25,7 @@ def flow_picture(stages) -> str:
         box = FancyBboxPatch((x, 0.45), 1.2, 0.7, boxstyle="round,pad=0.05", fc=COLORS.get(st.status, "#ddd"),
                              ec="black" if ran else "#999", lw=2.5 if st.status == "met" else 1)
         ax.add_patch(box)
-        ax.text(x + 0.6, 0.9, st.name.replace("_", " "), ha="center", va="center", fontsize=8,
+        ax.text(x + 0.6, 0.92, st.name.replace("_", "\n"), ha="center", va="center", fontsize=7.5,
                 color="white" if ran else "black", weight="bold")
         score = "" if st.score is None else f"{st.score:.4f}"
         ax.text(x + 0.6, 0.62, f"{st.status} {score}", ha="center", va="center", fontsize=6.5,
