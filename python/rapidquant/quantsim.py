@@ -356,14 +356,17 @@ class QuantSim:
         load_into(self, path_or_dict, freeze=freeze, strict=strict)
 
     def export(self, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
-               export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None):
+               export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None,
+               dynamic_batch: bool = True):
         """Write ``<filename>.onnx`` (QuantizeLinear/DequantizeLinear) and ``<filename>.encodings.json``.
 
         int32 bias encodings go to the encodings file; ``export_int32_bias="onnx"`` also
-        quantizes the biases inside the graph (not simulated by the sim)."""
+        quantizes the biases inside the graph (not simulated by the sim). The batch
+        dimension is exported as symbolic when the model allows (``dynamic_batch``)."""
         from rapidquant.export.onnx_qdq import export_sim
         return export_sim(self, out_dir, dummy_input, filename, encoding_format=encoding_format,
-                          export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset)
+                          export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset,
+                          dynamic_batch=dynamic_batch)
 
     def __repr__(self) -> str:
         qs = self.quantizers()

@@ -245,7 +245,8 @@ def _run_ort(path: str, sim, dummy_input):
 
 
 def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
-               export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None) -> ExportResult:
+               export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None,
+               dynamic_batch: bool = True) -> ExportResult:
     """export_int32_bias: True writes int32 bias encodings (scale = s_in * s_w) to the
     encodings file; "onnx" also puts the quantized biases in the graph. The sim does not
     simulate bias quantization, so only the default keeps onnxruntime bit-faithful to it
@@ -272,8 +273,20 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prog = torch.onnx.export(model, args, dynamo=True, opset_version=opset or OPSET,
-                                     custom_translation_table=_translation_table(), verbose=False)
+            kw = dict(dynamo=True, opset_version=opset or OPSET, custom_translation_table=_translation_table(),
+                      verbose=False)
+            prog = None
+            if dynamic_batch:  # batch dimension symbolic where the model allows it
+                try:
+                    dims = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
+                                 for a in args)
+                    prog = torch.onnx.export(model, args, dynamic_shapes=dims, **kw)
+                except Exception as e:  # noqa: BLE001 - fall back to the dummy input's shapes
+                    warnings.warn(f"exporting with a dynamic batch dimension failed ({type(e).__name__}); "
+                                  "the ONNX model has the dummy input's fixed shapes")
+                    prog = None
+            if prog is None:
+                prog = torch.onnx.export(model, args, **kw)
     finally:
         model.train(was)
         for lg, lv in zip(quiet, levels):
