@@ -43,6 +43,7 @@ class CLEConfig:
     high_bias_fold: bool = True
     hbf_sigmas: float = 3.0  # absorb beta - k*|gamma| of the pre-activation into the next layer
     hbf_into_padded: bool = False  # a padded next layer sees zeros, not the absorbed shift, at borders
+    sweeps: int = 20               # passes over each chain's pairs (converges for conv-dw-conv)
 
 
 @dataclass
@@ -155,18 +156,33 @@ def equalize(model: nn.Module, dummy_input=None, config: CLEConfig = CLEConfig()
     scales = {}
     if config.bounded not in ("exact", "skip"):
         raise ValueError("CLEConfig.bounded must be 'exact' or 'skip'")
+    clips: dict[str, ChannelClip] = {}
     for chain in _chains(mg, res, config.bounded == "exact"):
         mods = [mg.modules[n] for n in chain]
+        pairs = []
         for a, b, na, nb in zip(mods, mods[1:], chain, chain[1:]):
             if not (_plain(a) and _plain(b)):
                 res.skipped.append(((na, nb), "grouped (non-depthwise) convolution"))
                 continue
-            s = _equalize_pair(a, b)
-            scales[na] = s
+            pairs.append((a, b, na, nb))
             res.scaled.append((na, nb))
-            for r6 in res.relu6.get(na, []):  # keep ReLU6 exact: clip at 6 / s per channel
-                set_module(model, r6, ChannelClip(6.0 / s, channel_dim=1))
-                res.relu6_replaced.append(r6)
+        # Pairwise scaling of a conv-depthwise-conv chain disturbs the neighbouring pair;
+        # a few sweeps converge to the jointly equalized ranges (the triplet solution).
+        for sweep in range(config.sweeps):
+            worst = 0.0
+            for a, b, na, nb in pairs:
+                s = _equalize_pair(a, b)
+                scales[na] = scales.get(na, torch.ones_like(s)) * s
+                worst = max(worst, float((s.log().abs()).max()))
+                for r6 in res.relu6.get(na, []):  # keep ReLU6 exact: clip at 6 / s per channel
+                    if r6 in clips:
+                        clips[r6].upper.div_(s.float())
+                    else:
+                        clips[r6] = ChannelClip(6.0 / s, channel_dim=1)
+                        set_module(model, r6, clips[r6])
+                        res.relu6_replaced.append(r6)
+            if worst < 1e-3:
+                break
     if config.high_bias_fold and bn is not None:
         for na, nb in res.scaled:
             if na not in bn.bn_params or bn.bn_params[na][1] is None:
