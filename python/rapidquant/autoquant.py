@@ -21,6 +21,7 @@ from torch import nn
 from rapidquant import distributed as D
 from rapidquant.config import QuantSimConfig
 from rapidquant.fingerprint import data_hash, model_hash, obj_hash
+from rapidquant.mixed_precision.amp import _checked
 from rapidquant.progress import progress
 from rapidquant.quantsim import QuantSim
 from rapidquant.techniques import AdaRoundConfig, CLEConfig, adaround, equalize, fold_batch_norms
@@ -88,10 +89,6 @@ class AutoQuantResult:
     export_check: dict = field(default_factory=dict)
 
 
-class _StageFailed(Exception):
-    pass
-
-
 class AutoQuant:
     """``aq = AutoQuant(model, dummy_input, data, eval_fn, config); result = aq.optimize()``.
 
@@ -131,9 +128,7 @@ class AutoQuant:
         except TypeError:
             s = self.eval_fn(model, None)
         self.evaluations += 1
-        if not isinstance(s, (int, float)) or s != s or abs(float(s)) == float("inf"):
-            raise ValueError(f"eval_fn returned {s!r} for {what}; it must return a finite float (higher is better)")
-        return float(s)
+        return _checked(s, what)
 
     def _sim_cfg(self, schemes=None, **kw) -> QuantSimConfig:
         c = self.config
@@ -253,7 +248,7 @@ class AutoQuant:
             t0 = time.perf_counter()
             try:
                 score, model, sim, extra, msg = fn()
-            except (_StageFailed, Exception) as e:  # noqa: BLE001 - a stage failing is an outcome
+            except Exception as e:  # noqa: BLE001 - a stage failing is an outcome
                 rec.status, rec.seconds = "failed", time.perf_counter() - t0
                 rec.message = f"{type(e).__name__}: {e}"
                 self.log(f"{name}: FAILED in {rec.seconds:.1f} s: {rec.message}")
@@ -472,9 +467,6 @@ class AutoQuant:
             return
         t0 = time.perf_counter()
         try:
-            for q in sim.quantizers().values():
-                if q.stats is None and not q.frozen:
-                    q.frozen = False
             r = amp(sim, c.amp_candidates, lambda m: self._eval(m, "AMP point"), c.allowed_drop, self.batches,
                     results_dir=os.path.join(c.results_dir, "amp"), fp32_score=res.fp32_score,
                     show_progress=self.show_progress)

@@ -47,9 +47,6 @@ class QuantizedModule(nn.Module):
         """The parameter after its quantizer; reused while neither weight nor encoding changes."""
         q = self.param_quantizers[key]
         p = self.param(self._param_names[key])
-        if q.observer is not None:  # calibration: observe, pass through
-            q.observer.update(p)
-            return p
         if not q.enabled:
             return p
         track_grad = torch.is_grad_enabled() and (p.requires_grad or any(t.requires_grad for t in q.parameters()))

@@ -138,9 +138,7 @@ class Quantizer(nn.Module):
             else:
                 pos, neg = n // 2, (n + 1) // 2
                 scale = torch.maximum(mx / pos, -mn / neg)
-                zp = torch.full_like(scale, float(round((qmin + qmax) / 2) if not self.signed else 0))
-                if self.signed:
-                    zp.zero_()
+                zp = torch.full_like(scale, 0.0 if self.signed else float(round((qmin + qmax) / 2)))
         else:
             scale = (mx - mn) / n
             zp = torch.clamp(torch.round(qmin - mn / scale), qmin, qmax)
@@ -222,9 +220,6 @@ class Quantizer(nn.Module):
         mn, mx = encoding_range(self.stats, scheme or self.scheme, qmin, qmax, self.symmetric,
                                 self.percentile, self.gamma)
         self.set_range(mn, mx)
-
-    def observe(self, x: torch.Tensor) -> None:
-        self.observer.update(x)
 
     # ------------------------------------------------------------ forward
     def forward(self, x, inplace: bool = False):

@@ -116,27 +116,29 @@ def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *
     act_off = None if quantize_activations else (lambda q: q.name not in sim.param_quantizers())
     try:
         with torch.no_grad(), sim.disabled(act_off) if act_off else _null():
+            placeholders = [n for n in nodes if n.op == "placeholder"]
+            n_b = len(batches)
             for i, node in enumerate(nodes):
                 if node.op == "placeholder":
-                    idx = [n for n in nodes if n.op == "placeholder"].index(node)
+                    idx = placeholders.index(node)
                     vals = [b[idx] if idx < len(b) else None for b in batches]
                     store.put(("q", node), vals)
                     store.put(("f", node), vals)
                 elif node.op == "output":
                     break
                 else:
-                    for path, mods in (("q", q_mods), ("f", fp_mods)):
-                        load = {a: store.get((path, a)) for a in node.all_input_nodes}
-                        outs = []
-                        for b in range(len(batches)):
-                            args = fx.node.map_arg(node.args, lambda a: load[a][b])
-                            kwargs = fx.node.map_arg(node.kwargs, lambda a: load[a][b])
-                            if path == "q" and node.op == "call_module" and node.target in targets and b == 0:
-                                q_args = [fx.node.map_arg(node.args, lambda a, bb=bb: load[a][bb]) for bb in range(len(batches))]
-                                fload = {a: store.get(("f", a)) for a in node.all_input_nodes}
-                                f_args = [fx.node.map_arg(node.args, lambda a, bb=bb: fload[a][bb]) for bb in range(len(batches))]
-                                on_layer(node.target, mods[node.target], q_args, f_args, node)
-                            outs.append(_run_node(node, mods, gm if path == "q" else fp, args, kwargs))
+                    load = {path: {a: store.get((path, a)) for a in node.all_input_nodes} for path in ("q", "f")}
+
+                    def args_of(path, b):
+                        return fx.node.map_arg(node.args, lambda a: load[path][a][b])
+
+                    if node.op == "call_module" and node.target in targets:  # before the layer runs
+                        on_layer(node.target, q_mods[node.target], [args_of("q", b) for b in range(n_b)],
+                                 [args_of("f", b) for b in range(n_b)], node)
+                    for path, mods, owner in (("q", q_mods, gm), ("f", fp_mods, fp)):
+                        outs = [_run_node(node, mods, owner, args_of(path, b),
+                                          fx.node.map_arg(node.kwargs, lambda a, b=b: load[path][a][b]))
+                                for b in range(n_b)]
                         store.put((path, node), outs)
                 for a in node.all_input_nodes:
                     if last_use.get(a) == i:
