@@ -89,6 +89,8 @@ PASSTHROUGH_FUNCTIONS = {
     operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
     torch.unsqueeze, torch.split, torch.chunk, F.dropout, F.max_pool2d, F.max_pool1d, F.pad,
     torch.narrow, torch.t, getattr, torch.unbind, F.pixel_shuffle, torch.roll,
+    # tensor factories make constants (position ids, masks), not activations
+    torch.arange, torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like, torch.full_like,
 }
 PASSTHROUGH_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",

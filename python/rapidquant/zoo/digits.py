@@ -119,17 +119,20 @@ class DigitsMobileNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def train(model: nn.Module, epochs: int = 15, lr: float = 3e-3, seed: int = 0) -> nn.Module:
-    """Train on the digits training split (deterministic for a seed and thread count)."""
+def train(model: nn.Module, epochs: int = 15, lr: float = 3e-3, seed: int = 0, data=None,
+          batch_size: int = 64) -> nn.Module:
+    """Train on (x, y) (default: the digits training split) with Adam and a one-cycle
+    schedule; deterministic for a seed and thread count."""
     torch.manual_seed(seed)
-    (x, y), _ = digits_splits()
+    x, y = data if data is not None else digits_splits()[0]
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * ((len(x) + 63) // 64))
+    steps = (len(x) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps)
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()

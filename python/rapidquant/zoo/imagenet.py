@@ -65,38 +65,43 @@ def pretrained_mobilenet_v2() -> nn.Module:
     return m.eval()
 
 
+# Natural colour photos only (no charts, logos, text, chessboards or microscopy).
+_SKIMAGE = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "brick.png",
+            "grass.png", "gravel.png", "camera.png", "hubble_deep_field.jpg")
+_OPENCV_DOC = "/usr/share/doc/opencv-doc/examples/data"  # Debian package opencv-doc
+_OPENCV = ("apple.jpg", "baboon.jpg", "building.jpg", "butterfly.jpg", "fruits.jpg", "home.jpg", "messi5.jpg",
+           "orange.jpg", "squirrel_cls.jpg", "starry_night.jpg", "aero1.jpg", "aero3.jpg", "leuvenA.jpg",
+           "HappyFish.jpg", "smarties.png", "stuff.jpg", "board.jpg", "basketball1.png", "rubberwhale1.png",
+           "graf1.png", "ela_original.jpg", "box_in_scene.png", "lena.jpg")
+
+
 def photo_paths() -> list[str]:
-    paths = []
+    """The photos found on this machine: matplotlib's samples always; scikit-learn's,
+    scikit-image's and Debian opencv-doc's when installed (the fidelity set grows with them)."""
     import matplotlib
-    sample = os.path.join(matplotlib.get_data_path(), "sample_data")
-    paths += [os.path.join(sample, f) for f in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
-              if os.path.exists(os.path.join(sample, f))]
-    try:
-        import sklearn
-        d = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
-        paths += [os.path.join(d, f) for f in ("china.jpg", "flower.jpg") if os.path.exists(os.path.join(d, f))]
-    except ImportError:
-        pass
-    try:
-        import skimage
-        d = os.path.join(os.path.dirname(skimage.__file__), "data")
-        paths += sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith((".png", ".jpg")))[:12]
-    except ImportError:
-        pass
-    return paths
+    dirs = [(os.path.join(matplotlib.get_data_path(), "sample_data"), ("grace_hopper.jpg",))]
+    for mod, sub, names in (("sklearn", ("datasets", "images"), ("china.jpg", "flower.jpg")),
+                            ("skimage", ("data",), _SKIMAGE)):
+        try:
+            dirs.append((os.path.join(os.path.dirname(__import__(mod).__file__), *sub), names))
+        except ImportError:
+            pass
+    dirs.append((_OPENCV_DOC, _OPENCV))
+    return [os.path.join(d, f) for d, names in dirs for f in names if os.path.exists(os.path.join(d, f))]
 
 
 @functools.lru_cache(maxsize=4)
 def fidelity_crops(n: int, split: str, seed: int = 0) -> torch.Tensor:
     """n normalized 224x224 crops; split "calibration" (left halves) or "evaluation" (right)."""
+    import numpy as np
     from PIL import Image
     imgs = []
     for p in photo_paths():
-        im = torch.tensor(list(Image.open(p).convert("RGB").getdata()), dtype=torch.float32)
-        w, h = Image.open(p).size
-        if min(w, h) < 160:
+        im = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32))
+        h, w, _ = im.shape
+        if min(w // 2, h) < 224:  # too small for a 224 crop from one half
             continue
-        imgs.append(im.reshape(h, w, 3).permute(2, 0, 1) / 255.0)
+        imgs.append(im.permute(2, 0, 1) / 255.0)
     if not imgs:
         raise RuntimeError("no photos found for the fidelity set (matplotlib's sample data is missing)")
     g = torch.Generator().manual_seed(seed + (0 if split == "calibration" else 10_000))
@@ -106,9 +111,14 @@ def fidelity_crops(n: int, split: str, seed: int = 0) -> torch.Tensor:
         _, h, w = im.shape
         half = w // 2
         x0, x1 = (0, half) if split == "calibration" else (half, w)
-        size = int(torch.randint(min(h, x1 - x0) // 3, min(h, x1 - x0) + 1, (1,), generator=g))
+        # Crops of 224 px up to the half's full height, scaled down (as ImageNet's resize + crop
+        # does): up-scaled crops are smooth images unlike anything the model was trained on, and
+        # they exaggerate the quantization noise of MobileNetV2's first depthwise layer.
+        m = min(h, x1 - x0)
+        size = int(torch.randint(224, m + 1, (1,), generator=g))
         top = int(torch.randint(0, h - size + 1, (1,), generator=g))
         left = x0 + int(torch.randint(0, x1 - x0 - size + 1, (1,), generator=g))
         crop = im[:, top:top + size, left:left + size].unsqueeze(0)
-        out.append(F.interpolate(crop, size=(224, 224), mode="bilinear", align_corners=False))
+        out.append(F.interpolate(crop, size=(224, 224), mode="bilinear", align_corners=False,
+                                 antialias=True))
     return (torch.cat(out) - MEAN) / STD

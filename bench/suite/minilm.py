@@ -1,0 +1,60 @@
+"""all-MiniLM-L6-v2 sentence embeddings: summary -> body retrieval over CPython docstrings.
+Score: recall@1; notes: mean cosine similarity of the embeddings to the float model's.
+Every Linear, LayerNorm, GELU, softmax, matmul and residual add is quantized."""
+from __future__ import annotations
+
+import torch
+
+import rapidquant as rq
+
+from . import aimet
+from .table import Timer, row
+
+CASE = "all-MiniLM-L6-v2"
+
+
+def minilm_case(quick: bool):
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rapidquant.zoo import minilm as L
+    try:
+        fp = L.pretrained()
+    except ImportError as e:
+        print(f"  minilm: skipped ({e})")
+        return
+    pairs = L.docstring_pairs()
+    n_eval = 192 if quick else len(pairs) - 64
+    ev, cal = pairs[:n_eval], pairs[-64:]
+    body_len = 96 if quick else 128
+    qs = [L.tokenize([p[0] for p in ev[i:i + 64]]) for i in range(0, len(ev), 64)]
+    ds = [L.tokenize([p[1] for p in ev[i:i + 64]], body_len) for i in range(0, len(ev), 64)]
+    calib = [L.tokenize([p[k] for p in cal[i:i + 16]], body_len) for i in range(0, len(cal), 16) for k in (0, 1)]
+    q0, d0 = L.embed(fp, qs), L.embed(fp, ds)
+    print(f"  {CASE}: {len(ev)} summary/body pairs from stdlib docstrings, {len(calib)} calibration batches")
+
+    def evaluate(model):
+        q, d = L.embed(model, qs), L.embed(model, ds)
+        cos = torch.cat([(q * q0).sum(1), (d * d0).sum(1)]).mean().item()
+        return L.retrieval_recall(q, d), cos
+
+    f, _ = evaluate(fp)
+    row(CASE, "FP32", f, f, 0, "recall@1")
+    for act_bw, scheme in ((8, "minmax"), (8, "mse"), (16, "minmax")):
+        with Timer() as t:
+            sim = rq.QuantSim(fp, calib[0], rq.QuantSimConfig(param_bw=8, act_bw=act_bw, act_scheme=scheme))
+            sim.compute_encodings(calib, show_progress=False)
+        a = None
+        if scheme == "minmax":
+            a = aimet.run(lambda: aimet.quantsim(fp, calib[0], calib, 8, act_bw, per_channel=True),
+                          lambda m: evaluate(m)[0])
+        s, cos = evaluate(sim.model)
+        row(CASE, f"W8A{act_bw} per-channel, {scheme} activation ranges", s, f, t.seconds, f"cosine {cos:.4f}",
+            aimet=a)
+    with Timer() as t:
+        sim = rq.QuantSim(fp, calib[0], rq.QuantSimConfig(param_bw=8, act_bw=8, act_scheme="mse"))
+        sim.compute_encodings(calib, show_progress=False)
+        r = rq.amp(sim, ["W8A8", "W8A16", "W16A16"], lambda m: evaluate(m)[0], 0.01, calib, num_proxy_batches=2,
+                   show_progress=False)
+    pt = r.chosen or max(r.pareto_front, key=lambda p: p.score)
+    row(CASE, "AMP W8A8/W8A16/W16A16, drop 0.01", pt.score, f, t.seconds,
+        f"{pt.rel_bitops:.2f}x BitOps of W16A16; {r.message}")
