@@ -11,7 +11,7 @@ SUITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(SUITE), reason="bench/run_suite.py is not next to the tests")
 def test_quick_suite_digits_case(tmp_path):
-    proc = subprocess.run([sys.executable, SUITE, "--quick", "--cases", "digits", "--threads", "2",
+    proc = subprocess.run([sys.executable, SUITE, "--quick", "--cases", "digits", "--threads", "2", "--no-aimet",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout

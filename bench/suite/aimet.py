@@ -10,10 +10,15 @@ import sys
 import tempfile
 import time
 
+import torch
+
 _STUB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_stub")
 
 
 def _import():
+    import importlib.util
+    if importlib.util.find_spec("aimet_torch") is None:
+        return ModuleNotFoundError("no module named aimet_torch")
     try:
         import torchvision  # noqa: F401  (aimet-torch imports it at module level)
     except Exception:
@@ -117,6 +122,35 @@ def adaround(model, dummy, calib, param_bw, per_channel, iterations, num_batches
         model_q, _ = quantsim(m, dummy, calib, param_bw, act_bw, per_channel,
                               param_encodings=os.path.join(d, "ada.encodings"))
     return model_q, time.perf_counter() - t0
+
+
+def teach_minilm():
+    """AIMET refuses modules it has no quantized definition for: give it one for MiniLM's
+    masked softmax (quantized output, the mask input left alone), as its docs prescribe."""
+    from aimet_torch.nn import QuantizationMixin
+    from rapidquant.zoo.minilm import MaskedSoftmax
+    if getattr(MaskedSoftmax, "_aimet_taught", False):
+        return
+
+    @QuantizationMixin.implements(MaskedSoftmax)
+    class QuantizedMaskedSoftmax(QuantizationMixin, MaskedSoftmax):
+        def __quant_init__(self):
+            super().__quant_init__()
+            self.input_quantizers = torch.nn.ModuleList([None, None])
+            self.output_quantizers = torch.nn.ModuleList([None])
+
+        def forward(self, scores, key_mask):
+            if self.input_quantizers[0] is not None:
+                scores = self.input_quantizers[0](scores)
+            out = super().forward(scores, key_mask)
+            return out if self.output_quantizers[0] is None else self.output_quantizers[0](out)
+
+    MaskedSoftmax._aimet_taught = True
+
+
+def absent(what: str):
+    """The column's text for a technique this aimet-torch lacks (None when aimet is absent)."""
+    return f"n/a: {what} not in aimet-torch {available()}" if available() else None
 
 
 def run(fn, score_fn):

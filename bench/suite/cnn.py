@@ -62,18 +62,8 @@ def cnn_case(name, fp, calib, evaluate, test_xy, ada_iters=None, aq_drop=0.01):
                            show_progress=False).optimize()
         ort = _ort_accuracy(res.onnx_path, *test_xy) if res.onnx_path else None
     row(name, f"AutoQuant W4A8 per-tensor, drop {aq_drop}", res.score, f, t.seconds,
-        f"met={res.met} at {res.best_stage}", ort, aimet=_autoquant_note())
+        f"met={res.met} at {res.best_stage}", ort, aimet=aimet.absent("AutoQuant"))
     return model
-
-
-def _autoquant_note():
-    if not aimet.available():
-        return None
-    try:
-        import aimet_torch.auto_quant  # noqa: F401
-        return "not wired (aimet-torch 2.30 only)"
-    except ImportError:
-        return f"n/a in aimet-torch {aimet.available()}"
 
 
 def digits_case(quick: bool):
@@ -90,13 +80,10 @@ def digits_determinism_check():
 
 
 def fashion_case(quick: bool):
-    import os
-    import sys
     if not fashion.available():
         print(f"  fashion: skipped ({fashion.INSTALL_HINT})")
         return
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from train_fashion import load
+    from train_fashion import load  # bench/ is on sys.path (run_suite.py)
     n = 2000 if quick else None
     _, (x, y) = fashion.splits()
     test = (x[:n], y[:n])

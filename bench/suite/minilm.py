@@ -45,6 +45,8 @@ def minilm_case(quick: bool):
             sim.compute_encodings(calib, show_progress=False)
         a = None
         if scheme == "minmax":
+            if aimet.available():
+                aimet.teach_minilm()
             a = aimet.run(lambda: aimet.quantsim(fp, calib[0], calib, 8, act_bw, per_channel=True),
                           lambda m: evaluate(m)[0])
         s, cos = evaluate(sim.model)
@@ -53,7 +55,8 @@ def minilm_case(quick: bool):
     with Timer() as t:
         sim = rq.QuantSim(fp, calib[0], rq.QuantSimConfig(param_bw=8, act_bw=8, act_scheme="mse"))
         sim.compute_encodings(calib, show_progress=False)
-        r = rq.amp(sim, ["W8A8", "W8A16", "W16A16"], lambda m: evaluate(m)[0], 0.01, calib, num_proxy_batches=2,
+        r = rq.amp(sim, ["W8A8", "W8A16", "W16A16"], lambda m: evaluate(m)[0], 0.01, calib,
+                   num_proxy_batches=1 if quick else 2,
                    show_progress=False)
     pt = r.chosen or max(r.pareto_front, key=lambda p: p.score)
     row(CASE, "AMP W8A8/W8A16/W16A16, drop 0.01", pt.score, f, t.seconds,
