@@ -72,7 +72,7 @@ _OPENCV_DOC = "/usr/share/doc/opencv-doc/examples/data"  # Debian package opencv
 _OPENCV = ("apple.jpg", "baboon.jpg", "building.jpg", "butterfly.jpg", "fruits.jpg", "home.jpg", "messi5.jpg",
            "orange.jpg", "squirrel_cls.jpg", "starry_night.jpg", "aero1.jpg", "aero3.jpg", "leuvenA.jpg",
            "HappyFish.jpg", "smarties.png", "stuff.jpg", "board.jpg", "basketball1.png", "rubberwhale1.png",
-           "graf1.png", "ela_original.jpg", "box_in_scene.png", "lena.jpg")
+           "graf1.png", "ela_original.jpg", "box_in_scene.png")
 
 
 def photo_paths() -> list[str]:
