@@ -352,35 +352,33 @@ class AutoQuant:
 
             folded = {}
 
-            # ---- BN folding
-            def bn():
-                m = copy.deepcopy(self.model)
-                r = fold_batch_norms(m, self.dummy_input)
-                sim = self._calibrated_sim(m)
-                return self._eval(sim.model, "BN-folded model"), m, sim, {"folded": r.folded, "not_folded": r.not_folded}, \
-                    f"folded {len(r.folded)} BNs"
-            out = run("bn_fold", bn)
-            if out is not None:
-                consider("bn_fold", out[0], out[2], out[1])
-                folded["bn_fold"] = (out[0], out[1])
-            if met():
-                return self._finish(res, stages, best, t_start, "BN folding meets the target")
+            def transformed(source, transform, what, info, detail):
+                """Apply a graph transform to a copy of `source`, calibrate and evaluate it."""
+                def stage():
+                    m = copy.deepcopy(source)
+                    r = transform(m, self.dummy_input)
+                    sim = self._calibrated_sim(m)
+                    return self._eval(sim.model, what), m, sim, info(r), detail(r)
+                return stage
 
-            # ---- CLE (on the BN-folded model)
-            cle_in = folded["bn_fold"][1] if "bn_fold" in folded else self.model
-
-            def cle():
-                m = copy.deepcopy(cle_in)
-                r = equalize(m, self.dummy_input)
-                sim = self._calibrated_sim(m)
-                return self._eval(sim.model, "equalized model"), m, sim, {"scaled": r.scaled, "skipped": r.skipped}, \
-                    f"equalized {len(r.scaled)} layer pairs, high-bias folded {len(r.high_bias_folded)}"
-            out = run("cle", cle)
-            if out is not None:
-                consider("cle", out[0], out[2], out[1])
-                folded["cle"] = (out[0], out[1])
-            if met():
-                return self._finish(res, stages, best, t_start, "CLE meets the target")
+            # ---- BN folding, then CLE on the BN-folded model
+            cle_in = self.model
+            for name, transform, what, info, detail, done in (
+                    ("bn_fold", fold_batch_norms, "BN-folded model",
+                     lambda r: {"folded": r.folded, "not_folded": r.not_folded},
+                     lambda r: f"folded {len(r.folded)} BNs", "BN folding meets the target"),
+                    ("cle", equalize, "equalized model",
+                     lambda r: {"scaled": r.scaled, "skipped": r.skipped},
+                     lambda r: f"equalized {len(r.scaled)} layer pairs, high-bias folded {len(r.high_bias_folded)}",
+                     "CLE meets the target")):
+                out = run(name, transformed(cle_in, transform, what, info, detail))
+                if out is not None:
+                    consider(name, out[0], out[2], out[1])
+                    folded[name] = (out[0], out[1])
+                    if name == "bn_fold":
+                        cle_in = out[1]
+                if met():
+                    return self._finish(res, stages, best, t_start, done)
 
             # ---- AdaRound on the better of the BN-folded and equalized models (deployed
             # models have their BNs folded, so the rounding is learned on folded weights)

@@ -1,6 +1,8 @@
 """Sensitivity analysis (QuantAnalyzer) and LiteMP."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -45,14 +47,9 @@ def _layer_outputs(sim, batches, quantized: bool) -> dict:
                     outs.setdefault(name, []).append(o.detach().float().cpu())
             hooks.append(m.register_forward_hook(hook))
     try:
-        with torch.no_grad():
-            if quantized:
-                for b in batches:
-                    call_model(sim.model, b, sim._n_inputs)
-            else:
-                with sim.disabled():
-                    for b in batches:
-                        call_model(sim.model, b, sim._n_inputs)
+        with torch.no_grad(), (contextlib.nullcontext() if quantized else sim.disabled()):
+            for b in batches:
+                call_model(sim.model, b, sim._n_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -99,8 +96,7 @@ def analyze(sim, eval_fn, data, *, num_batches: int = 4, results_dir: str | None
         batches.append(b)
     if not batches:
         raise ValueError("analyze needs at least one batch of data")
-    snap = snapshot(sim)
-    acts = set(sim.activation_quantizers())
+    acts = set(sim.activation_quantizers())  # every flag change below is undone by sim.disabled()
     with sim.disabled():
         fp32 = _checked(eval_fn(sim.model), "the FP32 model")
     q_all = _checked(eval_fn(sim.model), "the quantized model")
@@ -134,10 +130,6 @@ def analyze(sim, eval_fn, data, *, num_batches: int = 4, results_dir: str | None
                            "min": lo.reshape(-1).tolist(), "max": hi.reshape(-1).tolist(),
                            "channels": int(lo.numel())})
     hists = _activation_histograms(sim, batches)
-    for n, q in sim.quantizers().items():  # restore exactly
-        e = snap[n]
-        q.enabled = e[0]
-        q._touch()
     res.seconds = time.perf_counter() - t0
     if results_dir:
         os.makedirs(results_dir, exist_ok=True)
