@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--no-aimet", action="store_true", help="skip the aimet-torch columns even if it imports")
+    ap.add_argument("--aimet", default=",".join(aimet.KINDS),
+                    help="which techniques run through aimet-torch too (comma list of %(default)s)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     unknown = set(args.cases.split(",")) - set(CASES)
@@ -52,6 +54,9 @@ def main():
         ap.error(f"unknown cases {sorted(unknown)}; choose from {list(CASES)}")
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
+    aimet.SELECTED = set(args.aimet.split(","))
+    if aimet.SELECTED - set(aimet.KINDS):
+        ap.error(f"unknown --aimet techniques {sorted(aimet.SELECTED - set(aimet.KINDS))}; choose from {aimet.KINDS}")
     if args.no_aimet:
         aimet._AIMET = RuntimeError("--no-aimet")
     print(f"aimet-torch: {aimet.available() or aimet.why()}", flush=True)

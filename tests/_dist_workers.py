@@ -41,6 +41,10 @@ def calibration(rank, world, port, out):
             sim = rq.QuantSim(model, data[0], rq.QuantSimConfig(act_scheme=scheme))
             sim.compute_encodings(data, show_progress=False)
             res[scheme] = _encodings(sim)
+        for scheme in ("minmax", "sqnr"):  # one batch: rank 1 sees none and must still agree
+            sim = rq.QuantSim(model, data[0], rq.QuantSimConfig(act_scheme=scheme))
+            sim.compute_encodings(data[:1], show_progress=False)
+            res[scheme + " one batch"] = _encodings(sim)
         with open(os.path.join(out, f"calib_{rank}.json"), "w") as f:
             json.dump(res, f)
     finally:

@@ -56,6 +56,10 @@ def test_distributed_calibration_matches_single_process(tmp_path):
                 bin_w = float((stat.hi - stat.lo).max()) / stat.hist.shape[1]
                 assert abs(lo_s - lo_g) <= 2 * bin_w + 1e-6 * rng and abs(hi_s - hi_g) <= 2 * bin_w + 1e-6 * rng, \
                     (scheme, name, enc, got)
+    for scheme in ("minmax", "sqnr"):  # only rank 0 saw the batch: everyone gets its exact encodings
+        sim = rq.QuantSim(model, data[0], rq.QuantSimConfig(act_scheme=scheme))
+        sim.compute_encodings(data[:1], show_progress=False)
+        assert r0[scheme + " one batch"] == W._encodings(sim)
 
 
 def test_distributed_amp_phase1_equals_single(tmp_path):

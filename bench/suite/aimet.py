@@ -67,14 +67,14 @@ def _args(b):
     return b if isinstance(b, (tuple, list)) else (b,)
 
 
-def _calibrate(sim, calib):
-    import torch
+def _calibrate_model(m, calib):
+    with torch.no_grad():
+        for b in calib:
+            m(*_args(b))
 
-    def fwd(m):
-        with torch.no_grad():
-            for b in calib:
-                m(*_args(b))
-    sim.compute_encodings(fwd)
+
+def _calibrate(sim, calib):
+    sim.compute_encodings(lambda m: _calibrate_model(m, calib))
 
 
 def prepare(model, dummy, fold=False, cle=False):
@@ -90,9 +90,10 @@ def prepare(model, dummy, fold=False, cle=False):
     return m
 
 
-def quantsim(model, dummy, calib, param_bw=8, act_bw=8, per_channel=True, fold=False, cle=False,
+def make_sim(model, dummy, calib, param_bw=8, act_bw=8, per_channel=True, fold=False, cle=False,
              param_encodings=None):
-    """AIMET QuantSim (min-max ranges, its default hw config), calibrated on the same batches."""
+    """AIMET QuantSim (min-max ranges, its default hw config), calibrated on the same batches:
+    (sim, seconds)."""
     from aimet_torch.common.defs import QuantScheme
     from aimet_torch.quantsim import QuantizationSimModel
     t0 = time.perf_counter()
@@ -103,7 +104,13 @@ def quantsim(model, dummy, calib, param_bw=8, act_bw=8, per_channel=True, fold=F
         if param_encodings:
             sim.set_and_freeze_param_encodings(param_encodings)
         _calibrate(sim, calib)
-    return sim.model, time.perf_counter() - t0
+    return sim, time.perf_counter() - t0
+
+
+def quantsim(*args, **kwargs):
+    """make_sim's (sim.model, seconds)."""
+    sim, seconds = make_sim(*args, **kwargs)
+    return sim.model, seconds
 
 
 def adaround(model, dummy, calib, param_bw, per_channel, iterations, num_batches, act_bw=8, cle=False):
@@ -122,6 +129,69 @@ def adaround(model, dummy, calib, param_bw, per_channel, iterations, num_batches
         model_q, _ = quantsim(m, dummy, calib, param_bw, act_bw, per_channel,
                               param_encodings=os.path.join(d, "ada.encodings"))
     return model_q, time.perf_counter() - t0
+
+
+def _loader(calib):
+    """AIMET's AutoQuant and AMP want a DataLoader (it reads .dataset and .batch_size)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    parts = [torch.cat(p) for p in zip(*map(_args, calib))]
+    return DataLoader(TensorDataset(*parts), batch_size=len(parts[0]) // len(calib))
+
+
+def _candidates(names):
+    """["W8A8", "W16A16"] -> AIMET's ((act_bw, int), (param_bw, int)) tuples."""
+    import re
+    from aimet_torch.common.defs import QuantizationDataType as D
+    wa = [tuple(map(int, re.fullmatch(r"W(\d+)A(\d+)", n).groups())) for n in names]
+    return [((a, D.int), (w, D.int)) for w, a in wa]
+
+
+def has_autoquant() -> bool:
+    """AutoQuant left aimet-torch after 2.30."""
+    import importlib.util
+    return bool(available()) and importlib.util.find_spec("aimet_torch.auto_quant") is not None
+
+
+def autoquant(model, dummy, calib, evaluate, param_bw, per_channel, allowed_drop, iterations, num_batches,
+              amp_candidates=None, proxy_batches=1):
+    """AIMET's AutoQuant (min-max / TF-enhanced scheme search, BN fold, CLE, AdaRound, then AMP
+    when candidates are given): returns (its score, seconds)."""
+    from aimet_torch.adaround.adaround_weight import AdaroundParameters
+    from aimet_torch import auto_quant
+    t0 = time.perf_counter()
+    loader = _loader(calib)
+    cls = auto_quant.AutoQuantWithAutoMixedPrecision if amp_candidates else auto_quant.AutoQuant
+    with tempfile.TemporaryDirectory() as d, _quiet():
+        aq = cls(copy.deepcopy(model).eval(), dummy, loader, lambda m, n=None: evaluate(m),
+                       param_bw=param_bw, output_bw=8, config_file=_config(per_channel), results_dir=d)
+        aq.set_adaround_params(AdaroundParameters(loader, num_batches=min(num_batches, len(calib)),
+                                                  default_num_iterations=iterations,
+                                                  forward_fn=lambda mod, b: mod(*_args(b))))
+        if amp_candidates:
+            aq.set_mixed_precision_params(_candidates(amp_candidates),
+                                          num_samples_for_phase_1=proxy_batches * loader.batch_size,
+                                          num_samples_for_phase_2=None)
+        _, score, *_ = aq.optimize(allowed_drop)
+    return score, time.perf_counter() - t0
+
+
+def amp(model, dummy, calib, evaluate, candidates, allowed_drop, proxy_batches, per_channel=False, cle=False):
+    """AIMET's choose_mixed_precision on a min-max sim at the first candidate, phase 1 scored by
+    output SQNR on `proxy_batches` batches (as ours), phase 2 by `evaluate`."""
+    from aimet_torch.common.defs import CallbackFunc
+    from aimet_torch.mixed_precision import choose_mixed_precision
+    from aimet_torch._base.amp.mixed_precision_algo import EvalCallbackFactory
+    t0 = time.perf_counter()
+    w, a = (int(v) for v in candidates[0][1:].split("A"))
+    sim, _ = make_sim(model, dummy, calib, w, a, per_channel, cle=cle)
+    loader = _loader(calib)
+    with tempfile.TemporaryDirectory() as d, _quiet():
+        choose_mixed_precision(
+            sim, dummy, _candidates(candidates),
+            EvalCallbackFactory(loader).sqnr(proxy_batches * loader.batch_size),
+            CallbackFunc(lambda m, _: evaluate(m)), allowed_drop, d, True,
+            CallbackFunc(lambda m, _: _calibrate_model(m, calib)), use_all_amp_candidates=True)
+    return sim.model, time.perf_counter() - t0
 
 
 def teach_minilm():
@@ -153,12 +223,20 @@ def absent(what: str):
     return f"n/a: {what} not in aimet-torch {available()}" if available() else None
 
 
-def run(fn, score_fn):
-    """(score, seconds) of an AIMET configuration, or a short reason it could not run."""
-    if not available():
+KINDS = ("quantsim", "adaround", "autoquant", "amp")
+SELECTED = set(KINDS)  # run_suite.py --aimet narrows it
+
+
+def run(kind, fn, score_fn=None):
+    """(score, seconds) of an AIMET configuration of `kind`, or a short reason it could not run
+    (None: no column). `fn` returns (model, seconds) to be scored by `score_fn`, or (score,
+    seconds) without one."""
+    if not available() or kind not in SELECTED:
         return None
+    if kind == "autoquant" and not has_autoquant():
+        return absent("AutoQuant")
     try:
-        model, seconds = fn()
-        return score_fn(model), seconds
+        out, seconds = fn()
+        return (out if score_fn is None else score_fn(out)), seconds
     except Exception as e:  # noqa: BLE001 (a failing competitor is reported, not fatal)
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"

@@ -48,11 +48,11 @@ def cnn_case(name, fp, calib, evaluate, test_xy, ada_iters=None, aq_drop=0.01):
         with Timer() as t:
             sim = rq.QuantSim(fp, calib[0], rq.QuantSimConfig(param_bw=bw, act_bw=8))
             sim.compute_encodings(calib, show_progress=False)
-        a = aimet.run(lambda: aimet.quantsim(fp, calib[0], calib, bw, 8, per_channel=True), evaluate)
+        a = aimet.run("quantsim", lambda: aimet.quantsim(fp, calib[0], calib, bw, 8, per_channel=True), evaluate)
         row(name, f"W{bw}A8 per-channel, nearest", evaluate(sim.model), f, t.seconds, aimet=a)
     with Timer() as t:
         model = adaround_w4(fp, calib, ada_iters)
-    a = aimet.run(lambda: aimet.adaround(fp, calib[0], calib, 4, True, iters, len(calib)), evaluate)
+    a = aimet.run("adaround", lambda: aimet.adaround(fp, calib[0], calib, 4, True, iters, len(calib)), evaluate)
     row(name, "W4A8 per-channel, BN fold + AdaRound", evaluate(model), f, t.seconds, f"{iters} it/layer",
         aimet=a)
     with tempfile.TemporaryDirectory() as d, Timer() as t:
@@ -62,7 +62,9 @@ def cnn_case(name, fp, calib, evaluate, test_xy, ada_iters=None, aq_drop=0.01):
                            show_progress=False).optimize()
         ort = _ort_accuracy(res.onnx_path, *test_xy) if res.onnx_path else None
     row(name, f"AutoQuant W4A8 per-tensor, drop {aq_drop}", res.score, f, t.seconds,
-        f"met={res.met} at {res.best_stage}", ort, aimet=aimet.absent("AutoQuant"))
+        f"met={res.met} at {res.best_stage}", ort,
+        aimet=aimet.run("autoquant", lambda: aimet.autoquant(fp, calib[0], calib, evaluate, 4, False, aq_drop, iters,
+                                                             len(calib))))
     return model
 
 

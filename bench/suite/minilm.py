@@ -47,17 +47,17 @@ def minilm_case(quick: bool):
         if scheme == "minmax":
             if aimet.available():
                 aimet.teach_minilm()
-            a = aimet.run(lambda: aimet.quantsim(fp, calib[0], calib, 8, act_bw, per_channel=True),
+            a = aimet.run("quantsim", lambda: aimet.quantsim(fp, calib[0], calib, 8, act_bw, per_channel=True),
                           lambda m: evaluate(m)[0])
         s, cos = evaluate(sim.model)
         row(CASE, f"W8A{act_bw} per-channel, {scheme} activation ranges", s, f, t.seconds, f"cosine {cos:.4f}",
             aimet=a)
+    cands, proxy, recall = ["W8A8", "W8A16", "W16A16"], 1 if quick else 2, lambda m: evaluate(m)[0]
     with Timer() as t:
         sim = rq.QuantSim(fp, calib[0], rq.QuantSimConfig(param_bw=8, act_bw=8, act_scheme="mse"))
         sim.compute_encodings(calib, show_progress=False)
-        r = rq.amp(sim, ["W8A8", "W8A16", "W16A16"], lambda m: evaluate(m)[0], 0.01, calib,
-                   num_proxy_batches=1 if quick else 2,
-                   show_progress=False)
+        r = rq.amp(sim, cands, recall, 0.01, calib, num_proxy_batches=proxy, show_progress=False)
     pt = r.chosen or max(r.pareto_front, key=lambda p: p.score)
+    a = aimet.run("amp", lambda: aimet.amp(fp, calib[0], calib, recall, cands, 0.01, proxy, per_channel=True), recall)
     row(CASE, "AMP W8A8/W8A16/W16A16, drop 0.01", pt.score, f, t.seconds,
-        f"{pt.rel_bitops:.2f}x BitOps of W16A16; {r.message}")
+        f"{pt.rel_bitops:.2f}x BitOps of W16A16; {r.message}", aimet=a)

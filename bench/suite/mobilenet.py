@@ -77,7 +77,7 @@ def mobilenet_case(quick: bool):
         with Timer() as t:
             sim = rq.QuantSim(model, dummy, rq.QuantSimConfig(per_channel=per_channel))
             sim.compute_encodings(calib, show_progress=False)
-        a = aimet.run(lambda: aimet.quantsim(fp, dummy, calib, 8, 8, per_channel, **aimet_kw), fid.score)
+        a = aimet.run("quantsim", lambda: aimet.quantsim(fp, dummy, calib, 8, 8, per_channel, **aimet_kw), fid.score)
         row(CASE, label, fid.score(sim.model), 1.0, seconds0 + t.seconds, fid.notes(sim.model), aimet=a)
         return sim
 
@@ -102,7 +102,7 @@ def mobilenet_case(quick: bool):
             s2 = rq.QuantSim(ada.model, dummy, rq.QuantSimConfig(param_bw=bw, per_channel=pc))
             ada.apply_to(s2)
             s2.compute_encodings(calib, show_progress=False)
-        a = aimet.run(lambda: aimet.adaround(fp, dummy, calib, bw, pc, iters, n_ada, cle=True), fid.score)
+        a = aimet.run("adaround", lambda: aimet.adaround(fp, dummy, calib, bw, pc, iters, n_ada, cle=True), fid.score)
         row(CASE, f"W{bw}A8 per-{'channel' if pc else 'tensor'} + BN fold + CLE + AdaRound", fid.score(s2.model),
             1.0, t.seconds, fid.notes(s2.model) + f", {iters} it/layer", aimet=a)
     amp_fallback = ("W8A8", "W16A16") if quick else ("W8A8", "W8A16", "W16A16")
@@ -119,12 +119,14 @@ def mobilenet_case(quick: bool):
     row(CASE, "AutoQuant W8A8 per-tensor (+AMP fallback), drop 0.01", res.score, 1.0, t.seconds,
         f"met={res.met} at {res.best_stage}, AMP over {'/'.join(amp_fallback)}"
         + (", AdaRound stage off in --quick" if quick else ""), ort,
-        aimet=aimet.absent("AutoQuant"))
+        aimet=aimet.run("autoquant", lambda: aimet.autoquant(fp, dummy, calib, fid.score, 8, False, 0.01, iters,
+                                                             n_ada, amp_fallback)))
     with Timer() as t:
         sim = rq.QuantSim(eq, dummy, rq.QuantSimConfig(per_channel=False))
         sim.compute_encodings(calib, show_progress=False)
         cands = ["W8A8", "W16A16"] if quick else ["W8A8", "W8A16", "W16A16"]
         r = rq.amp(sim, cands, fid.score, 0.01, calib, num_proxy_batches=1, show_progress=False)
     pt = r.chosen or max(r.pareto_front, key=lambda p: p.score)
+    a = aimet.run("amp", lambda: aimet.amp(fp, dummy, calib, fid.score, cands, 0.01, 1, cle=True), fid.score)
     row(CASE, f"AMP {'/'.join(cands)} (after CLE), drop 0.01", pt.score, 1.0, t.seconds,
-        f"{pt.rel_bitops:.2f}x BitOps of {cands[-1]}; {r.message}")
+        f"{pt.rel_bitops:.2f}x BitOps of {cands[-1]}; {r.message}", aimet=a)

@@ -83,45 +83,55 @@ def barrier() -> None:
 
 
 def sync_observer_stats(quantizers) -> None:
-    """Combine per-rank calibration statistics so all ranks hold the global ones."""
+    """Combine per-rank calibration statistics so all ranks hold the global ones.
+
+    Three collectives whatever the number of quantizers: a gather of what each rank holds
+    (a rank that saw no batch for a quantizer learns its shapes), one MIN all-reduce of every
+    range (maxima negated), then one SUM all-reduce of the batch counts and the histograms,
+    each re-binned locally onto the agreed range first."""
     from rapidquant.calibration import Stats, rebin
     if not active():
         return
-    for q in quantizers:
-        obs = q.observer
-        if obs is None:
-            continue
-        st = obs.stats
-        # 1. which ranks saw data, and the shapes (identical model -> identical shapes)
-        have = torch.tensor([0 if st is None else 1], dtype=torch.int64)
-        all_reduce(have)
-        if int(have) == 0:
-            continue
-        shape = gather_objects(None if st is None else tuple(st.min.shape))
-        shp = next(s for s in shape if s is not None)
-        mn = st.min.clone() if st is not None else torch.full(shp, float("inf"))
-        mx = st.max.clone() if st is not None else torch.full(shp, float("-inf"))
-        all_reduce(mn, dist.ReduceOp.MIN)
-        all_reduce(mx, dist.ReduceOp.MAX)
-        batches = torch.tensor([0 if st is None else st.batches], dtype=torch.int64)
-        all_reduce(batches)
-        if st is None:
-            st = obs.stats = Stats(mn, mx)
-        else:
-            st.min, st.max = mn, mx
-        st.batches = int(batches)
-        if not obs.histogram:
-            continue
-        # 2. histograms: agree on the union range, re-bin local counts onto it, sum
-        hs = gather_objects(None if st.hist is None else (st.hist.shape[0]))
-        G = next(h for h in hs if h is not None)
-        lo = st.lo.clone() if st.hist is not None else torch.full((G,), float("inf"))
-        hi = st.hi.clone() if st.hist is not None else torch.full((G,), float("-inf"))
-        all_reduce(lo, dist.ReduceOp.MIN)
-        all_reduce(hi, dist.ReduceOp.MAX)
-        if st.hist is None:
-            h = torch.zeros(G, obs.bins, dtype=torch.float64)
-        else:
-            h = rebin(st.hist, st.lo, st.hi, lo, hi)
-        all_reduce(h)
-        st.hist, st.lo, st.hi = h, lo, hi
+    obs = [q.observer for q in quantizers if q.observer is not None]
+    local = [None if o.stats is None else
+             (tuple(o.stats.min.shape), None if o.stats.hist is None else o.stats.hist.shape[0]) for o in obs]
+    metas = []
+    for held in zip(*gather_objects(local)):
+        held = [m for m in held if m is not None]
+        metas.append(None if not held else (held[0][0], next((g for _, g in held if g is not None), None)))
+    live = [(o, m) for o, m in zip(obs, metas) if m is not None]  # quantizers no rank saw stay as they are
+
+    def local_ranges(o, shp, G):
+        st, inf = o.stats, (lambda n: torch.full((n,), float("inf"), dtype=torch.float64))
+        n = torch.Size(shp).numel()
+        out = [inf(n), inf(n)] if st is None else [st.min.double().flatten(), -st.max.double().flatten()]
+        if o.histogram and G is not None:
+            has = st is not None and st.hist is not None
+            out += [st.lo.double(), -st.hi.double()] if has else [inf(G), inf(G)]
+        return out
+
+    ranges = all_reduce(torch.cat([t for o, (shp, G) in live for t in local_ranges(o, shp, G)]), dist.ReduceOp.MIN)
+    sums, k = [], 0
+    for o, (shp, G) in live:
+        n = torch.Size(shp).numel()
+        st = o.stats = o.stats or Stats(None, None)
+        dtype = torch.float32 if st.min is None else st.min.dtype
+        st.min, st.max = ranges[k:k + n].view(shp).to(dtype), (-ranges[k + n:k + 2 * n]).view(shp).to(dtype)
+        k += 2 * n
+        sums.append(torch.tensor([float(st.batches)], dtype=torch.float64))
+        if o.histogram and G is not None:
+            lo, hi = ranges[k:k + G].to(dtype), (-ranges[k + G:k + 2 * G]).to(dtype)
+            k += 2 * G
+            st.hist = (torch.zeros(G, o.bins, dtype=torch.float64) if st.hist is None
+                       else rebin(st.hist, st.lo, st.hi, lo, hi))
+            st.lo, st.hi = lo, hi
+            sums.append(st.hist.flatten())
+    total = all_reduce(torch.cat(sums))
+    k = 0
+    for o, (shp, G) in live:
+        o.stats.batches = int(total[k])
+        k += 1
+        if o.histogram and G is not None:
+            n = o.stats.hist.numel()
+            o.stats.hist = total[k:k + n].view_as(o.stats.hist).clone()
+            k += n
