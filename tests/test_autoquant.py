@@ -69,9 +69,25 @@ def test_best_result_when_target_never_met_and_determinism(tmp_path):
     res = run(m, tmp_path / "a", allowed_drop=0.005, use_adaround=False, param_bw=2, per_channel=False)
     assert not res.met and "no stage met the target" in res.message
     scores = {s.name: s.score for s in res.stages if s.score is not None}
-    assert res.score == max(v for k, v in scores.items() if k in ("scheme_selection", "bn_fold", "cle"))
+    # the scheme-selection score (BNs unfolded) picks the scheme but is never the result
+    assert res.score == max(v for k, v in scores.items() if k in ("bn_fold", "cle"))
     again = run(m, tmp_path / "b", allowed_drop=0.005, use_adaround=False, param_bw=2, per_channel=False)
     assert [s.score for s in again.stages] == [s.score for s in res.stages]  # deterministic
+
+
+def test_unfolded_bn_score_is_never_the_result(tmp_path):
+    """A sim with BNs left unfolded is not what a target runs: even when it meets the target at
+    scheme selection, the result comes from the BN-folded model; a model without foldable BNs
+    may stop at scheme selection."""
+    m = zoo.pretrained("digits_mobilenet")
+    res = run(m, tmp_path / "a", param_bw=8, allowed_drop=0.01, use_adaround=False)
+    sel = next(s for s in res.stages if s.name == "scheme_selection")
+    assert sel.score >= res.target and "only picks the scheme" in sel.message
+    assert res.met and res.best_stage == "bn_fold"
+    folded = copy.deepcopy(m)
+    rq.fold_batch_norms(folded)
+    res = run(folded, tmp_path / "b", param_bw=8, allowed_drop=0.01, use_adaround=False)
+    assert res.met and res.best_stage == "scheme_selection"
 
 
 def test_failing_stage_strict_and_not(tmp_path, monkeypatch):

@@ -146,16 +146,28 @@ def _candidates(names):
     return [((a, D.int), (w, D.int)) for w, a in wa]
 
 
-def has_autoquant() -> bool:
-    """AutoQuant left aimet-torch after 2.30."""
-    import importlib.util
-    return bool(available()) and importlib.util.find_spec("aimet_torch.auto_quant") is not None
+def bias_correction(model, dummy, calib, param_bw=8, act_bw=8, per_channel=False):
+    """CLE, AIMET's empirical bias correction of every conv/linear (on all calibration samples),
+    then a calibrated sim."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from aimet_torch._base.quantsim import QuantParams
+    from aimet_torch.bias_correction import correct_bias
+    from aimet_torch.common.defs import QuantScheme
+    t0 = time.perf_counter()
+    m = prepare(model, dummy, cle=True)
+    x = torch.cat(calib)
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=len(calib[0]))  # it wants (input, label)
+    with _quiet():
+        correct_bias(m, QuantParams(param_bw, act_bw, "nearest", QuantScheme.min_max, _config(per_channel)),
+                     len(x), loader, len(x))
+    model_q, _ = quantsim(m, dummy, calib, param_bw, act_bw, per_channel)
+    return model_q, time.perf_counter() - t0
 
 
 def autoquant(model, dummy, calib, evaluate, param_bw, per_channel, allowed_drop, iterations, num_batches,
               amp_candidates=None, proxy_batches=1):
-    """AIMET's AutoQuant (min-max / TF-enhanced scheme search, BN fold, CLE, AdaRound, then AMP
-    when candidates are given): returns (its score, seconds)."""
+    """AIMET's AutoQuant (its range-scheme search over min-max, TF-enhanced and percentile, BN
+    fold, CLE, AdaRound, then AMP when candidates are given): returns (its score, seconds)."""
     from aimet_torch.adaround.adaround_weight import AdaroundParameters
     from aimet_torch import auto_quant
     t0 = time.perf_counter()
@@ -163,7 +175,7 @@ def autoquant(model, dummy, calib, evaluate, param_bw, per_channel, allowed_drop
     cls = auto_quant.AutoQuantWithAutoMixedPrecision if amp_candidates else auto_quant.AutoQuant
     with tempfile.TemporaryDirectory() as d, _quiet():
         aq = cls(copy.deepcopy(model).eval(), dummy, loader, lambda m, n=None: evaluate(m),
-                       param_bw=param_bw, output_bw=8, config_file=_config(per_channel), results_dir=d)
+                 param_bw=param_bw, output_bw=8, config_file=_config(per_channel), results_dir=d)
         aq.set_adaround_params(AdaroundParameters(loader, num_batches=min(num_batches, len(calib)),
                                                   default_num_iterations=iterations,
                                                   forward_fn=lambda mod, b: mod(*_args(b))))
@@ -172,6 +184,8 @@ def autoquant(model, dummy, calib, evaluate, param_bw, per_channel, allowed_drop
                                           num_samples_for_phase_1=proxy_batches * loader.batch_size,
                                           num_samples_for_phase_2=None)
         _, score, *_ = aq.optimize(allowed_drop)
+    if score is None:  # AIMET gives up when even W32 (activations only) misses the target
+        return "no result: W32 misses the target, AIMET stops", time.perf_counter() - t0
     return score, time.perf_counter() - t0
 
 
@@ -223,8 +237,10 @@ def absent(what: str):
     return f"n/a: {what} not in aimet-torch {available()}" if available() else None
 
 
-KINDS = ("quantsim", "adaround", "autoquant", "amp")
+KINDS = ("quantsim", "bias_correction", "adaround", "autoquant", "amp")
 SELECTED = set(KINDS)  # run_suite.py --aimet narrows it
+REQUIRES = {"autoquant": ("aimet_torch.auto_quant", "AutoQuant"),  # gone after 2.30
+            "bias_correction": ("aimet_torch.bias_correction", "bias correction")}  # gone in 2.42
 
 
 def run(kind, fn, score_fn=None):
@@ -233,10 +249,15 @@ def run(kind, fn, score_fn=None):
     seconds) without one."""
     if not available() or kind not in SELECTED:
         return None
-    if kind == "autoquant" and not has_autoquant():
-        return absent("AutoQuant")
+    if kind in REQUIRES:
+        import importlib.util
+        module, what = REQUIRES[kind]
+        if importlib.util.find_spec(module) is None:
+            return absent(what)
     try:
         out, seconds = fn()
+        if isinstance(out, str):
+            return out
         return (out if score_fn is None else score_fn(out)), seconds
     except Exception as e:  # noqa: BLE001 (a failing competitor is reported, not fatal)
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"

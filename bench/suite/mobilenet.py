@@ -94,7 +94,8 @@ def mobilenet_case(quick: bool):
     with Timer() as t:
         rq.correct_bias(sim, calib, show_progress=False)
     row(CASE, "W8A8 per-tensor + BN fold + CLE + bias corr.", fid.score(sim.model), 1.0, t.seconds,
-        fid.notes(sim.model), aimet=aimet.absent("bias correction"))
+        fid.notes(sim.model), aimet=aimet.run("bias_correction", lambda: aimet.bias_correction(fp, dummy, calib),
+                                              fid.score))
     for bw, pc in ((8, False),) if quick else ((8, False), (4, True)):  # W4 needs more iterations
         with Timer() as t:
             cfg = rq.AdaRoundConfig(param_bw=bw, per_channel=pc, num_batches=n_ada, iterations=iters)
