@@ -41,6 +41,16 @@ def test_early_exit_on_w32_check(tmp_path):
     assert next(s for s in res.stages if s.name == "w32_check").score < res.target
 
 
+def test_w32_failure_with_amp_candidates_goes_on_to_amp(tmp_path):
+    """Weight techniques cannot fix 2-bit activations, AMP can: BN folding and CLE still run
+    to give it a deployable start, AdaRound does not."""
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, act_bw=2, amp_candidates=("W8A2", "W8A8"))
+    st = status(res)
+    assert next(s for s in res.stages if s.name == "w32_check").score < res.target
+    assert st["bn_fold"] in ("ok", "met") and st["cle"] in ("ok", "met") and st["adaround"] == "skipped"
+    assert st["amp"] == "met" and res.met and res.best_stage == "amp"
+
+
 @pytest.fixture(scope="module")
 def bn_hidden_outlier():
     """ResNet-style digits net whose stem conv has one channel x100, undone by its BN: the

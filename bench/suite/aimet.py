@@ -132,10 +132,10 @@ def adaround(model, dummy, calib, param_bw, per_channel, iterations, num_batches
 
 
 def _loader(calib):
-    """AIMET's AutoQuant and AMP want a DataLoader (it reads .dataset and .batch_size)."""
-    from torch.utils.data import DataLoader, TensorDataset
-    parts = [torch.cat(p) for p in zip(*map(_args, calib))]
-    return DataLoader(TensorDataset(*parts), batch_size=len(parts[0]) // len(calib))
+    """AIMET's AutoQuant and AMP want a DataLoader: this one yields our batches unchanged
+    (batch_size None, so AIMET counts each batch as one sample)."""
+    from torch.utils.data import DataLoader
+    return DataLoader(list(calib), batch_size=None)
 
 
 def _candidates(names):
@@ -181,7 +181,7 @@ def autoquant(model, dummy, calib, evaluate, param_bw, per_channel, allowed_drop
                                                   forward_fn=lambda mod, b: mod(*_args(b))))
         if amp_candidates:
             aq.set_mixed_precision_params(_candidates(amp_candidates),
-                                          num_samples_for_phase_1=proxy_batches * loader.batch_size,
+                                          num_samples_for_phase_1=proxy_batches,
                                           num_samples_for_phase_2=None)
         _, score, *_ = aq.optimize(allowed_drop)
     if score is None:  # AIMET gives up when even W32 (activations only) misses the target
@@ -202,7 +202,7 @@ def amp(model, dummy, calib, evaluate, candidates, allowed_drop, proxy_batches, 
     with tempfile.TemporaryDirectory() as d, _quiet():
         choose_mixed_precision(
             sim, dummy, _candidates(candidates),
-            EvalCallbackFactory(loader).sqnr(proxy_batches * loader.batch_size),
+            EvalCallbackFactory(loader).sqnr(proxy_batches),
             CallbackFunc(lambda m, _: evaluate(m)), allowed_drop, d, True,
             CallbackFunc(lambda m, _: _calibrate_model(m, calib)), use_all_amp_candidates=True)
     return sim.model, time.perf_counter() - t0

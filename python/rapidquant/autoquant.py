@@ -348,15 +348,19 @@ class AutoQuant:
                 return self._eval(sim.model, "activation-only quantization"), None, None, None, \
                     "weights float, activations quantized, on the BN-folded and equalized model"
             out = run("w32_check", w32)
-            if out is not None and res.target is not None and out[0] < res.target:
+            w32_failed = out is not None and res.target is not None and out[0] < res.target
+            if w32_failed:
                 stages["w32_check"].message += (f"; activation quantization alone scores {_fmt(out[0])} < target "
                                                 f"{_fmt(res.target)}: no weight technique can recover that")
-                for s in ("bn_fold", "cle", "adaround"):
-                    stages[s] = StageRecord(s, "skipped", message="W32 check failed")
-                return self._finish(res, stages, best, t_start,
-                                    "stopped early: activation quantization alone misses the target even after BN "
-                                    "folding and CLE (try higher activation bitwidths, AMP candidates with 16-bit "
-                                    "activations, or a larger allowed drop)", amp_allowed=True)
+                if not c.amp_candidates:
+                    for s in ("bn_fold", "cle", "adaround"):
+                        stages[s] = StageRecord(s, "skipped", message="W32 check failed")
+                    return self._finish(res, stages, best, t_start,
+                                        "stopped early: activation quantization alone misses the target even after "
+                                        "BN folding and CLE (try higher activation bitwidths, AMP candidates with "
+                                        "16-bit activations, or a larger allowed drop)")
+                # AMP can still raise activation bitwidths: BN folding and CLE (cheap) give it a
+                # deployable model to start from; AdaRound cannot help and is skipped
 
             folded = {}
 
@@ -390,7 +394,9 @@ class AutoQuant:
 
             # ---- AdaRound on the better of the BN-folded and equalized models (deployed
             # models have their BNs folded, so the rounding is learned on folded weights)
-            if c.use_adaround:
+            if w32_failed:
+                stages["adaround"] = StageRecord("adaround", "skipped", message="W32 check failed")
+            elif c.use_adaround:
                 ada_in = max(folded.values(), key=lambda t: t[0])[1] if folded else self.model
 
                 def ada():
