@@ -73,10 +73,6 @@ def _calibrate_model(m, calib):
             m(*_args(b))
 
 
-def _calibrate(sim, calib):
-    sim.compute_encodings(lambda m: _calibrate_model(m, calib))
-
-
 def prepare(model, dummy, fold=False, cle=False):
     """BN fold and/or CLE on a copy (AIMET's CLE folds BNs itself)."""
     from aimet_torch.batch_norm_fold import fold_all_batch_norms
@@ -103,7 +99,7 @@ def make_sim(model, dummy, calib, param_bw=8, act_bw=8, per_channel=True, fold=F
                                    default_param_bw=param_bw, config_file=_config(per_channel))
         if param_encodings:
             sim.set_and_freeze_param_encodings(param_encodings)
-        _calibrate(sim, calib)
+        sim.compute_encodings(lambda m: _calibrate_model(m, calib))
     return sim, time.perf_counter() - t0
 
 

@@ -324,13 +324,14 @@ class AutoQuant:
                 extra = out[3] or self._extra("scheme_selection")
                 self.schemes = tuple(extra["chosen"])
                 stages["scheme_selection"].artifacts["schemes"] = extra["schemes"]
-                if self._foldable_bns():
+                foldable = len(fold_batch_norms(copy.deepcopy(self.model), self.dummy_input).folded)
+                if foldable:
                     # Quantized with its BNs unfolded, the model is not what a target runs: NPU
                     # converters fold BNs into already-quantized weights, and a BN between a conv
                     # and its output quantizer keeps onnxruntime's conv in float. That score picks
                     # the scheme; results start at the BN-folded model (as in AIMET).
                     stages["scheme_selection"].message += (
-                        f"; {self._foldable_bns()} foldable BNs, so this score (BNs unfolded) only picks the scheme")
+                        f"; {foldable} foldable BNs, so this score (BNs unfolded) only picks the scheme")
                 else:
                     consider("scheme_selection", out[0], out[2], self.model)
             if met():
@@ -420,12 +421,6 @@ class AutoQuant:
             self.model.train(was)
 
     # ------------------------------------------------------------------ internals
-    def _foldable_bns(self) -> int:
-        """How many of the model's BatchNorms fold into a neighbouring layer."""
-        if not hasattr(self, "_n_foldable"):
-            self._n_foldable = len(fold_batch_norms(copy.deepcopy(self.model), self.dummy_input).folded)
-        return self._n_foldable
-
     def _extra(self, name):
         p = os.path.join(self.cache, f"{name}.extra.json")
         if os.path.exists(p):
