@@ -1,1 +1,2 @@
 """Export: ONNX QDQ models and encodings files (rapidquant format, AIMET 1.0.0 and 2.0.0)."""
+from rapidquant.export.runtime import OnnxRuntimeModule, make_session  # noqa: E402,F401
