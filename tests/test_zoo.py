@@ -10,8 +10,6 @@ import torch
 import rapidquant as rq
 from rapidquant.zoo import fashion, imagenet, minilm
 
-torch.set_num_threads(1)
-
 
 def test_fidelity_crops_are_deterministic_normalized_and_split_by_half():
     a = imagenet.fidelity_crops(6, "calibration")
