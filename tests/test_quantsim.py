@@ -139,10 +139,14 @@ def test_per_channel_beats_per_tensor_on_weight_error():
     assert errs[True] < errs[False] / 100
 
 
-def _data_mse(x, lo, hi, qmin, qmax):
+def _data_cost(x, lo, hi, qmin, qmax, gamma=1.0):
+    """Mean squared QDQ error on the raw data; clipped elements weigh gamma (the SQNR
+    scheme's objective; gamma = 1 is MSE)."""
     s = (hi - lo) / (qmax - qmin)
     z = float(np.clip(round(qmin - lo / s), qmin, qmax))
-    return (ops.quantize_dequantize(x, torch.tensor(s), torch.tensor(z), qmin, qmax) - x).pow(2).mean().item()
+    err = (ops.quantize_dequantize(x, torch.tensor(s), torch.tensor(z), qmin, qmax) - x).pow(2)
+    clipped = (x < (qmin - z) * s) | (x > (qmax - z) * s)
+    return (err * torch.where(clipped, gamma, 1.0)).mean().item()
 
 
 @pytest.mark.parametrize("scheme", ["mse", "sqnr"])
@@ -155,13 +159,18 @@ def test_search_schemes_near_best_on_raw_data(scheme):
         q(chunk)
     q.finish_calibration()
     lo, hi = (float(v) for v in q.get_range())
-    got = _data_mse(x, lo, hi, 0, 15)
-    # brute force over clipping ranges on the raw data (the definition of MSE calibration)
-    best = min(_data_mse(x, a, b, 0, 15) for a in np.linspace(float(x.min()), -0.5, 40)
+    gamma = 1.0 if scheme == "mse" else q.gamma
+    got = _data_cost(x, lo, hi, 0, 15, gamma)
+    # brute force over clipping ranges on the raw data (the definition of the scheme)
+    best = min(_data_cost(x, a, b, 0, 15, gamma) for a in np.linspace(float(x.min()), -0.5, 40)
                for b in np.linspace(0.5, float(x.max()), 40))
-    assert got <= best * (1.15 if scheme == "mse" else 1.6)
-    minmax = _data_mse(x, float(x.min()), float(x.max()), 0, 15)
-    assert got < minmax * 0.6  # the outliers' clipping error bounds what any range can do
+    # measured got / best: mse 1.0019, sqnr 1.0036 (histogram binning, candidate grid);
+    # allowed 1.02, 5x the larger excess
+    assert got <= best * 1.02
+    minmax = _data_cost(x, float(x.min()), float(x.max()), 0, 15, gamma)
+    # the scheme clips the outliers: measured got / minmax 0.40 (mse), 0.84 (sqnr, which
+    # weighs clipping 3x); allowed 0.6 and 0.9
+    assert got < minmax * (0.6 if scheme == "mse" else 0.9)
 
 
 def test_percentile_scheme_matches_quantiles():
@@ -171,15 +180,11 @@ def test_percentile_scheme_matches_quantiles():
     q.start_calibration()
     q(x)
     q.finish_calibration()
-    mn, mx = q.stats and encoding_range_for(q)
-    assert mn == pytest.approx(float(torch.quantile(x, 0.01)), abs=0.01)
-    assert mx == pytest.approx(float(torch.quantile(x, 0.99)), abs=0.01)
-
-
-def encoding_range_for(q):
-    from rapidquant.calibration import encoding_range
-    a, b = encoding_range(q.stats, "percentile", *q.qrange, q.symmetric, q.percentile)
-    return float(a), float(b)
+    lo, hi = (float(v) for v in q.get_range())  # the range the quantizer's encoding represents
+    # measured |range end - quantile| = 0.0022 at both ends (a histogram bin is 0.0042, the
+    # zero point snaps the range by up to scale / 2 = 0.009); allowed 0.005, margin 2.3x
+    assert lo == pytest.approx(float(torch.quantile(x, 0.01)), abs=0.005)
+    assert hi == pytest.approx(float(torch.quantile(x, 0.99)), abs=0.005)
 
 
 def test_entropy_scheme_clips_heavy_tails():
@@ -262,8 +267,12 @@ def test_weights_quantized_once_in_eval_mode():
     q.forward = lambda t: calls.append(1) or orig(t)
     with torch.no_grad():
         sim.model(x)
+    assert len(calls) == 0  # cached during calibration
+    sim.model.conv1.clear_cache()  # drop the cache: the next forward quantizes, once
+    with torch.no_grad():
         sim.model(x)
-    assert len(calls) <= 1  # cached (possibly already during calibration)
+        sim.model(x)
+    assert len(calls) == 1
     before = len(calls)
     with torch.no_grad():
         sim.model.conv1.module.weight.mul_(1.01)  # weights changed: re-quantized once
@@ -360,7 +369,9 @@ def test_float_quantizers_and_mixed_int_float(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(sim2.model(x)).all()
     res = sim2.export(str(tmp_path), x)
-    assert res.ort_ok and res.ort_max_abs_diff < 0.05
+    # measured: 0.00175, one step of the int8 model output (fc.output scale 0.00175);
+    # allowed one step (+0.01% for the float printout)
+    assert res.ort_ok and res.ort_max_abs_diff <= float(sim2.quantizer("fc.output").scale) * 1.0001
 
 
 # ------------------------------------------------------------------ QAT
