@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from rapidquant import ops
+from rapidquant.ops import named
 from rapidquant.calibration import HIST_SCHEMES, SCHEMES, Observer, Stats, encoding_range
 from rapidquant.reference.qdq import round_ste
 
@@ -233,10 +234,10 @@ class Quantizer(nn.Module):
         if self.dtype == "float":
             fmt = FLOAT_FORMATS[self.float_format]
             if self.float_format in ("fp16", "bf16"):
-                return ops.float_quantize_dequantize(x, fmt)
+                return self._float_op(x, fmt, None)
             if self.scale is None:
                 raise RuntimeError(self._uncalibrated())
-            return ops.float_quantize_dequantize(x, fmt, scale=self.scale, axis=self.axis)
+            return self._float_op(x, fmt, self.scale)
         if self.scale is None:
             raise RuntimeError(self._uncalibrated())
         qmin, qmax = self.qrange
@@ -247,9 +248,19 @@ class Quantizer(nn.Module):
             # keep the learned encoding valid: positive scale, integer zero point in range
             scale = scale.clamp_min(min_scale(qmax - qmin))
             zp = torch.clamp(round_ste(zp), qmin, qmax)
+        if named.active():  # ONNX export: the traced op carries this quantizer's name
+            return named.quantize_dequantize(x, scale, zp, qmin, qmax, self.axis, self.block_size, name=self.name)
         if inplace:
             return ops.quantize_dequantize_(x, scale, zp, qmin, qmax, axis=self.axis, block_size=self.block_size)
         return ops.quantize_dequantize(x, scale, zp, qmin, qmax, axis=self.axis, block_size=self.block_size)
+
+    def _float_op(self, x, fmt, scale):
+        if named.active():
+            return named.float_quantize_dequantize(x, fmt, scale, self.axis if scale is not None else None,
+                                                   name=self.name)
+        if scale is None:
+            return ops.float_quantize_dequantize(x, fmt)
+        return ops.float_quantize_dequantize(x, fmt, scale=scale, axis=self.axis)
 
     def _to(self, device) -> None:
         for k in ("scale", "zero_point"):

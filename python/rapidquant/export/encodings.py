@@ -39,8 +39,11 @@ def rapidquant_doc(sim, tensor_names: dict | None = None, int32_bias: dict | Non
         enc = q.encoding
         rec = dict(enc) if enc is not None else {"dtype": q.dtype, "bitwidth": q.bitwidth, "enabled": q.enabled}
         rec["frozen"] = q.frozen
-        if tensor_names and name in tensor_names:
-            rec["onnx_tensor"] = tensor_names[name]
+        tensors = _tensors_of(tensor_names, name)
+        if tensors:
+            rec["onnx_tensor"] = tensors[0]
+        if len(tensors) > 1:  # a quantizer called more than once: one QuantizeLinear per call
+            rec["onnx_tensors"] = tensors
         recs[name] = rec
     doc = {"format": "rapidquant-encodings", "version": 1,
            "producer": {"rapidquant": rapidquant.__version__, "torch": torch.__version__},
@@ -63,46 +66,25 @@ def _onnx_dtype(qmin: int, qmax: int) -> str:
     return "int32"
 
 
+def _tensors_of(tensor_names: dict | None, name: str) -> list:
+    """The ONNX tensors a quantizer quantizes (values may be one name or a list)."""
+    t = (tensor_names or {}).get(name)
+    return [] if t is None else ([t] if isinstance(t, str) else list(t))
+
+
 def aimet_doc(sim, version: str, tensor_names: dict, int32_bias: dict | None = None) -> dict:
-    """AIMET 1.0.0 or 2.0.0 encodings keyed by ONNX tensor names (enabled quantizers only)."""
+    """AIMET 1.0.0 or 2.0.0 encodings keyed by ONNX tensor names (enabled quantizers only).
+    ``tensor_names``: quantizer -> the tensor (or tensors) its QuantizeLinear quantizes."""
     params = set(sim.param_quantizers())
     acts, prms, v2 = [], [], []
+    t2q = {}
     for name, q in sim.quantizers().items():
-        t = tensor_names.get(name)
-        if t is None or not q.enabled or q.encoding is None:
-            continue
-        e = q.encoding
-        if q.dtype == "float":
-            if version == "1.0.0":
-                rec = {"name": t, "dtype": "FLOAT", "bw": q.bitwidth, "enc_type": "PER_TENSOR"}
-                (prms if name in params else acts).append(rec)
-            elif "scale" in e:
-                v2.append({"name": t, "output_dtype": {"fp8_e4m3": "float8e4m3fn", "fp8_e5m2": "float8e5m2"}[q.float_format],
-                           "y_scale": e["scale"] if len(e["scale"]) > 1 else e["scale"][0]})
-            continue
-        qmin, qmax = e["qmin"], e["qmax"]
-        per_block = q.block_size is not None
-        per_ch = q.axis is not None and not per_block
-        if version == "1.0.0":
-            rec = {"name": t, "dtype": "INT", "bw": q.bitwidth, "is_sym": bool(q.symmetric),
-                   "enc_type": "PER_BLOCK" if per_block else ("PER_CHANNEL" if per_ch else "PER_TENSOR"),
-                   "scale": e["scale"], "offset": [qmin - z for z in e["zero_point"]]}
-            if per_block:
-                rec["block_size"] = q.block_size
-            (prms if name in params else acts).append(rec)
-        else:
-            zps = e["zero_point"]
-            rec = {"name": t, "output_dtype": _onnx_dtype(qmin, qmax),
-                   "y_scale": e["scale"] if (per_ch or per_block) else e["scale"][0]}
-            if any(zps):
-                rec["y_zero_point"] = zps if (per_ch or per_block) else zps[0]
-            if per_ch or per_block:
-                rec["axis"] = q.axis if not per_block else 1
-            if per_block:
-                rec["block_size"] = q.block_size
-            v2.append(rec)
+        for t in _tensors_of(tensor_names, name):
+            if q.enabled and q.encoding is not None:
+                t2q[t] = name
+                _aimet_record(q, name in params, version, t, acts, prms, v2)
     producer = {"package": "rapidquant", "version": rapidquant.__version__}
-    extra = {"rapidquant": {"tensor_to_quantizer": {t: n for n, t in tensor_names.items()}}}
+    extra = {"rapidquant": {"tensor_to_quantizer": t2q}}
     if version == "1.0.0":
         doc = {"version": "1.0.0", "activation_encodings": acts, "param_encodings": prms,
                "excluded_layers": [], "quantizer_args": {"activation_bitwidth": sim._bitwidths()[1],
@@ -124,6 +106,39 @@ def aimet_doc(sim, version: str, tensor_names: dict, int32_bias: dict | None = N
         doc = {"version": "2.0.0", "producer": producer, "encodings": v2}
     doc.update(extra)
     return doc
+
+
+def _aimet_record(q, is_param: bool, version: str, t: str, acts: list, prms: list, v2: list) -> None:
+    e = q.encoding
+    if q.dtype == "float":
+        if version == "1.0.0":
+            rec = {"name": t, "dtype": "FLOAT", "bw": q.bitwidth, "enc_type": "PER_TENSOR"}
+            (prms if is_param else acts).append(rec)
+        elif "scale" in e:
+            v2.append({"name": t, "output_dtype": {"fp8_e4m3": "float8e4m3fn", "fp8_e5m2": "float8e5m2"}[q.float_format],
+                       "y_scale": e["scale"] if len(e["scale"]) > 1 else e["scale"][0]})
+        return
+    qmin, qmax = e["qmin"], e["qmax"]
+    per_block = q.block_size is not None
+    per_ch = q.axis is not None and not per_block
+    if version == "1.0.0":
+        rec = {"name": t, "dtype": "INT", "bw": q.bitwidth, "is_sym": bool(q.symmetric),
+               "enc_type": "PER_BLOCK" if per_block else ("PER_CHANNEL" if per_ch else "PER_TENSOR"),
+               "scale": e["scale"], "offset": [qmin - z for z in e["zero_point"]]}
+        if per_block:
+            rec["block_size"] = q.block_size
+        (prms if is_param else acts).append(rec)
+    else:
+        zps = e["zero_point"]
+        rec = {"name": t, "output_dtype": _onnx_dtype(qmin, qmax),
+               "y_scale": e["scale"] if (per_ch or per_block) else e["scale"][0]}
+        if any(zps):
+            rec["y_zero_point"] = zps if (per_ch or per_block) else zps[0]
+        if per_ch or per_block:
+            rec["axis"] = q.axis if not per_block else 1
+        if per_block:
+            rec["block_size"] = q.block_size
+        v2.append(rec)
 
 
 def load_into(sim, src, freeze: bool = True, strict: bool = True) -> None:

@@ -1,14 +1,32 @@
 """Export a QuantSim to an ONNX model with QuantizeLinear/DequantizeLinear nodes.
 
-torch.onnx (dynamo) exports sim.model; our ops translate to standard ONNX: an affine QDQ
-becomes QuantizeLinear + DequantizeLinear (per tensor, per channel with ``axis``, or
-blocked with ``block_size`` at opset 21), with the zero point in the smallest ONNX
-integer type that holds [qmin, qmax] and a Max/Min clamp in front when the grid is
-narrower than that type (2..7-bit grids use int8/uint8 containers). Float quantizers
-become casts (fp16/bf16) or float8 QDQ. The parity check runs onnxruntime with basic graph
-optimizations: its extended fusions may change fp8 numerics.
-Afterwards Q nodes are matched to quantizer names (for the encodings file), int32 bias
-encodings are added, and the model is run in onnxruntime against the sim.
+torch.onnx (dynamo) exports sim.model while quantizers call the *named* QDQ ops
+(:mod:`rapidquant.ops.named`): each traced op carries its quantizer's name, and the
+translation below stamps that name on the QuantizeLinear/DequantizeLinear it emits
+(node metadata ``rapidquant.quantizer``). The encodings map (quantizer -> the tensor its
+QuantizeLinear quantizes) is read off those stamps: mapped by construction, whatever
+torch.onnx folds or fuses around the nodes.
+
+Representation (chosen so onnxruntime's default optimizations load and keep it):
+- activations use unsigned containers (uint8/uint16; a signed grid is shifted by 128 or
+  32768 with its zero point, which is the same function). onnxruntime 1.2x-1.3x's QDQ
+  propagation through Reshape/Transpose combined with its int8->uint8 activation rewrite
+  produces a QuantizeLinear whose ``output_dtype`` is INT8 with a UINT8 zero point, and
+  the default session refuses the model ("[TypeInferenceError] output_dtype INT8 does not
+  match y_zero_point type UINT8"). uint8 activations are what that rewrite produces
+  anyway, so nothing is left for it to do. Weights keep the grid's signedness (int8
+  symmetric weights are what onnxruntime's integer kernels want).
+- a grid narrower than its container (2..7 and 9..15 bits) is clamped in the integer
+  domain between Q and DQ (``Clip`` on the uint8/int8 codes) for 8-bit containers: Q still
+  quantizes the original tensor (a weight's Q input is the weight initializer itself) and
+  DQ still feeds the consuming op, so onnxruntime's QDQ fusions see their usual pattern.
+  onnxruntime has no int16/uint16 Clip, so 16-bit containers clamp after DQ, in float,
+  at exactly the values DQ gives the grid ends. int4 containers are not used: onnxruntime's
+  Relu/Clip-before-Q fusions mishandle int4 activations.
+Float quantizers become casts (fp16/bf16) or float8 QDQ.
+
+Afterwards int32 bias encodings are added, and the model is run in onnxruntime against the
+sim with default session options and with ORT_DISABLE_ALL (the parity figures).
 """
 from __future__ import annotations
 
@@ -21,10 +39,23 @@ import numpy as np
 import torch
 
 from rapidquant.export.encodings import aimet_doc, rapidquant_doc, _check_writable, _dump, FORMATS
+from rapidquant.ops import named
 from rapidquant.ops.float_qdq import FORMAT_MAX
-from rapidquant.quantizer import Quantizer
 
 OPSET = 21
+TAG = "rapidquant.quantizer"  # node metadata: the quantizer a node belongs to
+ROLE = "rapidquant.role"      # quantize / clamp / dequantize
+LEVELS = ("default", "disable_all")  # onnxruntime graph optimization levels the check runs
+PARITY_WARN_STEPS = 2.0  # largest |sim - onnxruntime| (in output steps) the check accepts quietly
+
+
+@dataclass
+class Parity:
+    """sim vs onnxruntime on the dummy input at one optimization level."""
+    max_abs_diff: float
+    max_steps: float | None      # largest difference in output quantization steps (None: float output)
+    frac_differing: float        # fraction of output elements that are not bit-equal
+    elements: int
 
 
 @dataclass
@@ -32,31 +63,50 @@ class ExportResult:
     onnx: str
     encodings: str
     qdq_pairs: int = 0
-    tensor_names: dict = field(default_factory=dict)
-    ort_max_abs_diff: float | None = None  # |sim - onnxruntime| on the dummy input
-    ort_ok: bool | None = None
+    tensor_names: dict = field(default_factory=dict)   # quantizer -> tensor its QuantizeLinear quantizes
+    q_nodes: dict = field(default_factory=dict)        # quantizer -> all tensors (a quantizer called twice)
+    unmapped: list = field(default_factory=list)       # enabled quantizers with no node in the graph
+    folded: list = field(default_factory=list)         # fp16/bf16 weight quantizers folded into the weight
+    parity: dict = field(default_factory=dict)         # level -> Parity
+    ort_errors: dict = field(default_factory=dict)     # level -> why the session failed
+    ort_max_abs_diff: float | None = None  # |sim - onnxruntime| on the dummy input, default options
+    ort_ok: bool | None = None             # runs in a default onnxruntime session
 
 
-def _qtype(qmin: int, qmax: int):
-    # 2..8-bit grids use int8/uint8 containers (with a clamp when narrower): onnxruntime's
-    # optimizer fails on int4 activation QDQ after Relu/Clip; the encodings file keeps the
-    # true bitwidth.
+def _container(qmin: int, qmax: int, unsigned: bool):
+    """(ONNX type, type min, type max, offset): codes are q + offset."""
     from onnx import TensorProto as T
-    for lo, hi, t in ((-128, 127, T.INT8), (0, 255, T.UINT8),
-                      (-32768, 32767, T.INT16), (0, 65535, T.UINT16)):
-        if lo <= qmin and qmax <= hi:
-            return t, lo, hi
+    if qmax - qmin > 65535:
+        raise ValueError(f"[{qmin}, {qmax}] does not fit an ONNX QuantizeLinear type (at most 16 bits)")
+    if unsigned and qmin < 0:  # shift a signed grid into the unsigned container (see module doc)
+        off = 128 if (qmin >= -128 and qmax <= 127) else 32768
+        t = T.UINT8 if off == 128 else T.UINT16
+        return t, 0, 2 * off - 1, off
+    for lo, hi, t in ((-128, 127, T.INT8), (0, 255, T.UINT8), (-32768, 32767, T.INT16), (0, 65535, T.UINT16)):
+        if lo <= qmin and qmax <= hi and (lo < 0) == (qmin < 0):
+            return t, lo, hi, 0
     raise ValueError(f"[{qmin}, {qmax}] does not fit an ONNX QuantizeLinear type (at most 16 bits)")
 
 
-def _translation_table():
+def _tag(value, name: str, role: str):
+    node = value.producer()
+    if node is not None:
+        node.metadata_props[TAG] = name
+        node.metadata_props[ROLE] = role
+    return value
+
+
+def _translation_table(params: set, seen: list):
+    """Translations of the named QDQ ops. ``params``: names of parameter quantizers (their
+    containers keep the grid's sign); ``seen`` collects every name translated."""
     from onnx import TensorProto as T
     from onnxscript import opset21 as op
 
-    def qdq(x, scale, zero_point, qmin: int, qmax: int, block):
+    def qdq(x, scale, zero_point, qmin: int, qmax: int, block, name: str = ""):
+        seen.append(name)
         block = list(block)
         rank = len(block)
-        t, lo, hi = _qtype(qmin, qmax)
+        t, lo, hi, off = _container(qmin, qmax, unsigned=name not in params)
         nz = [d for d, b in enumerate(block) if b != 0]
         blocked = [d for d, b in enumerate(block) if b > 1]
         attrs = {}
@@ -80,23 +130,32 @@ def _translation_table():
             attrs["axis"], attrs["block_size"] = ax, block[ax]
         else:
             raise ValueError(f"cannot express block layout {block} as ONNX blocked quantization")
+        if off:
+            z = op.Add(z, op.CastLike(off, z))
         zq = op.Cast(z, to=t)
-        narrow = (qmin, qmax) != (lo, hi)
-        xin = x
-        if narrow and not blocked:  # narrower grid than the ONNX type: clamp x first
-            xin = op.Min(op.Max(x, op.Mul(op.Sub(op.CastLike(qmin, scale), zero_point), scale)),
-                         op.Mul(op.Sub(op.CastLike(qmax, scale), zero_point), scale))
-        q = op.QuantizeLinear(xin, s, zq, **attrs)
-        if narrow and blocked:  # blocked scales do not broadcast: clamp the integers instead
-            q = op.Clip(q, op.Cast(op.Constant(value_int=qmin), to=t), op.Cast(op.Constant(value_int=qmax), to=t))
-        return op.DequantizeLinear(q, s, zq, **attrs)
+        q = _tag(op.QuantizeLinear(x, s, zq, **attrs), name, "quantize")
+        narrow = (qmin + off, qmax + off) != (lo, hi)
+        if narrow and t in (T.INT8, T.UINT8):  # integer clamp onto the grid (see module doc)
+            q = _tag(op.Clip(q, op.Cast(op.Constant(value_int=qmin + off), to=t),
+                             op.Cast(op.Constant(value_int=qmax + off), to=t)), name, "clamp")
+        y = _tag(op.DequantizeLinear(q, s, zq, **attrs), name, "dequantize")
+        if narrow and t not in (T.INT8, T.UINT8):  # no 16-bit integer Clip in onnxruntime: clamp after DQ
+            if blocked:  # the grid ends as DQ computes them, element by element
+                ends = [op.DequantizeLinear(op.ConstantOfShape(op.Shape(x), value=_scalar_tensor(v + off, t)),
+                                            s, zq, **attrs) for v in (qmin, qmax)]
+            else:  # (q_end - zero_point) * scale, exactly DQ's arithmetic, broadcast like the op's params
+                ends = [op.Mul(op.Sub(op.CastLike(v, scale), zero_point), scale) for v in (qmin, qmax)]
+            y = _tag(op.Min(op.Max(y, ends[0]), ends[1]), name, "clamp")
+        return y
 
-    def float_qdq(x, scale, fmt: int, block):
+    def float_qdq(x, scale, fmt: int, block, name: str = ""):
+        seen.append(name)
         if fmt in (0, 1):  # fp16 / bf16: saturate, cast, cast back
             m = op.CastLike(FORMAT_MAX[fmt], x)
             v = x if scale is None else op.Div(x, op.CastLike(scale, x))
             v = op.Min(op.Max(v, op.Neg(m)), m)
-            v = op.CastLike(op.Cast(v, to=T.FLOAT16 if fmt == 0 else T.BFLOAT16), x)
+            v = _tag(op.Cast(v, to=T.FLOAT16 if fmt == 0 else T.BFLOAT16), name, "quantize")
+            v = _tag(op.CastLike(v, x), name, "dequantize")
             return v if scale is None else op.Mul(v, op.CastLike(scale, x))
         t = T.FLOAT8E4M3FN if fmt == 2 else T.FLOAT8E5M2
         s = op.Constant(value_float=1.0) if scale is None else scale
@@ -107,105 +166,102 @@ def _translation_table():
             attrs["axis"] = nz[0]
         elif scale is not None:
             s = op.ReduceMax(s, keepdims=0)
-        zq = op.Cast(op.Constant(value_float=0.0), to=t)
-        if attrs:
-            zq = op.Expand(zq, op.Shape(s))
-        return op.DequantizeLinear(op.QuantizeLinear(x, s, zq, saturate=1, **attrs), s, zq, **attrs)
+        # no zero point (the type comes from output_dtype): with a float8 zero point input,
+        # onnxruntime's ReluQuantRewrite (default options) takes the Q to be unsigned and
+        # deletes a Relu in front of it, though float8 holds negatives (measured: 52 output
+        # steps on a small ConvNet)
+        q = _tag(op.QuantizeLinear(x, s, saturate=1, output_dtype=t, **attrs), name, "quantize")
+        return _tag(op.DequantizeLinear(q, s, **attrs), name, "dequantize")
 
-    return {torch.ops.rapidquant.quantize_dequantize.default: qdq,
-            torch.ops.rapidquant.float_quantize_dequantize.default: float_qdq}
+    def unnamed_qdq(x, scale, zero_point, qmin: int, qmax: int, block):
+        return qdq(x, scale, zero_point, qmin, qmax, block)
 
+    def unnamed_float_qdq(x, scale, fmt: int, block):
+        return float_qdq(x, scale, fmt, block)
 
-def _quantizer_paths(sim) -> dict:
-    return {path: m for path, m in sim.model.named_modules() if isinstance(m, Quantizer)}
-
-
-def _scope_of(node) -> list[str]:
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            import ast
-            try:
-                return list(ast.literal_eval(p.value))
-            except (ValueError, SyntaxError):
-                return []
-    return []
+    r = torch.ops.rapidquant
+    return {r.named_quantize_dequantize.default: qdq, r.named_float_quantize_dequantize.default: float_qdq,
+            # a model that calls rapidquant.ops itself: exported, but belongs to no quantizer
+            r.quantize_dequantize.default: unnamed_qdq, r.float_quantize_dequantize.default: unnamed_float_qdq}
 
 
-def _match_quantizers(model_proto, sim) -> dict:
-    """quantizer name -> name of the float tensor its QuantizeLinear consumes.
+def _scalar_tensor(v: int, t):
+    from onnx import helper
+    return helper.make_tensor("value", t, [1], [int(v)])
 
-    The exporter records module scopes on each node: a quantizer's own path when it was
-    called as a module, otherwise the wrapping QuantizedModule's path. Parameters are
-    recognised by their initializer names (``<module>.module.<param>``).
-    """
-    from rapidquant.qmodules import QuantizedModule
-    paths = _quantizer_paths(sim)
-    wrappers = {p: m for p, m in sim.model.named_modules() if isinstance(m, QuantizedModule)}
-    param_q = {}
-    for p, m in wrappers.items():
-        for key, q in m.param_quantizers.items():
-            param_q[f"{p}.module.{m._param_names[key]}"] = q
-    producer = {o: n for n in model_proto.graph.node for o in n.output}
-    inits = {i.name for i in model_proto.graph.initializer}
-    out = {}
+
+def _meta(node) -> dict:
+    return {p.key: p.value for p in node.metadata_props}
+
+
+def quantizer_nodes(model_proto) -> dict:
+    """quantizer name -> list of (QuantizeLinear or fp16/bf16 Cast) nodes stamped with it."""
+    out: dict = {}
     for node in model_proto.graph.node:
-        if node.op_type != "QuantizeLinear":
-            continue
-        src = node.input[0]
-        while src in producer and producer[src].op_type in ("Min", "Max"):  # narrow-grid clamp
-            src = producer[src].input[0]
-        if src in param_q:
-            out.setdefault(param_q[src].name, src)
-            continue
-        for path in reversed(_scope_of(node)):  # innermost scope we know
-            if path in paths:
-                out.setdefault(paths[path].name, src)
-                break
-            if path in wrappers:
-                w = wrappers[path]
-                if src in inits:  # a constant-folded parameter (e.g. after a narrow-grid clamp)
-                    free = [q for q in w.param_quantizers.values() if q.name not in out]
-                    if free:
-                        out[free[0].name] = src
-                        break
-                if w.output_quantizer is not None:
-                    out.setdefault(w.output_quantizer.name, src)
-                break
+        md = _meta(node)
+        if md.get(ROLE) == "quantize" and md.get(TAG):
+            out.setdefault(md[TAG], []).append(node)
     return out
 
 
+def _map_quantizers(model_proto, sim, seen: list):
+    """(first tensor, all tensors, unmapped names, folded names): every enabled quantizer the forward pass
+    called must own at least one stamped quantize node."""
+    nodes = quantizer_nodes(model_proto)
+    first = {n: ns[0].input[0] for n, ns in nodes.items()}
+    every = {n: [x.input[0] for x in ns] for n, ns in nodes.items()}
+    params = sim.param_quantizers()
+    enabled = [n for n, q in sim.quantizers().items() if q.enabled]
+    # an fp16/bf16 weight's saturate-and-cast is constant-folded by torch.onnx into the weight
+    # initializer itself (its values are exactly the rounded weights): nothing to map
+    folded = [n for n in enabled if n not in nodes and n in params and params[n].dtype == "float"
+              and params[n].float_format in ("fp16", "bf16")]
+    unmapped = [n for n in enabled if n not in nodes and n not in folded]
+    merged = sorted(set(unmapped) & set(seen))
+    if merged:  # traced, then removed: torch.onnx merged identical Q nodes (same tensor, same encoding)
+        warnings.warn(f"export: {len(merged)} quantizers were traced but their QuantizeLinear was merged "
+                      f"with another's by torch.onnx's optimizer (same tensor, same encoding): {merged[:8]}; "
+                      "the encodings file has no tensor for them", stacklevel=3)
+    return first, every, unmapped, folded
+
+
+_SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _quantizer_of(tensor: str, producer: dict, sim):
+    """The integer quantizer whose (stamped) DQ or clamp produced ``tensor``, through shape-only ops."""
+    n = producer.get(tensor)
+    while n is not None and n.op_type in _SHAPE_ONLY:
+        n = producer.get(n.input[0])
+    if n is None:
+        return None
+    md = _meta(n)
+    if md.get(ROLE) not in ("dequantize", "clamp") or md.get(TAG) not in sim.quantizers():
+        return None
+    q = sim.quantizer(md[TAG])
+    return q if q.dtype == "int" and q.scale is not None else None
+
+
 def _add_int32_bias(model_proto, sim, embed: bool = False) -> dict:
-    """int32 encodings of Conv/Gemm biases, scale = s_input * s_weight. With ``embed`` the
-    biases also become int32 initializers behind a DequantizeLinear in the graph."""
+    """int32 encodings of Conv/Gemm biases, scale = s_input * s_weight (from the quantizers
+    stamped on the DQ nodes feeding the layer). With ``embed`` the biases also become int32
+    initializers behind a DequantizeLinear in the graph."""
     from onnx import numpy_helper, helper
     g = model_proto.graph
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
-
-    def dq_scale(tensor):
-        n = producer.get(tensor)
-        if n is None or n.op_type != "DequantizeLinear":
-            return None
-        s = n.input[1]
-        if s in inits:
-            return numpy_helper.to_array(inits[s]).astype(np.float64)
-        sp = producer.get(s)  # scale may pass through a Reshape/Tile of an initializer
-        while sp is not None and sp.op_type in ("Reshape", "Tile", "Identity") and sp.input[0] not in inits:
-            sp = producer.get(sp.input[0])
-        if sp is not None and sp.input[0] in inits:
-            return numpy_helper.to_array(inits[sp.input[0]]).astype(np.float64).reshape(-1)
-        return None
-
     out = {}
     new_nodes = []
     for node in g.node:
         if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.input) < 3 or node.input[2] not in inits:
             continue
-        sx, sw = dq_scale(node.input[0]), dq_scale(node.input[1])
-        if sx is None or sw is None or sx.size != 1:
+        qx, qw = _quantizer_of(node.input[0], producer, sim), _quantizer_of(node.input[1], producer, sim)
+        if qx is None or qw is None or qx.scale.numel() != 1:
             continue
+        sx = qx.scale.detach().double().reshape(-1).numpy()
+        sw = qw.scale.detach().double().reshape(-1).numpy()
         b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-        sb = (sx.reshape(-1)[0] * sw.reshape(-1))
+        sb = sx[0] * sw
         if sb.size == 1:
             sb = np.full(b.shape, sb[0])
         if sb.shape != b.shape:
@@ -227,21 +283,58 @@ def _add_int32_bias(model_proto, sim, embed: bool = False) -> dict:
     return out
 
 
-def _run_ort(path: str, sim, dummy_input):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    args = dummy_input if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
-    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
-    got = sess.run(None, feeds)
+def _output_steps(model_proto, sim) -> list:
+    """Per graph output: the scale of the quantizer that produced it (None: not quantized)."""
+    producer = {o: n for n in model_proto.graph.node for o in n.output}
+    out = []
+    for o in model_proto.graph.output:
+        q = _quantizer_of(o.name, producer, sim)
+        out.append(None if q is None or q.axis is not None or q.block_size is not None
+                   else float(q.scale.detach().reshape(-1)[0]))
+    return out
+
+
+def _flat_outputs(out) -> list:
+    from torch.utils import _pytree as pytree
+    return [v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor)]
+
+
+def compare(got: list, want: list, steps: list) -> Parity:
+    """Parity figures of onnxruntime outputs ``got`` against the sim's ``want``."""
+    diff, worst, n, differing = 0.0, None, 0, 0
+    for g, w, st in zip(got, want, steps):
+        g = np.asarray(g, dtype=np.float64)
+        w = w.detach().cpu().double().numpy().reshape(g.shape)
+        d = np.abs(g - w)
+        if d.size:
+            diff = max(diff, float(d.max()))
+            if st is not None:
+                worst = max(worst or 0.0, float(d.max()) / st)
+        n += d.size
+        differing += int(np.count_nonzero(g != w))
+    if any(st is None for st in steps):
+        worst = None  # some output is float: steps are not defined for it
+    return Parity(diff, worst, differing / max(n, 1), n)
+
+
+def check_parity(path: str, sim, dummy_input, model_proto=None, levels=LEVELS):
+    """Run the exported model against the sim on ``dummy_input`` at each onnxruntime level.
+    Returns ({level: Parity}, {level: error message})."""
+    import onnx
+    from rapidquant.export.runtime import OnnxRuntimeModule
+    args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     with torch.no_grad():
-        want = sim.model(*args)
-    want = want if isinstance(want, (tuple, list)) else (want,)
-    diff = max(float(np.max(np.abs(g.astype(np.float64) - w.detach().cpu().double().numpy()))) if g.size else 0.0
-               for g, w in zip(got, want))
-    return diff
+        want = _flat_outputs(sim.model(*args))
+    steps = _output_steps(model_proto if model_proto is not None else onnx.load(path), sim)
+    parity, errors = {}, {}
+    for level in levels:
+        try:
+            got = OnnxRuntimeModule(path, optimization=level)(*args)
+            got = list(got) if isinstance(got, tuple) else [got]
+            parity[level] = compare([g.numpy() for g in got], want, steps)
+        except Exception as e:  # noqa: BLE001 - reported: the file does not load/run at this level
+            errors[level] = f"{type(e).__name__}: {e}"
+    return parity, errors
 
 
 def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
@@ -250,7 +343,11 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     """export_int32_bias: True writes int32 bias encodings (scale = s_in * s_w) to the
     encodings file; "onnx" also puts the quantized biases in the graph. The sim does not
     simulate bias quantization, so only the default keeps onnxruntime bit-faithful to it
-    (embedding shifts each pre-activation by up to half a bias step)."""
+    (embedding shifts each pre-activation by up to half a bias step).
+
+    The result's ``parity`` holds sim vs onnxruntime on the dummy input with default session
+    options and with ORT_DISABLE_ALL; a difference above PARITY_WARN_STEPS output steps, or
+    a session that does not load, is warned about."""
     import onnx
     if encoding_format not in FORMATS:
         raise ValueError(f"encoding_format must be one of {FORMATS}")
@@ -263,7 +360,48 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     _check_writable(onnx_path, overwrite)
     _check_writable(enc_path, overwrite)
     args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
-    model = sim.model
+    seen: list = []
+    proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
+                          opset or OPSET, dynamic_batch)
+    first, every, unmapped, folded = _map_quantizers(proto, sim, seen)
+    bias = _add_int32_bias(proto, sim, embed=export_int32_bias == "onnx") if export_int32_bias else {}
+    tmp = onnx_path + ".tmp"
+    onnx.save(proto, tmp)
+    os.replace(tmp, onnx_path)
+    if encoding_format == "rapidquant":
+        doc = rapidquant_doc(sim, every, bias)
+    else:
+        doc = aimet_doc(sim, encoding_format, every, bias)
+    _dump(doc, enc_path)
+    res = ExportResult(onnx_path, enc_path, sum(len(v) for v in every.values()), first, every, unmapped, folded)
+    if unmapped:
+        warnings.warn(f"export: {len(unmapped)} enabled quantizers have no node in the ONNX graph (never called "
+                      f"in the forward pass): {unmapped[:8]}", stacklevel=2)
+    res.parity, res.ort_errors = check_parity(onnx_path, sim, dummy_input, proto)
+    res.ort_ok = "default" in res.parity
+    if res.ort_ok:
+        res.ort_max_abs_diff = res.parity["default"].max_abs_diff
+    _warn_parity(res)
+    return res
+
+
+def _warn_parity(res: ExportResult) -> None:
+    for level, err in res.ort_errors.items():
+        warnings.warn(f"the exported model {res.onnx} does not run in onnxruntime ({level} session options): "
+                      f"{err}", stacklevel=3)
+    for level, p in res.parity.items():
+        if p.max_steps is not None and p.max_steps > PARITY_WARN_STEPS:
+            warnings.warn(f"PARITY GAP: onnxruntime ({level} session options) differs from the sim by "
+                          f"{p.max_steps:.1f} output quantization steps (max |diff| {p.max_abs_diff:.4g}, "
+                          f"{100 * p.frac_differing:.1f}% of output elements differ) on the dummy input; "
+                          "the deployed file does not compute what the sim scored", stacklevel=3)
+        elif p.max_steps is None and p.frac_differing > 0:
+            logging.getLogger(__name__).info("export parity (%s): max |diff| %.4g on a float output", level,
+                                             p.max_abs_diff)
+
+
+def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
+    """torch.onnx (dynamo) export of ``model`` with quantizers calling the named ops."""
     was = model.training
     model.eval()
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch._dynamo", "torch.export")]
@@ -271,19 +409,17 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     for lg in quiet:  # the exporter's progress chatter and constant-folding notes
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), named.carrying_names():
             warnings.simplefilter("ignore")
-            kw = dict(dynamo=True, opset_version=opset or OPSET, custom_translation_table=_translation_table(),
-                      verbose=False)
-            prog = None
+            kw = dict(dynamo=True, opset_version=opset, custom_translation_table=table, verbose=False)
+            prog, failed = None, None
             if dynamic_batch:  # batch dimension symbolic where the model allows it
                 try:
                     dims = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
                                  for a in args)
                     prog = torch.onnx.export(model, args, dynamic_shapes=dims, **kw)
                 except Exception as e:  # noqa: BLE001 - fall back to the dummy input's shapes
-                    warnings.warn(f"exporting with a dynamic batch dimension failed ({type(e).__name__}); "
-                                  "the ONNX model has the dummy input's fixed shapes")
+                    failed = e
                     prog = None
             if prog is None:
                 prog = torch.onnx.export(model, args, **kw)
@@ -291,22 +427,7 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
         model.train(was)
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
-    proto = prog.model_proto
-    names = _match_quantizers(proto, sim)
-    bias = _add_int32_bias(proto, sim, embed=export_int32_bias == "onnx") if export_int32_bias else {}
-    tmp = onnx_path + ".tmp"
-    onnx.save(proto, tmp)
-    os.replace(tmp, onnx_path)
-    if encoding_format == "rapidquant":
-        doc = rapidquant_doc(sim, names, bias)
-    else:
-        doc = aimet_doc(sim, encoding_format, names, bias)
-    _dump(doc, enc_path)
-    res = ExportResult(onnx_path, enc_path, sum(n.op_type == "QuantizeLinear" for n in proto.graph.node), names)
-    try:
-        res.ort_max_abs_diff = _run_ort(onnx_path, sim, dummy_input)
-        res.ort_ok = True
-    except Exception as e:  # the export stands; say why it did not run
-        warnings.warn(f"the exported model did not run in onnxruntime: {e}", stacklevel=2)
-        res.ort_ok = False
-    return res
+    if failed is not None:
+        warnings.warn(f"exporting with a dynamic batch dimension failed ({type(failed).__name__}); "
+                      "the ONNX model has the dummy input's fixed shapes", stacklevel=3)
+    return prog.model_proto
