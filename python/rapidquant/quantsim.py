@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from rapidquant import distributed as D
 from rapidquant import graph as G
+from rapidquant import recurrent as R  # registers LSTM/GRU(Cell) with the graph vocabulary
 from rapidquant.config import HwConfig, QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule
@@ -143,6 +144,9 @@ class QuantSim:
                 quantize_out = out_q
             if node.op == "call_module":
                 name = node.target
+                if R.is_recurrent(info.module):  # LSTM/GRU(Cell): quantized twin from rapidquant.recurrent
+                    gm.set_submodule(name, R.quantized_twin(info.module, name, self._new_quantizer, self.hw, c))
+                    continue
                 pq = {}
                 for pname, axis in info.spec.params.items():
                     try:
