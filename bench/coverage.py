@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -148,7 +149,14 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
         state["sim"] = rq.QuantSim(model, example, config)
         sim = state["sim"]
         qs = sim.quantizers()
-        info = {"quantizers": len(qs)}
+        # weights of >= 2 dims (conv, linear, embedding, recurrent matrices) with an enabled
+        # quantizer of the same name: a weight left float without a word shows up as a shortfall
+        weights = [n for n, p in model.named_parameters() if p.dim() >= 2]
+        norm = lambda n: re.sub(r"[^0-9a-zA-Z]", "_", n)  # noqa: E731 - graph names flatten dots
+        quantized = {norm(n) for n, q in sim.param_quantizers().items() if q.enabled}
+        float_w = [n for n in weights if norm(n) not in quantized]
+        info = {"quantizers": len(qs), "weights": len(weights), "float_weights": float_w,
+                "message": f"{len(qs)} quantizers, {len(weights) - len(float_w)}/{len(weights)} weights quantized"}
         for attr in ("capture", "capture_method", "float_leaves"):  # reported where the sim says
             if hasattr(sim, attr):
                 info[attr] = str(getattr(sim, attr))[:300]
