@@ -1,0 +1,201 @@
+"""Quantized LSTM/GRU/LSTMCell/GRUCell twins: float parity, calibration, export to onnxruntime.
+
+Tolerances are measured values with a margin (see each test): twin vs torch with all
+quantizers off <= 3e-7 (fp32 summation order); W8A8 SQNR 43.3 dB (LSTM), 35.6 dB
+(bidirectional GRU); onnxruntime with optimizations off is bit-exact, with default
+options (its fused integer kernels round differently and a flipped step travels
+through the recurrence) up to 2 output steps on 23-33% of outputs.
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from rapidquant import recurrent as R
+from rapidquant.config import QuantSimConfig
+from rapidquant.quantsim import QuantSim
+
+
+class Wrap0(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)
+
+
+class Wrap1(Wrap0):
+    def forward(self, x, h):
+        return self.rnn(x, h)
+
+
+class Wrap2(Wrap0):
+    def forward(self, x, h, c):
+        return self.rnn(x, (h, c))
+
+
+class Speech(nn.Module):
+    """Conv front end over (batch, features, time), a recurrent stack, a per-frame classifier."""
+
+    def __init__(self, kind="lstm", bidirectional=False):
+        super().__init__()
+        self.conv = nn.Conv1d(20, 32, 3, padding=1)
+        self.relu = nn.ReLU()
+        cls = nn.LSTM if kind == "lstm" else nn.GRU
+        self.rnn = cls(32, 48, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(48 * (2 if bidirectional else 1), 10)
+
+    def forward(self, x):
+        y, _ = self.rnn(self.relu(self.conv(x)).transpose(1, 2))
+        return self.fc(y)
+
+
+def _sqnr(ref, got):
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean()))
+
+
+CASES = {  # name -> (module, inputs)
+    "lstm": (lambda: nn.LSTM(5, 6), lambda: (torch.randn(7, 3, 5),)),
+    "lstm_2layer_bidir": (lambda: nn.LSTM(5, 6, num_layers=2, bidirectional=True), lambda: (torch.randn(7, 3, 5),)),
+    "lstm_batch_first_states": (lambda: nn.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True),
+                                lambda: (torch.randn(3, 7, 5), torch.randn(4, 3, 6), torch.randn(4, 3, 6))),
+    "lstm_unbatched": (lambda: nn.LSTM(5, 6, num_layers=2), lambda: (torch.randn(7, 5),)),
+    "gru_2layer_bidir_state": (lambda: nn.GRU(5, 6, num_layers=2, bidirectional=True),
+                               lambda: (torch.randn(7, 3, 5), torch.randn(4, 3, 6))),
+    "gru_no_bias_batch_first": (lambda: nn.GRU(5, 6, bias=False, batch_first=True), lambda: (torch.randn(3, 7, 5),)),
+    "lstmcell_states": (lambda: nn.LSTMCell(5, 6), lambda: (torch.randn(3, 5), torch.randn(3, 6), torch.randn(3, 6))),
+    "lstmcell": (lambda: nn.LSTMCell(5, 6), lambda: (torch.randn(3, 5),)),
+    "grucell_state": (lambda: nn.GRUCell(5, 6), lambda: (torch.randn(3, 5), torch.randn(3, 6))),
+    "grucell_unbatched": (lambda: nn.GRUCell(5, 6), lambda: (torch.randn(5),)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_twin_with_quantizers_off_equals_torch(case):
+    make, inputs = CASES[case]
+    args = inputs()
+    model = (Wrap0, Wrap1, Wrap2)[len(args) - 1](make()).eval()
+    sim = QuantSim(model, args)
+    assert isinstance(sim.model.rnn, (R.QuantizedRNN, R.QuantizedCell))
+    with torch.no_grad(), sim.disabled():
+        want, got = model(*args), sim.model(*args)
+    (w, wspec), (g, gspec) = tree_flatten(want), tree_flatten(got)
+    assert wspec == gspec  # (output, (h_n, c_n)) / (output, h_n) / (h, c) / h, same shapes
+    assert [t.shape for t in w] == [t.shape for t in g]
+    # measured <= 3e-7 (the twin adds x W_ih + b_ih and h W_hh + b_hh in another order)
+    assert max(float((a - b).abs().max()) for a, b in zip(w, g)) <= 2e-6
+
+
+def test_quantizer_names_and_hw_config_rules():
+    sim = QuantSim(Wrap0(nn.LSTM(5, 6, num_layers=2, bidirectional=True)).eval(), torch.randn(4, 2, 5))
+    params = list(sim.param_quantizers())
+    assert params == [f"rnn.weight_{k}_l{i}{d}" for i in range(2) for d in ("", "_reverse") for k in ("ih", "hh")]
+    assert all(sim.quantizer(n).axis == 0 for n in params)  # default_per_channel: Gemm weights per row
+    acts = set(sim.activation_quantizers())
+    for cell in ("l0", "l0_reverse", "l1", "l1_reverse"):
+        assert {f"rnn.{cell}.{k}" for k in R.LSTM_ACTS} <= acts
+    lo, hi = sim.quantizer("rnn.l1.f").get_range()  # Sigmoid: the config's fixed [0, 1]
+    assert (float(lo), float(hi)) == (0.0, 1.0) and sim.quantizer("rnn.l1.f").frozen
+    gru = QuantSim(Wrap0(nn.GRUCell(5, 6)).eval(), torch.randn(4, 5), QuantSimConfig(per_channel=False))
+    assert list(gru.param_quantizers()) == ["rnn.weight_ih", "rnn.weight_hh"]
+    assert gru.quantizer("rnn.weight_hh").axis is None
+    assert {f"rnn.{k}" for k in R.GRU_ACTS} <= set(gru.activation_quantizers())
+
+
+def test_exclude_keeps_float_and_bad_inputs_say_what_to_do():
+    sim = QuantSim(Wrap0(nn.LSTM(5, 6)).eval(), torch.randn(4, 2, 5), QuantSimConfig(exclude=("rnn",)))
+    assert isinstance(sim.model.rnn, nn.LSTM)
+    with pytest.raises(ValueError, match="proj_size"):
+        QuantSim(Wrap0(nn.LSTM(5, 6, proj_size=3)).eval(), torch.randn(4, 2, 5))
+    sim = QuantSim(Wrap0(nn.LSTM(5, 6)).eval(), torch.randn(4, 2, 5))
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, 5), [4, 3])
+    with pytest.raises(TypeError, match="pad the sequences"):
+        sim.model.rnn(packed)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """W8A8 sims of an LSTM and a bidirectional GRU speech model (default config)."""
+    out = {}
+    for kind, bidir in (("lstm", False), ("gru", True)):
+        torch.manual_seed(0)
+        model = Speech(kind, bidir).eval()
+        data = [torch.randn(4, 20, 16) for _ in range(6)]
+        sim = QuantSim(model, data[0])
+        sim.compute_encodings(data, show_progress=False)
+        out[kind] = (model, sim, data)
+    return out
+
+
+@pytest.mark.parametrize("kind,min_db", [("lstm", 35.0), ("gru", 29.0)])
+def test_w8a8_sqnr(calibrated, kind, min_db):
+    model, sim, _ = calibrated[kind]
+    x = torch.randn(8, 20, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        db = _sqnr(model(x), sim.model(x))
+    # measured 43.3 dB (LSTM, T=30) and 35.6 dB (bidirectional GRU); ~6 dB margin
+    assert db >= min_db, f"{kind}: W8A8 SQNR {db:.1f} dB"
+    assert all(q.is_initialized for q in sim.quantizers().values() if q.enabled)
+
+
+def _ort_steps(path, sim, x, level):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if level is not None:
+        so.graph_optimization_level = level
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = sim.model(x).numpy()
+    return np.abs(got.astype(np.float64) - want) / float(sim.quantizer("fc.output").scale)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_export_runs_in_onnxruntime_default_options(calibrated, kind, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    _, sim, data = calibrated[kind]
+    res = sim.export(str(tmp_path), data[0])
+    assert res.ort_ok
+    ops = [n.op_type for n in onnx.load(res.onnx).graph.node]
+    assert ops.count("Scan") == (4 if kind == "gru" else 2)  # one per layer-direction
+    assert res.tensor_names["rnn.weight_hh_l1"] == "rnn.module.weight_hh_l1"
+    x = torch.randn(6, 20, 16, generator=torch.Generator().manual_seed(2))  # another batch size
+    exact = _ort_steps(res.onnx, sim, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    assert exact.max() == 0.0  # the graph computes exactly what the sim computes
+    default = _ort_steps(res.onnx, sim, x, None)
+    # default options fuse QDQ into integer kernels: measured max 2 steps on 23-33% of outputs
+    assert default.max() <= 3.0 + 1e-3 and (default > 0.5).mean() <= 0.5, \
+        f"{kind}: max {default.max():.2f} steps, {(default > 0.5).mean():.1%} differ"
+
+
+def test_unrolled_export(monkeypatch, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    monkeypatch.setattr(R, "EXPORT_LOOP", "unroll")
+    torch.manual_seed(0)
+    model = Speech("lstm").eval()
+    data = [torch.randn(2, 20, 5) for _ in range(3)]
+    sim = QuantSim(model, data[0])
+    sim.compute_encodings(data, show_progress=False)
+    res = sim.export(str(tmp_path), data[0])
+    ops = [n.op_type for n in onnx.load(res.onnx).graph.node]
+    assert "Scan" not in ops and ops.count("Sigmoid") == 2 * 5 * 3  # layers x steps x gates
+    assert _ort_steps(res.onnx, sim, data[1], ort.GraphOptimizationLevel.ORT_DISABLE_ALL).max() == 0.0
+
+
+def test_adaround_leaves_recurrent_weights_nearest():
+    from rapidquant.techniques.adaround import AdaRoundConfig, adaround
+    torch.manual_seed(0)
+    model = Speech("lstm").eval()
+    data = [torch.randn(2, 20, 6) for _ in range(2)]
+    res = adaround(model, data[0], data, AdaRoundConfig(iterations=5, num_batches=2), show_progress=False)
+    assert [r.name for r in res.layers] == ["conv", "fc"]  # the LSTM is not AdaRound's to treat
+    assert "rnn.weight_ih_l0" in res.encodings["quantizers"]  # round-to-nearest encodings, frozen by apply_to
+    sim = QuantSim(res.model, data[0])
+    res.apply_to(sim)
+    sim.compute_encodings(data, show_progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(sim.model(data[0])).all()
