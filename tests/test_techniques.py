@@ -125,6 +125,7 @@ def test_cle_restores_per_tensor_accuracy_of_imbalanced_model():
 
 def test_adaround_beats_nearest_and_is_deterministic():
     fp = trained_digits_net()
+    snapshot = copy.deepcopy(fp.state_dict())  # fp is cached and shared: compare with a copy
     x = calib_batches(1)[0]
     cfg = rq.AdaRoundConfig(param_bw=3, per_channel=False, iterations=1000, num_batches=6)
     res = rq.adaround(fp, x, calib_batches(6), cfg, show_progress=False)
@@ -132,8 +133,8 @@ def test_adaround_beats_nearest_and_is_deterministic():
     assert all(l.mse_adaround <= l.mse_nearest for l in res.layers)
     assert sum(l.mse_adaround for l in res.layers) < 0.6 * sum(l.mse_nearest for l in res.layers)
     assert any(0 < l.flipped for l in res.layers)
-    for p, q in zip(fp.parameters(), trained_digits_net().parameters()):
-        assert torch.equal(p, q)  # the input model is untouched
+    for k, v in fp.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k  # the input model is untouched
     qcfg = rq.QuantSimConfig(param_bw=3, act_bw=8, per_channel=False)
     nearest = rq.QuantSim(fp, x, qcfg)
     nearest.compute_encodings(calib_batches(), show_progress=False)
@@ -161,7 +162,12 @@ def test_adaround_fp16_cache_and_disk_spill_match_closely():
                     show_progress=False)
     flips = sum((p != q).sum().item() for p, q in zip(a.model.parameters(), c.model.parameters()))
     total = sum(p.numel() for p in a.model.parameters())
-    assert flips / total < 0.05
+    # fp16 targets nudge a few undecided weights: measured 0.66% (2 threads) and 0.97%
+    # (1 thread) of the weights flip; allowed 1.5%
+    assert 0 < flips / total < 0.015
+    # and the rounding is as good: summed reconstruction MSE measured +6.6% (2 threads),
+    # -1.7% (1 thread); allowed +15%
+    assert sum(l.mse_adaround for l in c.layers) <= 1.15 * sum(l.mse_adaround for l in a.layers)
 
 
 def _output_error(sim, fp, batches):
@@ -179,7 +185,9 @@ def test_bias_correction_reduces_mean_output_error():
         before = _output_error(sim, fp, calib_batches(8))
         res = rq.correct_bias(sim, calib_batches(8), rq.BiasCorrectionConfig(mode=mode), show_progress=False)
         after = _output_error(sim, fp, calib_batches(8))
-        assert res.deltas and after < before, mode
+        # measured after / before: empirical 0.0008 (2 threads) / 0.0011 (1 thread) on these
+        # batches; analytical 0.57 / 0.56 (conv2 and conv3 only). Allowed 0.01 and 0.75
+        assert res.deltas and after < before * (0.01 if mode == "empirical" else 0.75), mode
         if mode == "analytical":
             assert "conv1" not in res.deltas  # fed by the image, not a BatchNorm
             assert any(n == "conv1" for n, _ in res.skipped)
@@ -203,17 +211,26 @@ def test_seq_mse_beats_minmax_at_4_bits():
     sq.compute_encodings(calib_batches(), show_progress=False)
     res = rq.seq_mse(sq, calib_batches(8), show_progress=False)
     assert set(res.layers) == {"conv1", "conv2", "conv3", "fc"}
-    assert out_mse(sq) < out_mse(mm)
+    # measured out_mse ratio SeqMSE / min-max: 0.33 (2 threads), 0.86 (1 thread; the cached
+    # trained net differs with the thread count); allowed 0.92
+    assert out_mse(sq) < 0.92 * out_mse(mm)
     assert sq.quantizer("conv2.weight").frozen
 
 
 def test_bn_reestimation_handle_restores_exactly():
     m = ConvNet().eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    h = rq.reestimate_bn_stats(m, [torch.randn(4, 3, 16, 16) * 3 + 1 for _ in range(3)], show_progress=False)
+    data = [torch.randn(4, 3, 16, 16) * 3 + 1 for _ in range(3)]
+    h = rq.reestimate_bn_stats(m, data, show_progress=False)
     assert h.batches == 3
-    assert not torch.equal(m.bn1.running_mean, before["bn1.running_mean"])
-    assert torch.allclose(m.bn1.running_mean, m.bn1.running_mean)  # finite
+    # the new statistics are the plain average over the batches of bn1's input statistics
+    with torch.no_grad():
+        y = [m.conv1(b) for b in data]
+    want_mean = torch.stack([t.mean((0, 2, 3)) for t in y]).mean(0)
+    want_var = torch.stack([t.var((0, 2, 3), unbiased=True) for t in y]).mean(0)
+    # measured max abs difference 6e-8 (float32 sums in another order); margin ~15x
+    torch.testing.assert_close(m.bn1.running_mean, want_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m.bn1.running_var, want_var, rtol=1e-6, atol=1e-6)
     h.restore()
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -231,8 +248,11 @@ def test_fold_into_sim_for_qat_keeps_quantized_function():
     assert len(res.folded) == 2
     with torch.no_grad():
         after = sim.model(x)
-    assert (after - before).abs().max() < 0.05 * before.abs().max()
-    assert (after.argmax(1) == before.argmax(1)).float().mean() > 0.97
+    # measured: bit-equal outputs (1 and 2 threads). Folded weights are rounded in another
+    # order, so allow one step of the quantized output on at most 1% of the outputs
+    step = float(sim.quantizer("fc.output").scale)
+    assert (after - before).abs().max() <= step * 1.0001
+    assert (after != before).float().mean() <= 0.01
 
 
 def test_bad_input_is_reported_not_crashed():
