@@ -34,13 +34,12 @@ def run(model, example, calib, tmp_path):
 
 
 def assert_all_stages_ok(data, min_sqnr_db):
+    """Every stage ok; the parity stage itself fails beyond coverage.PARITY_TOLERANCE."""
     st = data["stages"]
     failed = {k: v["message"] for k, v in st.items() if v["status"] != "ok"}
     assert not failed, f"stages failed: {failed}"
     assert st["build"]["float_weights"] == [], f"weights left in float: {st['build']['float_weights']}"
     assert st["sqnr"]["sqnr_db"] >= min_sqnr_db, st["sqnr"]
-    # sim and onnxruntime see the same input: a gap beyond a few output steps is a bug
-    assert st["parity"]["max_abs_diff"] <= 0.05 * st["parity"]["output_absmax"], st["parity"]
 
 
 # ---------------------------------------------------------------------------- models
