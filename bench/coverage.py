@@ -104,10 +104,22 @@ def call(model, inputs):
     return model(inputs)
 
 
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """The error on one line: its lines joined (a list of modules stays readable), cut at limit."""
-    msg = " / ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
-    return f"{type(e).__name__}: {msg}"[:limit]
+def _joined(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch.onnx colours its messages
+    return " / ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def one_line(e: BaseException, limit: int = 360) -> str:
+    """The error on one line (its lines joined, so a list of modules stays readable), with the
+    root cause appended where it differs: torch.onnx's own message is mostly boilerplate."""
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    head = f"{type(e).__name__}: {_joined(e)}"
+    if root is e:
+        return head[:limit]
+    tail = f" <- {type(root).__name__}: {_joined(root)}"
+    return head[:max(limit // 2, limit - len(tail))] + tail[:limit // 2]
 
 
 # ---------------------------------------------------------------------------- stages
