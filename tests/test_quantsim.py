@@ -436,8 +436,14 @@ def test_untraceable_model_says_which_module():
         def forward(self, x):
             return self.l(self.inner(x))
 
-    with pytest.raises(rq.graph.TraceError, match="(?s)module 'inner'.*leaf_modules"):
-        rq.QuantSim(M(), torch.randn(2, 4))
+    # strict: neither torch.fx nor torch.export captures it; one error names module, line and remedy
+    with pytest.raises(rq.graph.TraceError, match="(?s)module 'inner'.*x.sum\\(\\) > 0.*control flow.*leaf_modules"):
+        rq.QuantSim(M(), torch.randn(2, 4), rq.QuantSimConfig(strict=True))
+    # default: that module stays whole in float, its output quantized, and the sim says so
+    with pytest.warns(UserWarning, match="(?s)whole in float.*inner"):
+        sim = rq.QuantSim(M(), torch.randn(2, 4))
+    assert set(sim.float_leaves) == {"inner"} and "control flow" in sim.float_leaves["inner"]
+    assert {"l.weight", "inner.output"} <= set(sim.quantizers())
     sim = rq.QuantSim(M(), torch.randn(2, 4), leaf_modules=["inner"])  # its inside stays float
     assert "l.weight" in sim.quantizers()
 
@@ -446,16 +452,19 @@ def test_unsupported_modules_listed_together():
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn = nn.GRU(4, 4)
-            self.lstm = nn.LSTM(4, 4)
+            self.rnn = nn.RNN(4, 4)
+            self.smin = nn.Softmin(-1)
 
         def forward(self, x):
-            return self.lstm(self.rnn(x)[0])[0]
+            return self.smin(self.rnn(x)[0])
 
-    with pytest.raises(rq.UnsupportedModuleError, match=r"(?s)rnn .*GRU.*lstm .*LSTM.*register_module.*exclude"):
-        rq.QuantSim(M(), torch.randn(3, 2, 4))
-    sim = rq.QuantSim(M(), torch.randn(3, 2, 4), rq.QuantSimConfig(exclude=(nn.GRU, nn.LSTM)))
-    assert sim.quantizers()  # the model input is still quantized
+    with pytest.raises(rq.UnsupportedModuleError, match=r"(?s)rnn: .*RNN.*smin: .*Softmin.*register_module.*exclude"):
+        rq.QuantSim(M(), torch.randn(3, 2, 4), rq.QuantSimConfig(strict=True))
+    with pytest.warns(UserWarning, match="(?s)2 modules whole in float.*rnn.*smin"):
+        sim = rq.QuantSim(M(), torch.randn(3, 2, 4))
+    assert set(sim.float_leaves) == {"rnn", "smin"} and {"rnn.output", "smin.output"} <= set(sim.quantizers())
+    sim = rq.QuantSim(M(), torch.randn(3, 2, 4), rq.QuantSimConfig(exclude=(nn.RNN, nn.Softmin)))
+    assert sim.quantizers() and not sim.float_leaves  # the model input is still quantized
 
 
 def test_dummy_input_on_wrong_device():

@@ -27,6 +27,11 @@ class Stats:
     lo: torch.Tensor | None = None
     hi: torch.Tensor | None = None
     batches: int = 0
+    sample: torch.Tensor | None = None  # a strided sample of the values (grid-damage check)
+
+
+SAMPLE_PER_BATCH = 4096
+SAMPLE_MAX = 16384
 
 
 class Observer:
@@ -52,6 +57,8 @@ class Observer:
         return x.reshape(C * (I // self.block_size), -1)
 
     def update(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            return  # a constant that reached a quantizer (e.g. a bool flag): nothing to observe
         x = x.detach()
         if not x.is_floating_point():
             return  # integer tensors (indices, masks) are not quantized
@@ -76,6 +83,8 @@ class Observer:
             torch.minimum(s.min, mn, out=s.min)
             torch.maximum(s.max, mx, out=s.max)
         s.batches += 1
+        if self.axis is None and self.block_size is None:
+            _keep_sample(s, x)
         if self.histogram:
             self._update_hist(x, mn.reshape(-1), mx.reshape(-1))
 
@@ -95,6 +104,37 @@ class Observer:
             s.hist = rebin(s.hist, s.lo, s.hi, nlo, nhi)
             s.lo, s.hi = nlo, nhi
         s.hist += ops.histogram(g, self.bins, s.lo, s.hi, axis=0).double()
+
+
+def _keep_sample(s: Stats, x: torch.Tensor) -> None:
+    """A strided (deterministic) sample of x, up to SAMPLE_MAX values over the first batches."""
+    have = 0 if s.sample is None else s.sample.numel()
+    if have >= SAMPLE_MAX:
+        return
+    flat = x.reshape(-1)
+    step = max(1, flat.numel() // SAMPLE_PER_BATCH)
+    part = flat[::step][:min(SAMPLE_PER_BATCH, SAMPLE_MAX - have)].float().cpu()
+    s.sample = part.clone() if s.sample is None else torch.cat([s.sample, part])
+
+
+def grid_damage(sample: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> dict | None:
+    """How a per-tensor grid treats a sample of its data: ``collapsed``, the share of the
+    values not already on the grid that land on its most used level (a mel spectrogram
+    at 8 bits: nearly all of them on 0); ``clipped``, the share outside the grid."""
+    if sample is None or sample.numel() == 0 or scale.numel() != 1:
+        return None
+    s, z = float(scale.reshape(-1)[0]), float(zero_point.reshape(-1)[0])
+    x = sample.double()
+    q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+    off_grid = (q - z) * s != x
+    clipped = float(((x / s + z) < qmin - 0.5).sum() + ((x / s + z) > qmax + 0.5).sum()) / x.numel()
+    if not off_grid.any():
+        return {"collapsed": 0.0, "clipped": clipped, "level": 0.0}
+    levels = (q[off_grid] - qmin).long()
+    counts = torch.bincount(levels, minlength=qmax - qmin + 1)
+    top = int(counts.argmax())
+    return {"collapsed": float(counts[top]) / int(off_grid.sum()), "clipped": clipped,
+            "level": (top + qmin - z) * s}
 
 
 def _widen(lo, hi):

@@ -45,6 +45,8 @@ class QuantSimConfig:
     histogram_bins: int = 2048
     nonfinite: str = "raise"              # "raise" on NaN/Inf in calibration, or "ignore"
     exclude: tuple = field(default_factory=tuple)  # module names or types left in float
+    strict: bool = False                  # modules QuantSim cannot quantize are an error, not float leaves
+    capture: str = "auto"                 # "auto" (torch.fx, else torch.export), "fx" or "export"
 
     def __post_init__(self):
         for name in ("param_scheme", "act_scheme"):
@@ -58,6 +60,8 @@ class QuantSimConfig:
             for name in ("param_bw", "act_bw"):
                 if getattr(self, name) is not None and not 2 <= getattr(self, name) <= 16:
                     raise ValueError(f"{name}={getattr(self, name)}: integer bitwidths are 2..16")
+        if self.capture not in ("auto", "fx", "export"):
+            raise ValueError(f"capture must be 'auto', 'fx' or 'export' (got {self.capture!r})")
         if self.nonfinite not in ("raise", "ignore"):
             raise ValueError("nonfinite must be 'raise' or 'ignore'")
         if not 50 <= self.percentile <= 100:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,76 @@ PASSTHROUGH_METHODS = {
 }
 
 
+# aten ops (graphs captured with torch.export) speak the same op types
+_aten = torch.ops.aten
+ATEN_FUNCTIONS: dict = {
+    "add.Tensor": "Add", "add_.Tensor": "Add", "sub.Tensor": "Sub", "rsub.Scalar": "Sub",
+    "mul.Tensor": "Mul", "mul_.Tensor": "Mul", "div.Tensor": "Div", "div.Tensor_mode": "Div",
+    "matmul.default": "MatMul", "bmm.default": "MatMul", "mm.default": "MatMul",
+    "baddbmm.default": "MatMul", "addmm.default": "Gemm", "linear.default": "Gemm",
+    "conv1d.default": "Conv", "conv2d.default": "Conv", "conv3d.default": "Conv",
+    "conv1d.padding": "Conv", "conv2d.padding": "Conv", "conv3d.padding": "Conv",
+    "convolution.default": "Conv", "conv_transpose2d.input": "ConvTranspose",
+    "conv_transpose1d.default": "ConvTranspose",
+    "cat.default": "Concat", "stack.default": "Concat", "concat.default": "Concat",
+    "relu.default": "Relu", "relu_.default": "Relu", "hardtanh.default": "Clip", "hardtanh_.default": "Clip",
+    "relu6.default": "Clip", "clamp.default": "Clip", "clamp.Tensor": "Clip", "clip.default": "Clip",
+    "gelu.default": "Gelu", "silu.default": "Silu", "silu_.default": "Silu", "hardswish.default": "HardSwish",
+    "hardswish_.default": "HardSwish", "hardsigmoid.default": "HardSigmoid", "sigmoid.default": "Sigmoid",
+    "tanh.default": "Tanh", "softmax.int": "Softmax", "_softmax.default": "Softmax",
+    "log_softmax.int": "LogSoftmax", "_log_softmax.default": "LogSoftmax",
+    "leaky_relu.default": "LeakyRelu", "elu.default": "Elu", "mish.default": "Mish", "softplus.default": "Softplus",
+    "layer_norm.default": "LayerNormalization", "group_norm.default": "GroupNormalization",
+    "batch_norm.default": "BatchNormalization", "_native_batch_norm_legit_no_training.default": "BatchNormalization",
+    "avg_pool1d.default": "AveragePool", "avg_pool2d.default": "AveragePool",
+    "adaptive_avg_pool1d.default": "GlobalAveragePool", "adaptive_avg_pool2d.default": "GlobalAveragePool",
+    "upsample_nearest2d.vec": "Resize", "upsample_bilinear2d.vec": "Resize", "upsample_nearest2d.default": "Resize",
+    "upsample_bilinear2d.default": "Resize",
+    "mean.dim": "ReduceMean", "mean.default": "ReduceMean", "sum.dim_IntList": "ReduceSum", "sum.default": "ReduceSum",
+    "pow.Tensor_Scalar": "Pow", "pow.Tensor_Tensor": "Pow", "sqrt.default": "Sqrt", "rsqrt.default": "Reciprocal",
+    "exp.default": "Exp", "embedding.default": "Gather", "prelu.default": "PRelu",
+    "scaled_dot_product_attention.default": "Attention",
+}
+ATEN_PASSTHROUGH = {
+    "view.default", "reshape.default", "_unsafe_view.default", "permute.default", "transpose.int", "t.default",
+    "unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default", "expand.default", "expand_as.default",
+    "slice.Tensor", "select.int", "narrow.default", "clone.default", "contiguous.default", "flatten.using_ints",
+    "alias.default", "detach.default", "dropout.default", "feature_dropout.default", "split.Tensor",
+    "split_with_sizes.default", "chunk.default", "unbind.int", "max_pool1d.default", "max_pool2d.default",
+    "max_pool2d_with_indices.default", "max_pool3d.default", "adaptive_max_pool2d.default", "pad.default",
+    "constant_pad_nd.default", "pixel_shuffle.default", "roll.default", "flip.default", "repeat.default",
+    "index.Tensor", "index_select.default", "gather.default", "masked_fill.Scalar", "masked_fill.Tensor",
+    "to.dtype", "to.device", "to.dtype_layout", "_to_copy.default", "type_as.default", "lift_fresh_copy.default",
+    "sym_size.int", "sym_numel.default", "_assert_tensor_metadata.default", "zeros_like.default",
+    "ones_like.default", "full_like.default", "arange.default", "arange.start", "arange.start_step",
+    "zeros.default", "ones.default", "full.default", "new_ones.default", "new_zeros.default", "new_full.default",
+    "scalar_tensor.default", "where.self", "ge.Scalar", "gt.Scalar", "le.Scalar", "lt.Scalar", "eq.Scalar",
+    "ne.Scalar", "__and__.Tensor", "__or__.Tensor", "logical_not.default", "bitwise_not.default",
+    "unflatten.int", "view_as.default", "reshape_as.default", "repeat_interleave.self_int",
+}
+
+
+def _aten_key(target) -> str | None:
+    """'add.Tensor' for torch.ops.aten.add.Tensor (None for anything else)."""
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        return f"{target._schema.name.split('::')[-1]}.{target._overloadname or 'default'}"
+    return None
+
+
+def function_op_type(target) -> str | None:
+    """ONNX op type of a call_function target (torch function or aten op)."""
+    if target in FUNCTIONS:
+        return FUNCTIONS[target]
+    key = _aten_key(target)
+    return ATEN_FUNCTIONS.get(key) if key else None
+
+
+def is_passthrough_function(target) -> bool:
+    if target in PASSTHROUGH_FUNCTIONS:
+        return True
+    return _aten_key(target) in ATEN_PASSTHROUGH
+
+
 def register_module(cls: type, op_type: str, params: dict | None = None, passthrough: bool = False) -> None:
     """Teach QuantSim a module type: its ONNX op type and {param name: channel axis or None}."""
     MODULES[cls] = ModuleSpec(op_type, dict(params or {}), passthrough)
@@ -109,8 +180,49 @@ def register_function(target, op_type: str) -> None:
     (METHODS if isinstance(target, str) else FUNCTIONS)[target] = op_type
 
 
+# Quantized twins: module types replaced by a dedicated quantized module (e.g. recurrent
+# layers). factory(module, name, sim) -> nn.Module; sim.new_quantizer(...) makes quantizers
+# that follow the config. Twin types are leaves of the capture.
+TWINS: dict[type, Callable] = {}
+
+
+def register_twin(cls: type, factory: Callable) -> None:
+    """Teach QuantSim a module type with its own quantized implementation."""
+    TWINS[cls] = factory
+
+
+def twin_factory(m: nn.Module) -> Callable | None:
+    f = TWINS.get(type(m))
+    if f is None:
+        f = next((f for t, f in TWINS.items() if isinstance(m, t)), None)
+    return f
+
+
+def module_spec(m: nn.Module) -> ModuleSpec | None:
+    """The spec of m's type, or of its nearest registered base class (Conv2d subclasses)."""
+    spec = MODULES.get(type(m))
+    if spec is None:
+        spec = next((s for t, s in MODULES.items() if isinstance(m, t)), None)
+    return spec
+
+
+def is_known_leaf(m: nn.Module) -> bool:
+    """Modules QuantSim wraps whole: registered types, their subclasses that hold weights
+    (a same-padding Conv2d subclass keeps its weight quantizer), and twins."""
+    if type(m) in MODULES or twin_factory(m) is not None:
+        return True
+    spec = module_spec(m)
+    return spec is not None and bool(spec.params) and not list(m.children())
+
+
+def is_float_leaf(m: nn.Module) -> bool:
+    """torch.nn modules QuantSim knows nothing about (kept whole, in float, output quantized)."""
+    return (m.__module__.startswith("torch.nn") and not list(m.children()) and not isinstance(m, nn.Sequential)
+            and module_spec(m) is None and twin_factory(m) is None)
+
+
 class TraceError(RuntimeError):
-    pass
+    """Neither torch.fx nor torch.export could capture the model (the message says where and why)."""
 
 
 class _Tracer(fx.Tracer):
@@ -122,10 +234,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or isinstance(m, self.leaf_types):
             return True
-        if type(m) in MODULES:
-            return True
-        # torch.nn modules without children are leaves (reported if unsupported)
-        return m.__module__.startswith("torch.nn") and not list(m.children()) and not isinstance(m, nn.Sequential)
+        return is_known_leaf(m) or is_float_leaf(m)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -159,10 +268,14 @@ class OpInfo:
     passthrough: bool = False
     module: nn.Module | None = None
     spec: ModuleSpec | None = None
+    twin: Callable | None = None     # build a quantized twin instead of a QuantizedModule
+    float_leaf: bool = False         # unknown module kept whole in float, output quantized
 
 
-def classify(gm: fx.GraphModule, excluded: set) -> tuple[list[OpInfo], list[str], list[str]]:
-    """Op info per node, plus unsupported module paths and unknown function names."""
+def classify(gm: fx.GraphModule, excluded: set, kinds: dict | None = None) -> tuple[list[OpInfo], list[str], list[str]]:
+    """Op info per node, plus float-leaf module paths (no quantized version) and unknown function
+    names. ``kinds`` (node -> 'float'/'int'/'other', from a run) marks size arithmetic and
+    integer ops: not quantized, not reported."""
     infos, unsupported, unknown = [], [], []
     mods = dict(gm.named_modules())
     for node in gm.graph.nodes:
@@ -171,20 +284,26 @@ def classify(gm: fx.GraphModule, excluded: set) -> tuple[list[OpInfo], list[str]
             if node.target in excluded or type(m) in excluded:
                 infos.append(OpInfo(node, None, module=m))
                 continue
-            spec = MODULES.get(type(m))
-            if spec is None:
-                spec = next((s for t, s in MODULES.items() if isinstance(m, t)), None)
+            twin = twin_factory(m)
+            if twin is not None:
+                infos.append(OpInfo(node, type(m).__name__, module=m, twin=twin))
+                continue
+            spec = module_spec(m)
             if spec is None:
                 unsupported.append(f"{node.target} ({type(m).__module__}.{type(m).__name__})")
-                infos.append(OpInfo(node, None, module=m))
+                infos.append(OpInfo(node, type(m).__name__, module=m, float_leaf=True))
                 continue
             infos.append(OpInfo(node, spec.op_type, spec.passthrough, m, spec))
+        elif node.op in ("call_function", "call_method") and kinds is not None and kinds.get(node) != "float":
+            infos.append(OpInfo(node, None, passthrough=True))
         elif node.op == "call_function":
-            if node.target in FUNCTIONS:
-                infos.append(OpInfo(node, FUNCTIONS[node.target]))
+            op_type = function_op_type(node.target)
+            if op_type is not None:
+                infos.append(OpInfo(node, op_type))
             else:
-                infos.append(OpInfo(node, None, passthrough=node.target in PASSTHROUGH_FUNCTIONS))
-                if node.target not in PASSTHROUGH_FUNCTIONS:
+                passthrough = is_passthrough_function(node.target)
+                infos.append(OpInfo(node, None, passthrough=passthrough))
+                if not passthrough:
                     unknown.append(getattr(node.target, "__name__", str(node.target)))
         elif node.op == "call_method":
             if node.target in METHODS:

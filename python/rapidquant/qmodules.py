@@ -65,9 +65,9 @@ class QuantizedModule(nn.Module):
         m = self.module
         if not self.param_quantizers:
             out = m(*args, **kwargs)
-        elif isinstance(m, _CONV) and set(self.param_quantizers) <= {"weight"} and not kwargs:
+        elif type(m) in _CONV and set(self.param_quantizers) <= {"weight"} and not kwargs:
             out = m._conv_forward(args[0], self.quantized_param("weight"), m.bias)
-        elif isinstance(m, nn.Linear) and set(self.param_quantizers) <= {"weight"} and not kwargs:
+        elif type(m) is nn.Linear and set(self.param_quantizers) <= {"weight"} and not kwargs:
             out = F.linear(args[0], self.quantized_param("weight"), m.bias)
         else:
             params = {self._param_names[k]: self.quantized_param(k) for k in self.param_quantizers}
@@ -75,7 +75,7 @@ class QuantizedModule(nn.Module):
         q = self.output_quantizer
         if q is None:
             return out
-        if isinstance(out, tuple):  # e.g. MultiheadAttention: (output, weights)
+        if isinstance(out, tuple):  # e.g. MultiheadAttention: (output, weights); LSTM: (output, (h, c))
             return (q(out[0]),) + tuple(out[1:])
         return q(out, inplace=_fresh(out, args))
 
@@ -116,3 +116,38 @@ class InputQuantizer(nn.Module):
 
     def forward(self, x):
         return self.output_quantizer(x)
+
+
+class QuantizedParameter(nn.Module):
+    """Quantizes a parameter that an op uses directly (``F.conv2d(x, self.weight)`` in a
+    Conv2d subclass's own forward, ``x @ self.w``): the graph feeds the parameter through
+    this module. ``source`` is the parameter's name in the sim's model; the quantized
+    value is reused in eval mode while neither weight nor encoding changes."""
+
+    def __init__(self, quantizer: Quantizer, source: str, op_type: str):
+        super().__init__()
+        self.quantizer = quantizer
+        self.source = source
+        self.op_type = op_type
+        self._cache: tuple | None = None
+
+    def forward(self, p):
+        q = self.quantizer
+        if not q.enabled or q.observer is not None:
+            return p
+        track_grad = torch.is_grad_enabled() and (p.requires_grad or any(t.requires_grad for t in q.parameters()))
+        if self.training or track_grad:
+            return q(p)
+        key = (p.data_ptr(), p._version, q.version, id(q.scale) if q.scale is not None else 0,
+               q.scale._version if q.scale is not None else 0)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        qp = q(p)
+        self._cache = (key, qp)
+        return qp
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return f"source={self.source}, op_type={self.op_type}"

@@ -12,10 +12,12 @@ from torch import fx, nn
 
 from rapidquant import distributed as D
 from rapidquant import graph as G
-from rapidquant import recurrent as R  # registers LSTM/GRU(Cell) with the graph vocabulary
+from rapidquant import recurrent as R  # LSTM/GRU(Cell) twins
+from rapidquant.batches import InputSignature, call_model, count_inputs, split_batch, tensors, to_device
+from rapidquant.capture import capture, mask_nodes, value_kinds
 from rapidquant.config import HwConfig, QuantSimConfig
 from rapidquant.progress import progress
-from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule
+from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule, QuantizedParameter
 from rapidquant.quantizer import Quantizer
 
 
@@ -23,42 +25,14 @@ class UnsupportedModuleError(TypeError):
     pass
 
 
-def _tensors(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    return []
+for _cls in R.RECURRENT:  # LSTM/GRU(Cell): quantized twins from rapidquant.recurrent
+    G.register_twin(_cls, R.quantized_twin)
 
-
-def to_device(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x
-
-
-def call_model(model: nn.Module, batch, n_inputs: int | None = None):
-    """Run model on a batch of any structure: tensor, dict (keyword inputs) or tuple/list.
-
-    A tuple/list batch whose length exceeds the model's number of inputs (e.g. (x, label)
-    from a DataLoader) passes only its first n_inputs elements.
-    """
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        args = batch if n_inputs is None else batch[:n_inputs]
-        return model(*args)
-    return model(batch)
-
-
-def _count_inputs(dummy_input) -> int:
-    return len(dummy_input) if isinstance(dummy_input, (list, tuple)) else 1
+_tensors = tensors          # old private names, kept for other modules
+_count_inputs = count_inputs
+COLLAPSE_WARN = 0.9  # share of (not exactly representable) calibration values on one grid level
+CLIP_WARN = 0.05     # share of calibration values outside the grid
+_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "Gather": 0}  # op type -> weight arg index
 
 
 class QuantSim:
@@ -69,29 +43,47 @@ class QuantSim:
     ...), and every quantizer is reachable by name through :meth:`quantizers` or as an
     attribute (``sim.model.conv1.param_quantizers["weight"]``,
     ``sim.model.conv1.output_quantizer``).
+
+    ``dummy_input`` is a tensor, a tuple of positional inputs, a dict of keyword inputs
+    (a tokenizer's output) or an ``(args, kwargs)`` pair. The model is captured with
+    torch.fx, else torch.export (``capture_method`` says which); modules that neither can
+    capture stay whole in float with their output quantized (``float_leaves``, with the
+    reason; an error under ``QuantSimConfig(strict=True)``).
     """
 
     def __init__(self, model: nn.Module, dummy_input, config: QuantSimConfig | None = None, *,
                  inplace: bool = False, leaf_modules: Iterable = (), concrete_args: dict | None = None):
         self.config = config or QuantSimConfig()
         self.hw = HwConfig.load(self.config.hw_config)
-        self._n_inputs = _count_inputs(dummy_input)
         self.dummy_input = dummy_input
         device = _model_device(model)
-        for t in _tensors(dummy_input):
+        for t in tensors(dummy_input):
             if device is not None and t.device != device:
                 raise ValueError(f"dummy_input is on {t.device} but the model is on {device}; "
                                  f"move it with .to({str(device)!r})")
+        args, kwargs = split_batch(dummy_input)
         src = model if inplace else copy.deepcopy(model)
-        leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
-        leaf_names = [n for n in leaf_modules if isinstance(n, str)]
+        leaf_modules = tuple(leaf_modules)
         excluded = set(self.config.exclude)
-        leaf_types += tuple(t for t in excluded if isinstance(t, type))
-        leaf_names += [n for n in excluded if isinstance(n, str)]
-        gm = G.trace(src, leaf_types, leaf_names, concrete_args)
-        self.model = gm
-        self._build(gm, excluded | set(leaf_modules), dummy_input)
+        leaf_types = tuple(t for t in (*leaf_modules, *excluded) if isinstance(t, type))
+        leaf_names = [n for n in (*leaf_modules, *excluded) if isinstance(n, str)]
+        cap = capture(src, args, kwargs, leaf_types=leaf_types, leaf_names=leaf_names,
+                      concrete_args=concrete_args, strict=self.config.strict, method=self.config.capture)
+        self.model = cap.gm
+        self.capture_method = cap.method
+        self.capture_notes = cap.notes
+        self.input_signature = InputSignature(cap.input_names, len(args), tuple(kwargs))
+        self.float_leaves: dict[str, str] = dict(cap.float_leaves)
+        self.calibration_warnings: list[dict] = []
+        self._build(cap.gm, excluded, args, kwargs)
         self._check_runs(dummy_input)
+
+    @property
+    def n_inputs(self) -> int:
+        """Number of model inputs (``input_signature`` has their names)."""
+        return len(self.input_signature.names)
+
+    _n_inputs = n_inputs  # old private name, still read by other modules
 
     # ------------------------------------------------------------------ construction
     def _bitwidths(self):
@@ -118,17 +110,22 @@ class QuantSim:
             float_format=c.float_format, learn_range=c.learn_range, name=name,
             bins=c.histogram_bins, nonfinite=c.nonfinite)
 
-    def _build(self, gm: fx.GraphModule, excluded: set, dummy_input) -> None:
-        infos, unsupported, unknown = G.classify(gm, excluded)
-        if unsupported:
-            raise UnsupportedModuleError(
-                "QuantSim has no quantized version of these modules:\n  " + "\n  ".join(unsupported) +
-                "\nRegister one with rapidquant.register_module(cls, op_type, params={'weight': axis}), "
-                "or leave them in float with QuantSimConfig(exclude=(cls_or_name, ...)).")
+    def new_quantizer(self, name, *, param: bool, op_type: str, pname: str = "", axis=None,
+                      block_size=None) -> Quantizer:
+        """A quantizer that follows this sim's config and hw config (for quantized twins)."""
+        return self._new_quantizer(name, param=param, op_type=op_type, pname=pname, axis=axis,
+                                   block_size=block_size)
+
+    def _build(self, gm: fx.GraphModule, excluded: set, args: tuple, kwargs: dict) -> None:
+        kinds = value_kinds(gm, args, kwargs)
+        infos, unsupported, unknown = G.classify(gm, excluded, kinds)
+        self._check_float_leaves(infos)
         if unknown:
             warnings.warn("QuantSim leaves the outputs of these functions unquantized (unknown ops): "
                           + ", ".join(unknown) + ". Teach it with rapidquant.register_function(fn, op_type).",
                           stacklevel=3)
+        const, masks = mask_nodes(gm, kinds)
+        self._quantize_used_params(gm, infos)
         fused = G.match_supergroups(infos, self.hw.supergroups())
         outputs = _output_nodes(gm)
         out_q = self.hw.model_output_quantized()
@@ -144,11 +141,11 @@ class QuantSim:
                 quantize_out = out_q
             if node.op == "call_module":
                 name = node.target
-                if R.is_recurrent(info.module):  # LSTM/GRU(Cell): quantized twin from rapidquant.recurrent
-                    gm.set_submodule(name, R.quantized_twin(info.module, name, self._new_quantizer, self.hw, c))
+                if info.twin is not None:  # e.g. LSTM/GRU: its own quantized implementation
+                    gm.set_submodule(name, info.twin(info.module, name, self._new_quantizer, self.hw, c))
                     continue
                 pq = {}
-                for pname, axis in info.spec.params.items():
+                for pname, axis in (info.spec.params.items() if info.spec else ()):
                     try:
                         p = info.module.get_parameter(pname)
                     except AttributeError:
@@ -172,24 +169,23 @@ class QuantSim:
                 if not pq and oq is None:
                     continue
                 gm.set_submodule(name, QuantizedModule(info.module, info.op_type, pq, oq))
-            elif quantize_out:
+            elif quantize_out and node not in const and not _applies_mask(node, info.op_type, masks):
                 name = _unique_name(gm, node.name)
                 oq = self._new_quantizer(f"{name}.output", param=False, op_type=info.op_type)
                 _apply_constraints(oq, self.hw.encoding_constraints(info.op_type))
                 gm.add_submodule(name, FunctionalOp(node.op, node.target, info.op_type, oq))
                 with g.inserting_after(node):
                     new = g.call_module(name, node.args, node.kwargs)
+                new.meta.update(node.meta)
                 node.replace_all_uses_with(new)
                 g.erase_node(node)
         if no_blocks:
             warnings.warn(f"block_size {c.block_size} does not divide the input channels of "
                           + ", ".join(no_blocks) + "; those weights use per-channel encodings", stacklevel=3)
         if self.hw.model_input_quantized():
-            float_inputs = [t.is_floating_point() if isinstance(t, torch.Tensor) else False
-                            for t in (dummy_input if isinstance(dummy_input, (tuple, list)) else (dummy_input,))]
-            for i, node in enumerate([n for n in g.nodes if n.op == "placeholder"]):
-                if i < len(float_inputs) and not float_inputs[i]:
-                    continue  # integer inputs (token ids, masks) are not quantized
+            for node in [n for n in g.nodes if n.op == "placeholder"]:
+                if kinds.get(node) != "float":
+                    continue  # integer inputs (token ids, masks) and constants are not quantized
                 name = _unique_name(gm, f"input_{node.name}")
                 gm.add_submodule(name, InputQuantizer(self._new_quantizer(f"{name}.output", param=False, op_type="Input")))
                 with g.inserting_after(node):
@@ -198,12 +194,70 @@ class QuantSim:
         g.lint()
         gm.recompile()
 
+    def _check_float_leaves(self, infos) -> None:
+        """Modules with no quantized version stay whole in float (output quantized): one
+        warning, listed in ``float_leaves``; an error under strict mode."""
+        for info in infos:
+            if info.float_leaf and info.node.target not in self.float_leaves:
+                m = info.module
+                self.float_leaves[info.node.target] = (
+                    f"no quantized version of {type(m).__module__}.{type(m).__name__}")
+        if not self.float_leaves:
+            return
+        listed = "\n  ".join(f"{k}: {v}" for k, v in self.float_leaves.items())
+        if self.config.strict:
+            raise UnsupportedModuleError(
+                "QuantSim has no quantized version of these modules (strict=True):\n  " + listed +
+                "\nRegister one with rapidquant.register_module(cls, op_type, params={'weight': axis}), "
+                "leave them in float with QuantSimConfig(exclude=(cls_or_name, ...)), or drop strict=True "
+                "to keep them whole in float with their outputs quantized.")
+        warnings.warn(f"QuantSim keeps {len(self.float_leaves)} modules whole in float (their outputs are "
+                      "quantized, their insides are not):\n  " + listed +
+                      "\nSee sim.float_leaves; QuantSimConfig(strict=True) makes this an error.", stacklevel=4)
+
+    def _quantize_used_params(self, gm: fx.GraphModule, infos) -> None:
+        """Give a weight quantizer to every parameter that a functional conv, linear, matmul or
+        embedding uses directly (a Conv2d subclass's own forward, ``x @ self.w``)."""
+        g, c = gm.graph, self.config
+        done: dict = {}
+        for info in infos:
+            node = info.node
+            if node.op != "call_function" or info.op_type not in (*_WEIGHT_OPS, "MatMul"):
+                continue
+            idx = (0, 1) if info.op_type == "MatMul" else (_WEIGHT_OPS[info.op_type],)
+            for i in idx:
+                if i >= len(node.args) or not isinstance(node.args[i], fx.Node):
+                    continue
+                src, direct = _param_source(node.args[i])
+                if src is None or src.target in done:
+                    continue
+                try:
+                    p = gm.get_parameter(src.target)
+                except AttributeError:
+                    continue  # a buffer or constant, not a weight
+                kind = "weight"
+                if not self.hw.param_quantized(info.op_type, kind):
+                    continue
+                per_ch = c.per_channel if c.per_channel is not None else self.hw.per_channel(info.op_type)
+                axis = None
+                if per_ch and direct and p.dim() >= 2:
+                    axis = {"Conv": 0, "Gemm": 0, "ConvTranspose": 1}.get(info.op_type)
+                    if info.op_type == "MatMul" and i == 1:
+                        axis = p.dim() - 1  # x @ W: W's last dim indexes the outputs
+                name = _unique_name(gm, src.target + "_quantizer")
+                q = self._new_quantizer(src.target, param=True, op_type=info.op_type, pname=kind, axis=axis)
+                gm.add_submodule(name, QuantizedParameter(q, src.target, info.op_type))
+                with g.inserting_after(src):
+                    new = g.call_module(name, (src,))
+                src.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+                done[src.target] = new
+
     def _check_runs(self, dummy_input) -> None:
         with self.disabled(), torch.no_grad():
             was = self.model.training
             self.model.eval()
             try:
-                call_model(self.model, dummy_input, self._n_inputs)
+                call_model(self.model, dummy_input, self.input_signature)
             finally:
                 self.model.train(was)
 
@@ -218,6 +272,8 @@ class QuantSim:
             if isinstance(m, QuantizedModule):
                 for q in m.param_quantizers.values():
                     out[q.name] = q
+            elif isinstance(m, QuantizedParameter):
+                out[m.quantizer.name] = m.quantizer
         return out
 
     def activation_quantizers(self) -> "OrderedDict[str, Quantizer]":
@@ -278,7 +334,7 @@ class QuantSim:
         """
         sync = D.active() if sync is None else (sync and D.active())
         shard = sync if shard is None else shard
-        self._calibrate_params()
+        self.calibrate_params()
         acts = [q for q in self.activation_quantizers().values()
                 if q.enabled and not (q.frozen and q.is_initialized)]
         for q in acts:
@@ -303,7 +359,7 @@ class QuantSim:
                             break
                         if shard and not D.mine(i):
                             continue  # another rank's batch
-                        call_model(model, to_device(batch, device) if device else batch, self._n_inputs)
+                        call_model(model, to_device(batch, device) if device else batch, self.input_signature)
                         seen += 1
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = e
@@ -332,18 +388,51 @@ class QuantSim:
                 self.quantizer(name).enabled = False
             warnings.warn(f"{len(unused)} quantizers saw no data during calibration and were disabled: "
                           + ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""), stacklevel=2)
+        self._check_grids(acts)
 
-    def _calibrate_params(self) -> None:
+    def calibrate_params(self) -> None:
+        """Parameter encodings from the current weights (no data needed; frozen ones kept)."""
         for m in self.model.modules():
-            if not isinstance(m, QuantizedModule):
+            if isinstance(m, QuantizedModule):
+                pairs = [(q, m.param(m._param_names[k])) for k, q in m.param_quantizers.items()]
+            elif isinstance(m, QuantizedParameter):
+                pairs = [(m.quantizer, self.model.get_parameter(m.source))]
+            else:
                 continue
-            for key, q in m.param_quantizers.items():
+            for q, p in pairs:
                 if q.frozen and q.is_initialized:
                     continue
                 q.start_calibration()
-                q.observer.update(m.param(m._param_names[key]))
+                q.observer.update(p)
                 q.finish_calibration()
             m.clear_cache()
+
+    _calibrate_params = calibrate_params  # old private name
+
+    def run(self, batch):
+        """Run the sim on one batch of any structure (tensor, tuple, dict, (args, kwargs));
+        tuples longer than the inputs pass their first elements, dict keys the captured
+        model does not take are dropped."""
+        return call_model(self.model, batch, self.input_signature)
+
+    def _check_grids(self, quantizers) -> None:
+        """Name the quantizers whose grid destroys their calibration data (one warning)."""
+        from rapidquant.calibration import grid_damage
+        found = []
+        for q in quantizers:
+            if not q.enabled or q.dtype != "int" or q.scale is None or q.stats is None or q.stats.sample is None:
+                continue
+            d = grid_damage(q.stats.sample, q.scale, q.zero_point, *q.qrange)
+            if d is not None and (d["collapsed"] >= COLLAPSE_WARN or d["clipped"] >= CLIP_WARN):
+                found.append({"name": q.name, **d})
+        self.calibration_warnings = found
+        if found:
+            lines = [f"{f['name']}: {f['collapsed']:.0%} of its calibration values round to one level "
+                     f"({f['level']:.3g}), {f['clipped']:.0%} are clipped" for f in found]
+            warnings.warn(f"{len(found)} quantizers destroy most of their input at their bitwidth:\n  "
+                          + "\n  ".join(lines) + "\nWiden them (bitwidth 16), normalise or log-scale that tensor "
+                          "in the model, or disable them (sim.quantizer(name).enabled = False). "
+                          "Facts in sim.calibration_warnings.", stacklevel=3)
 
     # ------------------------------------------------------------------ encodings I/O
     def encodings(self) -> dict:
@@ -368,14 +457,29 @@ class QuantSim:
         quantizes the biases inside the graph (not simulated by the sim). The batch
         dimension is exported as symbolic when the model allows (``dynamic_batch``)."""
         from rapidquant.export.onnx_qdq import export_sim
-        return export_sim(self, out_dir, dummy_input, filename, encoding_format=encoding_format,
+        return export_sim(self, out_dir, self.positional(dummy_input), filename, encoding_format=encoding_format,
                           export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset,
                           dynamic_batch=dynamic_batch)
+
+    def positional(self, batch) -> tuple:
+        """A batch as the captured model's positional inputs, in signature order (dict
+        batches by name): the form torch.onnx export and onnxruntime feeds take."""
+        args, kwargs = split_batch(batch)
+        names = self.input_signature.names
+        if not kwargs:
+            return tuple(args[:len(names)]) if len(args) > len(names) else tuple(args)
+        rest = names[len(args):]
+        missing = [n for n in rest if n not in kwargs]
+        if missing:
+            raise ValueError(f"batch lacks the model inputs {missing}; the sim was captured with {list(names)}")
+        return tuple(args) + tuple(kwargs[n] for n in rest)
 
     def __repr__(self) -> str:
         qs = self.quantizers()
         on = sum(q.enabled for q in qs.values())
-        return f"QuantSim({len(qs)} quantizers, {on} enabled, config={self.config})"
+        extra = f", {len(self.float_leaves)} float leaves" if self.float_leaves else ""
+        return (f"QuantSim({len(qs)} quantizers, {on} enabled, captured with {self.capture_method}{extra}, "
+                f"config={self.config})")
 
 
 def _model_device(model: nn.Module):
@@ -417,3 +521,24 @@ def _apply_constraints(q: Quantizer, cons: dict) -> None:
         return
     q.set_range(torch.tensor(float(cons["min"])), torch.tensor(float(cons["max"])))
     q.frozen = True
+
+
+def _param_source(node: fx.Node):
+    """(get_attr node, direct) behind node, looking through reshapes/transposes/casts."""
+    hops = 0
+    while node.op != "get_attr":
+        if node.op == "call_function" and G.is_passthrough_function(node.target) or \
+                node.op == "call_method" and node.target in G.PASSTHROUGH_METHODS:
+            ins = node.all_input_nodes
+            if len(ins) != 1:
+                return None, False
+            node, hops = ins[0], hops + 1
+        else:
+            return None, False
+    return node, hops == 0
+
+
+def _applies_mask(node: fx.Node, op_type: str, masks: set) -> bool:
+    """An Add/Sub of an additive attention mask built from the integer mask: its output
+    holds dtype-min values that no grid can carry; the softmax after it is quantized."""
+    return op_type in ("Add", "Sub") and any(a in masks for a in node.all_input_nodes)

@@ -1,0 +1,483 @@
+"""Graph capture for QuantSim: torch.fx symbolic tracing, else torch.export (non-strict).
+
+Both paths end in an ``fx.GraphModule`` whose known layers (Conv, Linear, LayerNorm, ...,
+quantized twins) are ``call_module`` nodes under their original names, so quantizers are
+reachable by name and the techniques see the same modules whichever path captured:
+
+1. torch.fx symbolic tracing (module-level graph, torch functions).
+2. torch.export, non-strict, every input dimension dynamic where the model allows: an
+   aten-level graph in which the nodes of each known layer are folded back into one
+   ``call_module`` node (using the exporter's module stack), inputs by name and
+   dict/dataclass outputs kept (the exporter's pytree codegen).
+3. torch.fx again, keeping each module whose forward cannot be traced as a float leaf
+   (its output quantized; listed in ``float_leaves`` with the reason).
+
+``scaled_dot_product_attention`` is decomposed into scores -> mask -> softmax -> matmul
+so the hardware config can place quantizers on the softmax and both matmuls while the
+mask is applied exactly.
+"""
+from __future__ import annotations
+
+import inspect
+import linecache
+import logging
+import os
+import re
+import traceback
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from rapidquant import graph as G
+from rapidquant.batches import forward_parameters
+
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    method: str                                      # "torch.fx" or "torch.export"
+    float_leaves: dict = field(default_factory=dict)  # module path -> why it stayed whole in float
+    input_names: tuple = ()                          # the graph's real inputs, in call order
+    notes: list = field(default_factory=list)        # why earlier capture paths were not used
+
+
+@dataclass
+class _Failure:
+    method: str
+    module: str | None
+    where: str | None        # "file:line: source"
+    why: str
+    error: BaseException
+
+    def describe(self) -> str:
+        loc = f" in module '{self.module}'" if self.module else ""
+        at = f" at {self.where}" if self.where else ""
+        return f"{self.method}{loc}{at}: {self.why}"
+
+
+# ------------------------------------------------------------------ attention, decomposed
+def attention_scores(q, k, scale=None, enable_gqa: bool = False):
+    """q @ k^T * scale (SDPA's first matmul, one quantizer on the scaled scores)."""
+    if enable_gqa and k.size(-3) != q.size(-3):
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
+    s = q.size(-1) ** -0.5 if scale is None else scale
+    return torch.matmul(q, k.transpose(-2, -1)) * s
+
+
+def apply_attention_mask(scores, mask=None, is_causal: bool = False):
+    """Apply a bool or additive mask exactly (never quantized: it carries dtype-min values)."""
+    low = torch.finfo(scores.dtype).min
+    if is_causal:
+        L, S = scores.size(-2), scores.size(-1)
+        keep = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, low)
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, low)
+    return scores + mask
+
+
+def attention_values(p, v, enable_gqa: bool = False):
+    """softmax(scores) @ v (SDPA's second matmul)."""
+    if enable_gqa and v.size(-3) != p.size(-3):
+        v = v.repeat_interleave(p.size(-3) // v.size(-3), -3)
+    return torch.matmul(p, v)
+
+
+G.FUNCTIONS[attention_scores] = "MatMul"
+G.FUNCTIONS[attention_values] = "MatMul"
+G.PASSTHROUGH_FUNCTIONS.add(apply_attention_mask)
+_SDPA = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
+
+
+def decompose_attention(gm: fx.GraphModule) -> None:
+    """Replace each scaled_dot_product_attention node by its four steps."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target not in _SDPA:
+            continue
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        a = dict(zip(names, node.args))
+        a.update(node.kwargs)
+        gqa = bool(a.get("enable_gqa", False))
+        with g.inserting_before(node):
+            s = g.call_function(attention_scores, (a["query"], a["key"]), {"scale": a.get("scale"), "enable_gqa": gqa})
+            s = g.call_function(apply_attention_mask, (s, a.get("attn_mask")), {"is_causal": a.get("is_causal", False)})
+            p = g.call_function(F.softmax, (s,), {"dim": -1})
+            if a.get("dropout_p"):
+                p = g.call_function(F.dropout, (p,), {"p": a["dropout_p"]})
+            out = g.call_function(attention_values, (p, a["value"]), {"enable_gqa": gqa})
+        for new in (s, p, out):
+            new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+    g.lint()
+    gm.recompile()
+
+
+# ------------------------------------------------------------------ failure reports
+def _user_frame(e: BaseException) -> str | None:
+    """'file:line: source' of the innermost frame of the user's code in e's traceback."""
+    best = None
+    for f in traceback.extract_tb(e.__traceback__):
+        path = os.path.abspath(f.filename)
+        if path.startswith(_TORCH_DIR) or path.startswith(_OWN_DIR) or "/site-packages/torch" in path:
+            continue
+        if "/lib/python3" in path and "site-packages" not in path:
+            continue  # the standard library (contextlib, inspect, ...)
+        best = f
+    if best is None:
+        m = re.search(r'File "([^"]+)", line (\d+)', str(e))  # torch.export names it in the message
+        if m:
+            src = linecache.getline(m.group(1), int(m.group(2))).strip()
+            return f"{m.group(1)}:{m.group(2)}" + (f": `{src}`" if src else "")
+        return None
+    src = (best.line or "").strip()
+    return f"{best.filename}:{best.lineno}" + (f": `{src}`" if src else "")
+
+
+def _why(e: BaseException) -> str:
+    msg = str(e)
+    if "control flow" in msg or "data-dependent" in msg or "GuardOnDataDependent" in type(e).__name__:
+        return "data-dependent Python control flow (a branch, loop or int()/bool() on a tensor's values)"
+    if "Proxy" in msg or isinstance(e, (TypeError, AttributeError)):
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        return f"an unsupported Python construct on a traced value ({type(e).__name__}: {first[:200]})"
+    first = msg.strip().splitlines()[0] if msg.strip() else ""
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+# ------------------------------------------------------------------ torch.fx
+class _FxFailed(Exception):
+    def __init__(self, failure: _Failure):
+        super().__init__(failure.describe())
+        self.failure = failure
+
+
+def _fx_capture(model, args, kwargs, leaf_types, leaf_names, concrete_args) -> fx.GraphModule:
+    concrete = dict(concrete_args or {})
+    params = forward_parameters(model)
+    given = {p.name for p in params[:len(args)]} | set(kwargs)
+    for p in params:  # keyword-only calls: the other arguments keep their defaults
+        if kwargs and p.name not in given and p.name not in concrete and p.default is not inspect.Parameter.empty \
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            concrete[p.name] = p.default
+    tracer = G._Tracer(tuple(leaf_types), set(leaf_names))
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as e:  # noqa: BLE001 - reported as one readable failure
+        raise _FxFailed(_Failure("torch.fx", tracer.failed_in, _user_frame(e), _why(e), e)) from e
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    _drop_constant_placeholders(gm, concrete)
+    return gm
+
+
+def _drop_constant_placeholders(gm: fx.GraphModule, concrete: dict) -> None:
+    """Remove the placeholders torch.fx keeps for concrete_args (and their guards): they are
+    constants of the captured graph, not inputs (nothing to quantize, nothing to pass)."""
+    g = gm.graph
+    guards = (torch._assert, fx._symbolic_trace._assert_is_none)
+    for node in [n for n in g.nodes if n.op == "placeholder"]:
+        base = re.sub(r"_\d+$", "", node.target)
+        if node.target not in concrete and base not in concrete:
+            continue
+        for user in list(node.users):
+            for u in list(user.users):
+                if u.op == "call_function" and u.target in guards:
+                    g.erase_node(u)
+            if user.op == "call_function" and (user.target in guards or not user.users):
+                g.erase_node(user)
+        if not node.users:
+            g.erase_node(node)
+    g.lint()
+    gm.recompile()
+
+
+def _fx_with_float_leaves(model, args, kwargs, leaf_types, leaf_names, concrete_args):
+    """torch.fx, keeping each module whose forward cannot be traced whole (innermost first)."""
+    leaves, float_leaves = set(leaf_names), {}
+    for _ in range(256):
+        try:
+            return _fx_capture(model, args, kwargs, leaf_types, leaves, concrete_args), float_leaves
+        except _FxFailed as f:
+            path = f.failure.module
+            if path is None or path in leaves or path == "":
+                raise
+            leaves.add(path)
+            float_leaves[path] = f.failure.describe()
+    raise RuntimeError("too many untraceable modules")
+
+
+# ------------------------------------------------------------------ torch.export
+def _dynamic_shapes(model, args, kwargs):
+    """Every dim of every tensor input dynamic (torch.export specialises what it must)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except TypeError:
+        return None
+
+    def spec(v):
+        if isinstance(v, torch.Tensor):
+            return {d: torch.export.Dim.AUTO for d in range(v.dim())} or None
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        if isinstance(v, dict):
+            return {k: spec(x) for k, x in v.items()}
+        return None
+    return {k: spec(v) for k, v in bound.items()}
+
+
+def _batch_of_two(x):
+    """Inputs with batch 1 doubled: torch.export would specialise a size-1 batch."""
+    if isinstance(x, torch.Tensor):
+        return torch.cat([x, x]) if x.dim() and x.shape[0] == 1 else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_batch_of_two(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _batch_of_two(v) for k, v in x.items()}
+    return x
+
+
+def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
+    quiet = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch._dynamo",
+                                            "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.CRITICAL)
+    was = model.training
+    model.eval()  # captured in eval mode; layers folded back into modules keep their train()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a2, k2 = _batch_of_two(tuple(args)), _batch_of_two(dict(kwargs))
+            try:
+                ep = torch.export.export(model, a2, k2, strict=False, dynamic_shapes=_dynamic_shapes(model, a2, k2))
+            except Exception as e:  # noqa: BLE001
+                if "data-dependent" in str(e) or "GuardOnDataDependent" in type(e).__name__:
+                    raise
+                ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)  # static shapes
+    except Exception as e:  # noqa: BLE001
+        raise _FxFailed(_Failure("torch.export", None, _user_frame(e), _why(e), e)) from e
+    finally:
+        model.train(was)
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
+    um = ep.module()
+    g = um.graph
+    for node in list(g.nodes):  # shape/dtype/device guards of the export: the sim runs any batch
+        if (node.op == "call_module" and node.target == "_guards_fn") or \
+                (node.op == "call_function" and G._aten_key(node.target) == "_assert_tensor_metadata.default"):
+            g.erase_node(node)
+    mods = dict(model.named_modules())
+    _fold_modules(g, mods, is_leaf)
+    root = {}
+    for node in g.nodes:
+        if node.op == "get_attr":
+            root[node.target] = _resolve(model, node.target, um)
+        elif node.op == "call_module":
+            root[node.target] = mods[node.target]
+    gm = fx.GraphModule(root, g, model.__class__.__name__)
+    gm.training = model.training  # a dict root leaves it True; the modules keep their own mode
+    for attr in ("_in_spec", "_out_spec"):  # the pytree codegen reads them
+        if hasattr(um, attr):
+            setattr(gm, attr, getattr(um, attr))
+    gm.graph.eliminate_dead_code()  # parameters of folded modules
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _resolve(model: nn.Module, target: str, fallback: nn.Module):
+    obj = model
+    try:
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except AttributeError:
+        obj = fallback
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _owner(node, mods, is_leaf) -> str | None:
+    """The outermost leaf module in node's module stack (export records it per node)."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        path = re.sub(r"@\d+$", "", path)
+        m = mods.get(path)
+        if path and m is not None and is_leaf(path, m):
+            return path
+    return None
+
+
+def _fold_modules(g: fx.Graph, mods: dict, is_leaf) -> None:
+    """Fold each call of a leaf module (a run of its aten nodes with one tensor input and one
+    output) back into one call_module node under the module's own name."""
+    runs, cur = [], None
+    for node in g.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        path = _owner(node, mods, is_leaf)
+        if path is None:
+            cur = None
+            continue
+        if cur is None or cur[0] != path:
+            cur = (path, [])
+            runs.append(cur)
+        cur[1].append(node)
+    for path, nodes in runs:
+        _fold_run(g, path, nodes)
+
+
+def _is_tensor(n) -> bool:
+    return n.op == "get_attr" or isinstance(n.meta.get("val"), torch.Tensor)
+
+
+def _fold_run(g: fx.Graph, path: str, nodes: list) -> None:
+    # symbolic sizes stay in the graph (others may use them); they must not read the inside
+    inside = {n for n in nodes if _is_tensor(n)}
+    for n in nodes:
+        if n not in inside and any(a in inside for a in n.all_input_nodes):
+            return
+    ext = []
+    for n in nodes:
+        if n not in inside:
+            continue
+        for a in n.all_input_nodes:
+            if a in inside or a in ext or not _is_tensor(a):
+                continue
+            if a.op == "get_attr" and a.target.startswith(path + "."):
+                continue  # the module's own parameters and buffers
+            ext.append(a)
+    outs = [n for n in inside if any(u not in inside for u in n.users)]
+    if len(ext) != 1 or len(outs) != 1 or ext[0].op == "get_attr":
+        return  # not a plain one-input call: its ops stay in the graph
+    with g.inserting_after(outs[0]):
+        new = g.create_node("call_module", path, (ext[0],), {})
+    new.meta.update(outs[0].meta)
+    outs[0].replace_all_uses_with(new, delete_user_cb=lambda u: u not in inside)
+    for n in reversed(nodes):
+        if n in inside:
+            g.erase_node(n)
+
+
+# ------------------------------------------------------------------ entry point
+def capture(model: nn.Module, args: tuple, kwargs: dict, *, leaf_types=(), leaf_names=(),
+            concrete_args=None, strict: bool = False, method: str = "auto") -> Captured:
+    """Capture model for QuantSim (see the module docstring for the order of attempts)."""
+    if method not in ("auto", "fx", "export"):
+        raise ValueError(f"capture method must be 'auto', 'fx' or 'export' (got {method!r})")
+    leaf_types, leaf_names = tuple(leaf_types), set(leaf_names)
+
+    def is_leaf(path, m):
+        return (path in leaf_names or isinstance(m, leaf_types) or G.is_known_leaf(m)
+                or G.is_float_leaf(m))
+
+    notes, failures = [], []
+    if method in ("auto", "fx"):
+        try:
+            gm = _fx_capture(model, args, kwargs, leaf_types, leaf_names, concrete_args)
+            return _finish(gm, "torch.fx", {}, notes)
+        except _FxFailed as f:
+            failures.append(f.failure)
+            notes.append(f"torch.fx failed: {f.failure.describe()}")
+    if method in ("auto", "export"):
+        if concrete_args:
+            kwargs = {**kwargs, **{k: v for k, v in concrete_args.items() if k not in kwargs}}
+        try:
+            gm = _export_capture(model, args, kwargs, is_leaf)
+            return _finish(gm, "torch.export", {}, notes)
+        except _FxFailed as f:
+            failures.append(f.failure)
+            notes.append(f"torch.export failed: {f.failure.describe()}")
+    if not strict and method == "auto":
+        try:
+            gm, leaves = _fx_with_float_leaves(model, args, kwargs, leaf_types, leaf_names, concrete_args)
+            return _finish(gm, "torch.fx", leaves, notes)
+        except _FxFailed:
+            pass
+    raise G.TraceError(_failure_message(failures, strict)) from None
+
+
+def _finish(gm, method, float_leaves, notes) -> Captured:
+    decompose_attention(gm)
+    names = tuple(n.target for n in gm.graph.nodes if n.op == "placeholder")
+    return Captured(gm, method, float_leaves, names, notes)
+
+
+def _failure_message(failures: list[_Failure], strict: bool) -> str:
+    lines = ["QuantSim could not capture the model:"]
+    lines += [f"  {f.describe()}" for f in failures]
+    module = next((f.module for f in failures if f.module), None)
+    todo = ["What to do: make the branch independent of tensor values (torch.where, or compute it "
+            "from shapes), or fix the input-dependent arguments with QuantSim(..., concrete_args={...})"]
+    if module:
+        todo.append(f"or keep that module whole in float with QuantSim(..., leaf_modules=['{module}']) "
+                    "(its output is quantized, its inside stays float)")
+        if strict:
+            todo.append("or drop QuantSimConfig(strict=True) to let QuantSim do that itself")
+    return "\n".join(lines) + "\n" + ",\n".join(todo) + "."
+
+
+def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The values of gm's placeholders for a call gm(*args, **kwargs)."""
+    if hasattr(gm, "_in_spec"):
+        from torch.fx import _pytree as fx_pytree
+        return list(fx_pytree.tree_flatten_spec((list(args), kwargs), gm._in_spec))
+    out, pos = [], list(args)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if pos:
+            out.append(pos.pop(0))
+        elif node.target in kwargs:
+            out.append(kwargs[node.target])
+        else:
+            out.append(node.args[0] if node.args else None)
+    return out
+
+
+def value_kinds(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
+    """node -> 'float' | 'int' (non-float tensor) | 'other', from one run on the dummy input."""
+    kinds = {}
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            kinds[n] = ("float" if out.is_floating_point() else "int") if isinstance(out, torch.Tensor) else "other"
+            return out
+    with torch.no_grad():
+        _Rec(gm).run(*flat_inputs(gm, args, kwargs))
+    return kinds
+
+
+def mask_nodes(gm: fx.GraphModule, kinds: dict) -> tuple[set, set]:
+    """(constant nodes, mask-derived nodes). A node is constant when no float model input
+    reaches it except through parameters' own arithmetic: integer inputs (token ids, masks),
+    parameters, buffers and factories. Mask-derived: constant, derived from a model input,
+    and float (an additive attention mask built from the integer mask)."""
+    const, from_input = set(), set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if kinds.get(n) != "float":
+                const.add(n)
+                from_input.add(n)
+        elif n.op == "get_attr":
+            const.add(n)
+        elif n.op in ("call_function", "call_method"):
+            ins = n.all_input_nodes
+            if n.op == "call_function" and G.function_op_type(n.target) == "Gather":
+                continue  # an embedding lookup makes activations from ids
+            if all(a in const for a in ins):
+                const.add(n)
+                if any(a in from_input for a in ins):
+                    from_input.add(n)
+    masks = {n for n in from_input if kinds.get(n) == "float"}
+    return const, masks
