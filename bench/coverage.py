@@ -45,6 +45,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Mapping
 
 import torch
 
@@ -97,7 +98,7 @@ def sqnr_db(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
 
 
 def call(model, inputs):
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):  # keyword inputs: a dict or a tokenizer's BatchEncoding
         return model(**inputs)
     if isinstance(inputs, (list, tuple)):
         return model(*inputs)
@@ -227,7 +228,7 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
     def onnxruntime():
         sess = make_session(state["onnx"])  # default session options: what a deployment runs
         names = [i.name for i in sess.get_inputs()]
-        if isinstance(example, dict):
+        if isinstance(example, Mapping):
             feeds = {k: v.numpy() for k, v in example.items() if k in names}
         else:
             args = example if isinstance(example, (tuple, list)) else (example,)
@@ -235,7 +236,7 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
         missing = [n for n in names if n not in feeds]
         if missing:
             raise RuntimeError(f"the ONNX inputs {names} do not match the example's "
-                               f"({list(example) if isinstance(example, dict) else len(feeds)})")
+                               f"({list(example) if isinstance(example, Mapping) else len(feeds)})")
         state["ort_out"] = [torch.from_numpy(o) for o in sess.run(None, feeds)]
         return {"message": f"{len(names)} inputs, {len(state['ort_out'])} outputs"}
 

@@ -326,8 +326,8 @@ def minilm_automodel():
     m = tf.AutoModel.from_pretrained(path).eval()
     lines = english_lines()
 
-    def enc(texts):  # the tokenizer's output as a plain dict of keyword inputs
-        return dict(tok(list(texts), padding="max_length", truncation=True, max_length=48, return_tensors="pt"))
+    def enc(texts):  # the tokenizer's output (a BatchEncoding) as users pass it
+        return tok(list(texts), padding="max_length", truncation=True, max_length=48, return_tensors="pt")
     return m, enc(lines[:8]), [enc(lines[8 + 8 * i:16 + 8 * i]) for i in range(4)]
 
 
