@@ -80,9 +80,13 @@ def aimet_doc(sim, version: str, tensor_names: dict, int32_bias: dict | None = N
     t2q = {}
     for name, q in sim.quantizers().items():
         for t in _tensors_of(tensor_names, name):
-            if q.enabled and q.encoding is not None:
-                t2q[t] = name
-                _aimet_record(q, name in params, version, t, acts, prms, v2)
+            if not q.enabled or q.encoding is None:
+                continue
+            if t in t2q:  # a Q node shared by equal quantizers (torch.onnx merged them): one record
+                t2q[t] = (t2q[t] if isinstance(t2q[t], list) else [t2q[t]]) + [name]
+                continue
+            t2q[t] = name
+            _aimet_record(q, name in params, version, t, acts, prms, v2)
     producer = {"package": "rapidquant", "version": rapidquant.__version__}
     extra = {"rapidquant": {"tensor_to_quantizer": t2q}}
     if version == "1.0.0":
@@ -114,6 +118,8 @@ def _aimet_record(q, is_param: bool, version: str, t: str, acts: list, prms: lis
         if version == "1.0.0":
             rec = {"name": t, "dtype": "FLOAT", "bw": q.bitwidth, "enc_type": "PER_TENSOR"}
             (prms if is_param else acts).append(rec)
+        elif q.float_format in ("fp16", "bf16"):
+            v2.append({"name": t, "output_dtype": {"fp16": "float16", "bf16": "bfloat16"}[q.float_format]})
         elif "scale" in e:
             v2.append({"name": t, "output_dtype": {"fp8_e4m3": "float8e4m3fn", "fp8_e5m2": "float8e5m2"}[q.float_format],
                        "y_scale": e["scale"] if len(e["scale"]) > 1 else e["scale"][0]})
@@ -168,29 +174,34 @@ def load_into(sim, src, freeze: bool = True, strict: bool = True) -> None:
     if version == "1.0.0":
         records = doc["activation_encodings"] + doc["param_encodings"]
         for r in records:
-            name = t2q.get(r["name"])
-            if name is None or name not in qs or r["dtype"] != "INT":
-                continue
-            q = qs[name]
-            q.bitwidth, q.symmetric = r["bw"], r["is_sym"]
-            qmin, _ = q.qrange
-            scale = _shaped(q, r["scale"])
-            zp = torch.tensor([qmin - o for o in r["offset"]], dtype=torch.float32).reshape(scale.shape)
-            q.set_encoding(scale, zp)
-            q.frozen = freeze
-            q.enabled = True
+            for name in _names(t2q.get(r["name"])):
+                if name not in qs or r["dtype"] != "INT":
+                    continue
+                q = qs[name]
+                q.bitwidth, q.symmetric = r["bw"], r["is_sym"]
+                qmin, _ = q.qrange
+                scale = _shaped(q, r["scale"])
+                zp = torch.tensor([qmin - o for o in r["offset"]], dtype=torch.float32).reshape(scale.shape)
+                q.set_encoding(scale, zp)
+                q.frozen = freeze
+                q.enabled = True
     else:
         for r in doc["encodings"]:
-            name = t2q.get(r["name"])
-            if name is None or name not in qs or r["output_dtype"].startswith("float"):
-                continue
-            q = qs[name]
-            scale = _shaped(q, r["y_scale"])
-            zp = torch.tensor(r.get("y_zero_point", 0), dtype=torch.float32).expand(scale.shape).clone()
-            q.set_encoding(scale, zp)
-            q.frozen = freeze
-            q.enabled = True
+            for name in _names(t2q.get(r["name"])):
+                if name not in qs or r["output_dtype"].startswith("float"):
+                    continue
+                q = qs[name]
+                scale = _shaped(q, r["y_scale"])
+                zp = torch.tensor(r.get("y_zero_point", 0), dtype=torch.float32).expand(scale.shape).clone()
+                q.set_encoding(scale, zp)
+                q.frozen = freeze
+                q.enabled = True
     _clear_caches(sim)
+
+
+def _names(v) -> list:
+    """tensor_to_quantizer values: one quantizer name, or a list when quantizers share a Q node."""
+    return [] if v is None else ([v] if isinstance(v, str) else list(v))
 
 
 def _shaped(q, values) -> torch.Tensor:

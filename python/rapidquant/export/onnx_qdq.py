@@ -67,6 +67,7 @@ class ExportResult:
     q_nodes: dict = field(default_factory=dict)        # quantizer -> all tensors (a quantizer called twice)
     unmapped: list = field(default_factory=list)       # enabled quantizers with no node in the graph
     folded: list = field(default_factory=list)         # fp16/bf16 weight quantizers folded into the weight
+    merged: dict = field(default_factory=dict)         # weight quantizer -> the twin whose Q node it shares
     parity: dict = field(default_factory=dict)         # level -> Parity
     ort_errors: dict = field(default_factory=dict)     # level -> why the session failed
     ort_max_abs_diff: float | None = None  # |sim - onnxruntime| on the dummy input, default options
@@ -133,19 +134,23 @@ def _translation_table(params: set, seen: list):
         if off:
             z = op.Add(z, op.CastLike(off, z))
         zq = op.Cast(z, to=t)
-        q = _tag(op.QuantizeLinear(x, s, zq, **attrs), name, "quantize")
         narrow = (qmin + off, qmax + off) != (lo, hi)
+        float_clamp = narrow and t not in (T.INT8, T.UINT8)  # no 16-bit integer Clip in onnxruntime
+        if float_clamp and name not in params and not blocked:
+            # activation: clamp in front of Q at the grid ends (torch.onnx may fuse a Relu into
+            # this Clip; the Q then quantizes the clamped tensor, the same values)
+            x = _tag(_clamp(op, x, scale, zero_point, qmin, qmax, nz), name, "clamp")
+        q = _tag(op.QuantizeLinear(x, s, zq, **attrs), name, "quantize")
         if narrow and t in (T.INT8, T.UINT8):  # integer clamp onto the grid (see module doc)
             q = _tag(op.Clip(q, op.Cast(op.Constant(value_int=qmin + off), to=t),
                              op.Cast(op.Constant(value_int=qmax + off), to=t)), name, "clamp")
         y = _tag(op.DequantizeLinear(q, s, zq, **attrs), name, "dequantize")
-        if narrow and t not in (T.INT8, T.UINT8):  # no 16-bit integer Clip in onnxruntime: clamp after DQ
-            if blocked:  # the grid ends as DQ computes them, element by element
-                ends = [op.DequantizeLinear(op.ConstantOfShape(op.Shape(x), value=_scalar_tensor(v + off, t)),
-                                            s, zq, **attrs) for v in (qmin, qmax)]
-            else:  # (q_end - zero_point) * scale, exactly DQ's arithmetic, broadcast like the op's params
-                ends = [op.Mul(op.Sub(op.CastLike(v, scale), zero_point), scale) for v in (qmin, qmax)]
+        if float_clamp and blocked:  # the grid ends as DQ computes them, element by element
+            ends = [op.DequantizeLinear(op.ConstantOfShape(op.Shape(x), value=_scalar_tensor(v + off, t)),
+                                        s, zq, **attrs) for v in (qmin, qmax)]
             y = _tag(op.Min(op.Max(y, ends[0]), ends[1]), name, "clamp")
+        elif float_clamp and name in params:  # weight: clamp after DQ, so Q reads the weight initializer
+            y = _tag(_clamp(op, y, scale, zero_point, qmin, qmax, nz), name, "clamp")
         return y
 
     def float_qdq(x, scale, fmt: int, block, name: str = ""):
@@ -185,6 +190,16 @@ def _translation_table(params: set, seen: list):
             r.quantize_dequantize.default: unnamed_qdq, r.float_quantize_dequantize.default: unnamed_float_qdq}
 
 
+def _clamp(op, x, scale, zero_point, qmin: int, qmax: int, nz: list):
+    """x clamped to [(qmin - zp) * scale, (qmax - zp) * scale]: exactly the values DQ gives the
+    grid ends. Per tensor a Clip with scalar bounds (torch.onnx would rewrite Min/Max into one
+    anyway); per channel Min/Max with the op's full-rank (broadcastable) parameters."""
+    ends = [op.Mul(op.Sub(op.CastLike(v, scale), zero_point), scale) for v in (qmin, qmax)]
+    if not nz:
+        return op.Clip(x, *[op.ReduceMax(e, keepdims=0) for e in ends])
+    return op.Min(op.Max(x, ends[0]), ends[1])
+
+
 def _scalar_tensor(v: int, t):
     from onnx import helper
     return helper.make_tensor("value", t, [1], [int(v)])
@@ -205,7 +220,7 @@ def quantizer_nodes(model_proto) -> dict:
 
 
 def _map_quantizers(model_proto, sim, seen: list):
-    """(first tensor, all tensors, unmapped names, folded names): every enabled quantizer the forward pass
+    """(first tensor, all tensors, unmapped, folded, merged): every enabled quantizer the forward pass
     called must own at least one stamped quantize node."""
     nodes = quantizer_nodes(model_proto)
     first = {n: ns[0].input[0] for n, ns in nodes.items()}
@@ -217,12 +232,47 @@ def _map_quantizers(model_proto, sim, seen: list):
     folded = [n for n in enabled if n not in nodes and n in params and params[n].dtype == "float"
               and params[n].float_format in ("fp16", "bf16")]
     unmapped = [n for n in enabled if n not in nodes and n not in folded]
-    merged = sorted(set(unmapped) & set(seen))
-    if merged:  # traced, then removed: torch.onnx merged identical Q nodes (same tensor, same encoding)
-        warnings.warn(f"export: {len(merged)} quantizers were traced but their QuantizeLinear was merged "
-                      f"with another's by torch.onnx's optimizer (same tensor, same encoding): {merged[:8]}; "
-                      "the encodings file has no tensor for them", stacklevel=3)
-    return first, every, unmapped, folded
+    merged = {}
+    for n in sorted(set(unmapped) & set(seen)):  # traced, then removed by torch.onnx's optimizer
+        twin = _twin(n, nodes, sim)
+        if twin is not None:
+            merged[n] = twin
+            every[n] = list(every[twin])
+            first[n] = first[twin]
+    unmapped = [n for n in unmapped if n not in merged]
+    lost = sorted(set(unmapped) & set(seen))
+    if lost:
+        warnings.warn(f"export: {len(lost)} quantizers were traced but their QuantizeLinear is not in the "
+                      f"optimized graph: {lost[:8]}; the encodings file has no tensor for them", stacklevel=3)
+    return first, every, unmapped, folded, merged
+
+
+def param_of(sim, name: str) -> torch.Tensor:
+    """The float parameter a weight quantizer quantizes."""
+    from rapidquant.qmodules import QuantizedModule
+    for _, m in sim.qmodules():
+        if isinstance(m, QuantizedModule):
+            for key, q in m.param_quantizers.items():
+                if q.name == name:  # keys are parameter names with "." spelled "__"
+                    return m.param(key.replace("__", "."))
+    raise KeyError(f"no parameter quantized by {name!r}")
+
+
+def _twin(name: str, nodes: dict, sim):
+    """The stamped weight quantizer whose QuantizeLinear took this one's place: torch.onnx
+    deduplicates equal initializers (two LayerNorms' all-ones weights) and then merges the
+    identical Q nodes reading them. Same values, same encoding: the same Q node."""
+    params = sim.param_quantizers()
+    if name not in params:
+        return None
+    q, w = params[name], param_of(sim, name)
+    for other in nodes:
+        o = params.get(other)
+        if o is not None and o.encoding == q.encoding:
+            ow = param_of(sim, other)
+            if ow.shape == w.shape and torch.equal(ow, w):
+                return other
+    return None
 
 
 _SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
@@ -363,7 +413,7 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     seen: list = []
     proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
                           opset or OPSET, dynamic_batch)
-    first, every, unmapped, folded = _map_quantizers(proto, sim, seen)
+    first, every, unmapped, folded, merged = _map_quantizers(proto, sim, seen)
     bias = _add_int32_bias(proto, sim, embed=export_int32_bias == "onnx") if export_int32_bias else {}
     tmp = onnx_path + ".tmp"
     onnx.save(proto, tmp)
@@ -373,7 +423,8 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     else:
         doc = aimet_doc(sim, encoding_format, every, bias)
     _dump(doc, enc_path)
-    res = ExportResult(onnx_path, enc_path, sum(len(v) for v in every.values()), first, every, unmapped, folded)
+    res = ExportResult(onnx_path, enc_path, sum(len(v) for k, v in every.items() if k not in merged), first, every,
+                       unmapped, folded, merged)
     if unmapped:
         warnings.warn(f"export: {len(unmapped)} enabled quantizers have no node in the ONNX graph (never called "
                       f"in the forward pass): {unmapped[:8]}", stacklevel=2)
