@@ -270,7 +270,7 @@ def test_bad_input_is_reported_not_crashed():
     res = rq.correct_bias(sim, None, rq.BiasCorrectionConfig(mode="analytical"))
     assert res.skipped and not res.deltas
 
-    class C3(nn.Module):  # Conv3d is not AdaRound-able: left with nearest rounding
+    class C3(nn.Module):  # Conv3d is AdaRound-able too
         def __init__(self):
             super().__init__()
             self.c = nn.Conv3d(1, 2, 1)
@@ -281,4 +281,4 @@ def test_bad_input_is_reported_not_crashed():
 
     r = rq.adaround(C3(), torch.randn(1, 1, 2, 2, 2), [torch.randn(4, 1, 2, 2, 2)],
                     rq.AdaRoundConfig(iterations=20), show_progress=False)
-    assert [l.name for l in r.layers] == ["l"]
+    assert [l.name for l in r.layers] == ["c", "l"]

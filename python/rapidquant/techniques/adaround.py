@@ -21,9 +21,10 @@ from rapidquant import distributed as D
 from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
-from rapidquant.techniques.layerwise import collect_batches, following_activation, run_layerwise
+from rapidquant.techniques.layerwise import (cast_floats, collect_batches, following_activation, model_float_dtype,
+                                             run_layerwise)
 
-SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 ZETA, GAMMA = 1.1, -0.1
 
 
@@ -75,13 +76,24 @@ class AdaRoundResult:
         sim.load_encodings(self.encodings, freeze=True, strict=False)
 
 
+def _bias(layer: nn.Module, w: torch.Tensor):
+    b = layer.bias
+    return b.to(w.dtype) if b is not None and b.dtype != w.dtype else b
+
+
+_CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+              nn.ConvTranspose3d: F.conv_transpose3d}
+
+
 def _layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The layer's function with weight w (in w's dtype: fp16 layers are optimized in fp32)."""
+    x, b = x.to(w.dtype), _bias(layer, w)
     if isinstance(layer, nn.Linear):
-        return F.linear(x, w, layer.bias)
-    if isinstance(layer, nn.ConvTranspose2d):
-        return F.conv_transpose2d(x, w, layer.bias, layer.stride, layer.padding, layer.output_padding,
-                                  layer.groups, layer.dilation)
-    return layer._conv_forward(x, w, layer.bias)
+        return F.linear(x, w, b)
+    if type(layer) in _CONV_T_FN:
+        return _CONV_T_FN[type(layer)](x, w, b, layer.stride, layer.padding, layer.output_padding,
+                                       layer.groups, layer.dilation)
+    return layer._conv_forward(x, w, b)  # Conv1d/2d/3d, any padding_mode
 
 
 def _rows(t: torch.Tensor, layer) -> torch.Tensor:
@@ -117,7 +129,7 @@ def _recon(out, target, act):
 @torch.enable_grad()
 def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRoundConfig, gen) -> LayerReport:
     t0 = time.perf_counter()
-    w = layer.weight.detach()
+    w = layer.weight.detach().float()  # optimized in fp32 whatever the layer dtype
     s, z = q.scale.detach(), q.zero_point.detach()
     qmin, qmax = q.qrange
     axis = q.axis
@@ -175,7 +187,8 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     """
     from rapidquant.quantsim import QuantSim
     t0 = time.perf_counter()
-    sim = QuantSim(model, dummy_input, QuantSimConfig(param_bw=config.param_bw, per_channel=config.per_channel,
+    dtype = model_float_dtype(model)  # fp32 inputs for an fp16 model are cast, like the batches
+    sim = QuantSim(model, cast_floats(dummy_input, dtype), QuantSimConfig(param_bw=config.param_bw, per_channel=config.per_channel,
                                                       param_scheme=config.param_scheme, hw_config=config.hw_config))
     sim._calibrate_params()
     from rapidquant.qmodules import QuantizedModule
@@ -187,7 +200,8 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
             if q.block_size is None and q.dtype == "int":
                 targets[name] = m
     device = next(model.parameters()).device
-    batches = collect_batches(data, config.num_batches, sim._n_inputs, device, shard=D.active())
+    batches = collect_batches(data, config.num_batches, sim._n_inputs, device, shard=D.active(),
+                              dtype=dtype)
     gen = torch.Generator().manual_seed(config.seed + 7919 * D.rank())  # each rank samples its own rows
     reports = []
     bar = progress(range(len(targets)), total=len(targets), desc="AdaRound", enabled=show_progress and D.is_main())

@@ -9,8 +9,11 @@ from torch import nn
 
 from rapidquant.progress import progress
 from rapidquant.techniques.adaround import SUPPORTED, _layer_forward
-from rapidquant.techniques.layerwise import collect_batches, run_layerwise
+from rapidquant.techniques.layerwise import collect_batches, model_float_dtype, run_layerwise
+from rapidquant.techniques.bn_fold import folded_bn
 from rapidquant.techniques.patterns import BNS
+
+CONV_T_ALL = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def correct_bias(sim, data=None, config: BiasCorrectionConfig = BiasCorrectionCo
     if data is None:
         raise ValueError("empirical bias correction needs data")
     device = next(sim.model.parameters()).device
-    batches = collect_batches(data, config.num_batches, sim._n_inputs, device)
+    batches = collect_batches(data, config.num_batches, sim._n_inputs, device, dtype=model_float_dtype(sim.model))
     bar = iter(progress(range(len(targets)), total=len(targets), desc="bias correction", enabled=show_progress))
 
     def on_layer(name, wrapper, q_args, f_args, node):
@@ -96,10 +99,10 @@ def correct_bias(sim, data=None, config: BiasCorrectionConfig = BiasCorrectionCo
     return res
 
 
-def _expected_input(bn, act) -> torch.Tensor:
+def _expected_input(gamma, beta, act) -> torch.Tensor | None:
     """E[act(y)] per channel for y ~ N(beta, gamma^2)."""
-    beta = bn.bias.detach().double()
-    gamma = bn.weight.detach().double().abs().clamp_min(1e-12)
+    beta = beta.detach().double()
+    gamma = gamma.detach().double().abs().clamp_min(1e-12)
     if act is None:
         return beta
     normal = torch.distributions.Normal(0.0, 1.0)
@@ -112,7 +115,39 @@ def _expected_input(bn, act) -> torch.Tensor:
         return relu_mean(beta, gamma)
     if isinstance(act, nn.ReLU6):  # E[min(relu(y), 6)] = E[relu(y)] - E[relu(y - 6)]
         return relu_mean(beta, gamma) - relu_mean(beta - 6, gamma)
+    upper = getattr(act, "upper", None)  # CLE's per-channel clip min(relu(y), u_c)
+    if isinstance(upper, torch.Tensor):
+        u = upper.detach().double().cpu().reshape(-1)
+        return relu_mean(beta, gamma) - relu_mean(beta - u, gamma)
     return None
+
+
+def _input_distribution(src_module):
+    """(gamma, beta) of the distribution of a module's output: a BatchNorm's affine
+    parameters, or those of a BatchNorm folded into a layer (kept through folding)."""
+    if isinstance(src_module, BNS):
+        if src_module.weight is None or src_module.bias is None:
+            return None
+        return src_module.weight, src_module.bias
+    rec = folded_bn(src_module) if src_module is not None else None
+    return (rec.gamma, rec.beta) if rec is not None else None
+
+
+def _source_through_activation(node, inner):
+    """Walk back from a layer's input over Identity modules (folded BNs, dropout in eval)
+    and at most one ReLU/ReLU6/per-channel clip: (the node producing the statistics, act)."""
+    src = node.args[0] if node is not None and node.args else None
+    act = None
+    while src is not None and src.op == "call_module":
+        m = inner(src.target)
+        if isinstance(m, (nn.Identity, nn.Dropout)):
+            pass
+        elif act is None and (isinstance(m, (nn.ReLU, nn.ReLU6)) or type(m).__name__ == "ChannelClip"):
+            act = m
+        else:
+            break
+        src = src.args[0] if src.args else None
+    return src, act
 
 
 def _analytical(sim, targets, res) -> None:
@@ -126,34 +161,34 @@ def _analytical(sim, targets, res) -> None:
 
     for name, wrapper in targets.items():
         node = by_target.get(name)
-        src = node.args[0] if node is not None and node.args else None
-        act = None
-        if src is not None and src.op == "call_module" and isinstance(inner(src.target), (nn.ReLU, nn.ReLU6, nn.Identity)):
-            act = inner(src.target)
-            act = None if isinstance(act, nn.Identity) else act
-            src = src.args[0] if src.args else None
-        bn = inner(src.target) if src is not None and src.op == "call_module" else None
-        if not isinstance(bn, BNS):
-            res.skipped.append((name, "not fed by a BatchNorm (optionally through ReLU/ReLU6)"))
+        src, act = _source_through_activation(node, inner)
+        dist = _input_distribution(inner(src.target)) if src is not None and src.op == "call_module" else None
+        if dist is None:
+            res.skipped.append((name, "not fed by a BatchNorm or a layer with a folded BatchNorm "
+                                      "(optionally through ReLU/ReLU6): no input statistics"))
             continue
-        ex = _expected_input(bn, act)
+        ex = _expected_input(*dist, act)
+        ex = ex.to(wrapper.module.weight.device) if ex is not None else None
         if ex is None:
             res.skipped.append((name, f"activation {type(act).__name__} has no closed-form mean"))
             continue
         layer = wrapper.module
         with torch.no_grad():
             dw = (wrapper.quantized_param("weight") - layer.weight).double()
-            if isinstance(layer, nn.ConvTranspose2d):
+            if isinstance(layer, CONV_T_ALL):
+                if layer.groups != 1:
+                    res.skipped.append((name, "grouped transposed convolution"))
+                    continue
                 dw = dw.transpose(0, 1)
             per_in = dw.sum(dim=tuple(range(2, dw.dim()))) if dw.dim() > 2 else dw
-            if layer.__class__ in (nn.Conv1d, nn.Conv2d) and layer.groups > 1:
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.groups > 1:
                 if layer.groups != layer.in_channels:
                     res.skipped.append((name, "grouped convolution"))
                     continue
                 shift = per_in[:, 0] * ex
             else:
                 shift = per_in @ ex
-            delta = -shift.float()
+            delta = -shift.float().to(layer.weight.device)
         _add_bias(layer, delta)
         wrapper.clear_cache()
         res.deltas[name] = delta.cpu()

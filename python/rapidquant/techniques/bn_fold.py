@@ -10,6 +10,47 @@ from torch import nn
 from rapidquant.techniques.patterns import BNS, CONV_T, CONVS, LAYERS, ModuleGraph, out_axis, set_module
 
 
+FOLDED_BN_ATTR = "rapidquant_folded_bn"  # a plain attribute: deepcopy and QuantSim keep it
+
+
+@dataclass
+class FoldedBN:
+    """What a BatchNorm folded into a layer said about that layer's output: per output
+    channel y ~ N(beta, gamma^2) (the BN's affine parameters). Analytical bias correction
+    uses it after folding (as AIMET does); CLE keeps it in step when it rescales."""
+    bn: str
+    gamma: torch.Tensor  # float64, per output channel
+    beta: torch.Tensor
+
+    def scaled(self, s: torch.Tensor) -> None:
+        """The layer's output channels were divided by s."""
+        self.gamma, self.beta = self.gamma / s.double(), self.beta / s.double()
+
+    def shifted(self, c: torch.Tensor) -> None:
+        """c was subtracted from the layer's output (high-bias folding)."""
+        self.beta = self.beta - c.double()
+
+
+def folded_bn(layer: nn.Module) -> FoldedBN | None:
+    """The statistics of the BatchNorm folded into ``layer`` (None when there was none)."""
+    return getattr(layer, FOLDED_BN_ATTR, None)
+
+
+def _record_fold(layer: nn.Module, bn_name: str, bn: nn.Module) -> None:
+    n = bn.num_features
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
+    setattr(layer, FOLDED_BN_ATTR, FoldedBN(bn_name, gamma.cpu().clone(), beta.cpu().clone()))
+
+
+def unfoldable_reason(bn: nn.Module) -> str | None:
+    """Why a BatchNorm cannot be folded whatever its neighbours are (None: it can)."""
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return ("has no running statistics (track_running_stats=False): it normalizes with each "
+                "batch's own statistics, which no fixed weight can reproduce")
+    return None
+
+
 @dataclass
 class BNFoldResult:
     folded: list = field(default_factory=list)     # (layer name, bn name, "backward"|"forward")
@@ -95,6 +136,11 @@ def fold_batch_norms(model: nn.Module, dummy_input=None, fold_forward_too: bool 
     res = BNFoldResult()
     mg = ModuleGraph(model)
     used = set()
+    for node in mg.module_nodes(BNS):
+        why = unfoldable_reason(mg.module(node))
+        if why:
+            res.not_folded.append((node.target, why))
+            used.add(node.target)  # reported: neither fold direction may touch it
     for node in mg.module_nodes(LAYERS):
         nxt = mg.single_user(node)
         bn = mg.module(nxt) if nxt is not None else None
@@ -106,6 +152,7 @@ def fold_batch_norms(model: nn.Module, dummy_input=None, fold_forward_too: bool 
         if isinstance(layer, CONV_T) and layer.groups not in (1, layer.in_channels):
             continue
         fold_backward(layer, bn)
+        _record_fold(layer, nxt.target, bn)
         used.add(nxt.target)
         res.folded.append((node.target, nxt.target, "backward"))
         res.bn_params[node.target] = (bn.weight.detach().clone() if bn.weight is not None else None,
@@ -157,12 +204,17 @@ def fold_batch_norms_to_scale(sim) -> BNFoldResult:
         bn = bw.module if isinstance(bw, QuantizedModule) else bw
         if not isinstance(bn, BNS):
             continue
+        why = unfoldable_reason(bn)
+        if why:
+            res.not_folded.append((nxt.target, why))
+            continue
         q = w.param_quantizers["weight"] if "weight" in w.param_quantizers else None
         if q is not None and (q.axis is None or not q.symmetric or q.scale is None):
             res.not_folded.append((nxt.target, "needs a calibrated symmetric per-channel weight quantizer"))
             continue
         scale, _ = _bn_affine(bn)
         fold_backward(w.module, bn)
+        _record_fold(w.module, nxt.target, bn)
         if q is not None:
             with torch.no_grad():
                 q.set_encoding(q.scale.detach() * scale.abs().float().reshape(q.scale.shape), q.zero_point.detach())

@@ -36,6 +36,7 @@ def reestimate_bn_stats(model: nn.Module, data, num_batches: int | None = None,
     stays in eval mode. Returns a handle whose ``restore()`` puts the old statistics back.
     """
     from rapidquant.quantsim import call_model
+    from rapidquant.techniques.layerwise import cast_floats, model_float_dtype
     bns = [m for m in model.modules() if isinstance(m, BNS) and m.track_running_stats]
     handle = BNRestoreHandle()
     if not bns:
@@ -44,6 +45,7 @@ def reestimate_bn_stats(model: nn.Module, data, num_batches: int | None = None,
         handle.saved[bn] = (bn.running_mean.clone(), bn.running_var.clone(),
                             bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None,
                             bn.momentum, bn.training)
+    dtype = model_float_dtype(model)  # fp32 batches for an fp16 model are cast, as moved
     was = model.training
     model.eval()
     for bn in bns:
@@ -56,7 +58,10 @@ def reestimate_bn_stats(model: nn.Module, data, num_batches: int | None = None,
             for batch in progress(data, total=num_batches, desc="BN re-estimation", enabled=show_progress):
                 if num_batches is not None and n >= num_batches:
                     break
-                (forward_fn or call_model)(model, batch)
+                if forward_fn is None:
+                    call_model(model, cast_floats(batch, dtype))
+                else:
+                    forward_fn(model, batch)
                 n += 1
     except BaseException:
         handle.restore()

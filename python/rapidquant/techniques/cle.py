@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rapidquant import graph as G
-from rapidquant.techniques.bn_fold import _shape_along, fold_batch_norms
+from rapidquant.techniques.bn_fold import _shape_along, fold_batch_norms, folded_bn
 from rapidquant.techniques.patterns import CONV_T, CONVS, ModuleGraph, in_axis, is_depthwise, out_axis, set_module
 
 # activations that commute with positive per-channel scaling: relu(s x) = s relu(x)
@@ -183,6 +183,10 @@ def equalize(model: nn.Module, dummy_input=None, config: CLEConfig = CLEConfig()
                         res.relu6_replaced.append(r6)
             if worst < 1e-3:
                 break
+    for name, s in scales.items():  # a folded BN's statistics follow its layer's rescaling
+        rec = folded_bn(mg.modules[name])
+        if rec is not None:
+            rec.scaled(s)
     if config.high_bias_fold and bn is not None:
         for na, nb in res.scaled:
             if na not in bn.bn_params or bn.bn_params[na][1] is None:
@@ -234,5 +238,8 @@ def _high_bias_fold(mg, na, nb, gb, s, k, res) -> None:
         ax = in_axis(l2)
         absorbed = (w2 * _shape_along(c, ax, w2.dim())).sum(dim=tuple(d for d in range(w2.dim()) if d != out_axis(l2)))
     l1.bias.copy_((l1.bias.double() - c).to(l1.bias.dtype))
+    rec = folded_bn(l1)
+    if rec is not None:
+        rec.shifted(c)
     l2.bias.copy_((l2.bias.double() + absorbed).to(l2.bias.dtype))
     res.high_bias_folded.append((na, nb))

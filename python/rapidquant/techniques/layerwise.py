@@ -69,8 +69,36 @@ class ActivationStore:
             self._dir.cleanup()
 
 
-def collect_batches(data, num_batches: int | None, n_inputs: int, device, shard: bool = False) -> list[tuple]:
-    """The first num_batches batches as tuples of model inputs (with shard: this rank's share)."""
+def model_float_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The floating dtype of a model's parameters (None when it has none); mixed dtypes
+    give a clear error, since batches could match only one of them."""
+    from rapidquant.quantizer import Quantizer  # a sim's learnable ranges stay fp32
+    dts = {p.dtype for m in model.modules() if not isinstance(m, Quantizer)
+           for p in m.parameters(recurse=False) if p.is_floating_point()}
+    if len(dts) > 1:
+        raise TypeError(f"the model mixes parameter dtypes {sorted(str(d) for d in dts)}; the layer-wise "
+                        "techniques need one floating dtype: convert it with model.to(dtype) first")
+    return next(iter(dts), None)
+
+
+def cast_floats(x, dtype: torch.dtype | None):
+    """Cast every floating tensor of a nested batch to dtype (indices and masks of other
+    dtypes unchanged), as the batch is moved to the model's device."""
+    if dtype is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(cast_floats(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return {k: cast_floats(v, dtype) for k, v in x.items()}
+    return x
+
+
+def collect_batches(data, num_batches: int | None, n_inputs: int, device, shard: bool = False,
+                    dtype: torch.dtype | None = None) -> list[tuple]:
+    """The first num_batches batches as tuples of model inputs (with shard: this rank's
+    share), on ``device`` and with floating tensors cast to ``dtype`` (the model's)."""
     from rapidquant import distributed as D
     out = []
     for i, batch in enumerate(data):
@@ -79,6 +107,7 @@ def collect_batches(data, num_batches: int | None, n_inputs: int, device, shard:
         if shard and not D.mine(i):
             continue
         batch = to_device(batch, device) if device is not None else batch
+        batch = cast_floats(batch, dtype)
         if isinstance(batch, dict):
             raise TypeError("layer-wise techniques take positional batches (tensor or tuple), not dicts")
         args = tuple(batch[:n_inputs]) if isinstance(batch, (list, tuple)) else (batch,)

@@ -9,7 +9,7 @@ import torch
 
 from rapidquant.progress import progress
 from rapidquant.techniques.adaround import SUPPORTED, _layer_forward, _rows
-from rapidquant.techniques.layerwise import collect_batches, following_activation, run_layerwise
+from rapidquant.techniques.layerwise import collect_batches, following_activation, model_float_dtype, run_layerwise
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
             if q.enabled and q.dtype == "int" and q.symmetric and q.block_size is None and not q.frozen:
                 targets[name] = m
     device = next(sim.model.parameters()).device
-    batches = collect_batches(data, config.num_batches, sim._n_inputs, device)
+    batches = collect_batches(data, config.num_batches, sim._n_inputs, device, dtype=model_float_dtype(sim.model))
     ratios = torch.linspace(config.min_ratio, 1.0, config.num_candidates)
     res = SeqMSEResult()
     bar = iter(progress(range(len(targets)), total=len(targets), desc="SeqMSE", enabled=show_progress))
