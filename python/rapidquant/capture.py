@@ -234,6 +234,27 @@ def _dynamic_shapes(model, args, kwargs):
     return {k: spec(v) for k, v in bound.items()}
 
 
+def _register_output_dataclasses(model, args, kwargs) -> None:
+    """torch.export needs pytree nodes for output containers: register plain dataclasses
+    (transformers' ModelOutput registers itself)."""
+    import dataclasses
+    import torch.utils._pytree as pytree
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    seen, stack = set(), [out]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type) and type(v) not in seen:
+            seen.add(type(v))
+            if type(v) not in pytree.SUPPORTED_NODES:
+                pytree.register_dataclass(type(v))
+            stack.extend(getattr(v, f.name) for f in dataclasses.fields(v))
+
+
 def _batch_of_two(x):
     """Inputs with batch 1 doubled: torch.export would specialise a size-1 batch."""
     if isinstance(x, torch.Tensor):
@@ -256,6 +277,7 @@ def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            _register_output_dataclasses(model, args, kwargs)
             a2, k2 = _batch_of_two(tuple(args)), _batch_of_two(dict(kwargs))
             try:
                 ep = torch.export.export(model, a2, k2, strict=False, dynamic_shapes=_dynamic_shapes(model, a2, k2))
@@ -271,9 +293,9 @@ def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
             lg.setLevel(lv)
     um = ep.module()
     g = um.graph
-    for node in list(g.nodes):  # shape/dtype/device guards of the export: the sim runs any batch
-        if (node.op == "call_module" and node.target == "_guards_fn") or \
-                (node.op == "call_function" and G._aten_key(node.target) == "_assert_tensor_metadata.default"):
+    for node in list(g.nodes):  # dtype/device asserts go (the sim may move); shape guards
+        # (_guards_fn: the branches taken at capture) stay: a batch they exclude raises
+        if node.op == "call_function" and G._aten_key(node.target) == "_assert_tensor_metadata.default":
             g.erase_node(node)
     mods = dict(model.named_modules())
     _fold_modules(g, mods, is_leaf)
@@ -282,7 +304,7 @@ def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
         if node.op == "get_attr":
             root[node.target] = _resolve(model, node.target, um)
         elif node.op == "call_module":
-            root[node.target] = mods[node.target]
+            root[node.target] = mods[node.target] if node.target in mods else um.get_submodule(node.target)
     gm = fx.GraphModule(root, g, model.__class__.__name__)
     gm.training = model.training  # a dict root leaves it True; the modules keep their own mode
     for attr in ("_in_spec", "_out_spec"):  # the pytree codegen reads them

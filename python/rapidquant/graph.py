@@ -281,7 +281,7 @@ def classify(gm: fx.GraphModule, excluded: set, kinds: dict | None = None) -> tu
     for node in gm.graph.nodes:
         if node.op == "call_module":
             m = mods[node.target]
-            if node.target in excluded or type(m) in excluded:
+            if node.target in excluded or type(m) in excluded or node.target == "_guards_fn":
                 infos.append(OpInfo(node, None, module=m))
                 continue
             twin = twin_factory(m)

@@ -1,0 +1,213 @@
+"""Graph capture: torch.fx / torch.export, keyword inputs and dataclass outputs, weights used by
+functional ops, constant arguments, exact attention masks, grid-damage warnings."""
+import math
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rapidquant as rq
+from rapidquant.batches import call_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class SameConv(nn.Conv2d):
+    """TF-style 'same' padding, as in EfficientNet ports: its own forward calls F.conv2d."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class EffNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = SameConv(3, 8, 3, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = SameConv(8, 8, 3, groups=8)
+        self.pw = SameConv(8, 16, 1)
+        self.head = nn.Parameter(torch.randn(16, 10) * 0.1)  # raw parameter: x @ self.head
+
+    def forward(self, x):
+        x = F.relu6(self.bn(self.stem(x)))
+        x = self.pw(F.relu6(self.dw(x)))
+        return x.mean((2, 3)) @ self.head
+
+
+def _imgs(n=3, bs=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(bs, 3, 16, 16, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_conv_subclass_and_raw_parameter_weights_are_quantized(method, tmp_path):
+    torch.manual_seed(0)
+    model = EffNetish().eval()
+    sim = rq.QuantSim(model, torch.randn(1, 3, 16, 16), rq.QuantSimConfig(capture=method))
+    assert sim.capture_method == {"fx": "torch.fx", "export": "torch.export"}[method]
+    pq = sim.param_quantizers()
+    # every weight that feeds a conv or a matmul, whatever module holds it
+    assert {"stem.weight", "dw.weight", "pw.weight", "head"} <= set(pq)
+    assert all(pq[n].axis == 0 for n in ("stem.weight", "dw.weight", "pw.weight"))  # per-channel preset
+    sim.compute_encodings(_imgs(), show_progress=False)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        for name in ("stem.weight", "pw.weight", "head"):
+            with sim.disabled(lambda q: q.name != name):  # only that weight quantized: the output moves
+                assert not torch.equal(sim.model(x), model(x)), name
+    res = sim.export(str(tmp_path), x)
+    assert res.ort_ok and not res.unmapped  # every weight quantizer has its QDQ node
+    # measured: bit-exact without graph optimizations, one output step (10% of outputs) with them
+    assert res.parity["disable_all"].max_steps == 0 and res.parity["default"].max_steps <= 1.001, res.parity
+
+
+def test_concrete_args_are_constants_not_inputs():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x, double=True, bias=None):
+            y = self.l(x)
+            if double:
+                y = y * 2
+            return y if bias is None else y + bias
+
+    model = M().eval()
+    sim = rq.QuantSim(model, torch.randn(2, 4), concrete_args={"double": False, "bias": None})
+    assert sim.input_signature.names == ("x",)
+    assert [n for n in sim.quantizers() if n.startswith("input_")] == ["input_x.output"]
+    sim.compute_encodings([torch.randn(8, 4)], show_progress=False)  # used to raise: 'bool' has no 'detach'
+    x = torch.randn(3, 4)
+    with torch.no_grad(), sim.disabled():
+        assert torch.equal(sim.model(x), model(x, double=False))
+
+
+@dataclass
+class Out:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class KwModel(nn.Module):
+    """Keyword inputs (ids, float mask) and a dataclass output, like a transformers model."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+        self.cls = nn.Linear(16, 3)
+
+    def forward(self, input_ids=None, attention_mask=None, return_hidden=True):
+        h = self.proj(self.emb(input_ids))
+        scores = h @ h.transpose(1, 2) / 4.0
+        scores = scores + (1.0 - attention_mask[:, None, :].float()) * torch.finfo(torch.float32).min
+        h = torch.softmax(scores, -1) @ h
+        return Out(self.cls(h.mean(1)), h)
+
+
+def _tok(bs, t, seed, pad=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (bs, t), generator=g)
+    mask = torch.ones(bs, t, dtype=torch.long)
+    if pad:
+        mask[:, -pad:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_keyword_inputs_dict_batches_and_dataclass_outputs(method):
+    model = KwModel().eval()
+    dummy = {k: v for k, v in _tok(2, 6, 0).items() if k != "token_type_ids"}
+    sim = rq.QuantSim(model, dummy, rq.QuantSimConfig(capture=method))
+    assert sim.input_signature.names == ("input_ids", "attention_mask") and sim.n_inputs == sim._n_inputs == 2
+    # calibration batches are the tokenizer's dicts, with a key the sim was not captured with
+    sim.compute_encodings([_tok(4, 6, s, pad=s) for s in range(3)], show_progress=False)
+    out = sim.run(_tok(3, 6, 9, pad=2))
+    assert isinstance(out, Out) and out.logits.shape == (3, 3)
+    args_kwargs = ((dummy["input_ids"],), {"attention_mask": dummy["attention_mask"]})
+    with torch.no_grad(), sim.disabled():
+        assert torch.equal(call_model(sim.model, args_kwargs).logits, model(**dummy).logits)
+    assert sim.positional(_tok(3, 6, 9))[1].shape == (3, 6)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_attention_mask_stays_exact(method):
+    """Padded tokens' contents cannot change a quantized sim's output at the real tokens
+    when the mask path (integer mask -> dtype-min additive mask -> add) is not quantized."""
+    torch.manual_seed(0)
+    model = KwModel().eval()
+    dummy = {k: v for k, v in _tok(2, 6, 0, pad=2).items() if k != "token_type_ids"}
+    sim = rq.QuantSim(model, dummy, rq.QuantSimConfig(capture=method))
+    sim.compute_encodings([{k: v for k, v in _tok(4, 6, s, pad=2).items()} for s in range(3)], show_progress=False)
+    names = set(sim.quantizers())
+    assert any("softmax" in n for n in names)  # the softmax after the mask is quantized
+    a = _tok(3, 6, 5, pad=2)
+    b = {k: v.clone() for k, v in a.items()}
+    b["input_ids"][:, -2:] = (b["input_ids"][:, -2:] + 7) % 49 + 1
+    with torch.no_grad():
+        ha, hb = sim.run(a).hidden[:, :4], sim.run(b).hidden[:, :4]
+    assert torch.equal(ha, hb)
+
+
+def test_export_captures_what_fx_cannot():
+    class ShapeBranch(nn.Module):  # Python-side shape logic (audio front ends): fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 4, 3)
+
+        def forward(self, x):
+            if x.shape[-1] % 2:
+                x = F.pad(x, (0, 1))
+            return self.conv(x).relu()
+
+    sim = rq.QuantSim(ShapeBranch().eval(), torch.randn(1, 2, 9))
+    assert sim.capture_method == "torch.export" and not sim.float_leaves
+    assert "torch.fx failed" in sim.capture_notes[0] and "control flow" in sim.capture_notes[0]
+    assert {"conv.weight", "input_x.output"} <= set(sim.quantizers())  # module names kept
+    sim.compute_encodings([torch.randn(4, 2, 9), torch.randn(4, 2, 13)], show_progress=False)  # any batch, length
+    assert sim.run(torch.randn(3, 2, 11)).shape == (3, 4, 10)
+    with pytest.raises(Exception, match="(?i)guard|expected"):  # the branch taken at capture: odd lengths
+        sim.run(torch.randn(3, 2, 12))
+    assert "torch.export" in repr(sim)
+
+
+def test_batches_longer_than_inputs_and_args_kwargs():
+    model = nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    assert torch.equal(call_model(model, (x, torch.zeros(3)), 1), model(x))  # (x, label)
+    assert torch.equal(call_model(model, ((x,), {})), model(x))
+    assert torch.equal(call_model(model, {"input": x}), model(x))
+
+
+def test_quantizer_that_destroys_its_input_is_named():
+    class Spec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.l(torch.log(x + 1e-9))
+
+    g = torch.Generator().manual_seed(0)
+    mel = [torch.exp(torch.randn(16, 8, generator=g) * 3 - 8) for _ in range(3)]  # median ~3e-4, max ~5
+    sim = rq.QuantSim(Spec(), mel[0])
+    with pytest.warns(UserWarning, match=r"(?s)input_x\.output: 9\d% of its calibration values round to one level"):
+        sim.compute_encodings(mel, show_progress=False)
+    (w,) = [w for w in sim.calibration_warnings if w["name"] == "input_x.output"]
+    assert w["collapsed"] > 0.9 and w["level"] == 0.0
+    # the same model on well-scaled data: nothing to say
+    sim = rq.QuantSim(Spec(), mel[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sim.compute_encodings([torch.rand(16, 8, generator=g) + 0.5 for _ in range(3)], show_progress=False)
+    assert sim.calibration_warnings == []
