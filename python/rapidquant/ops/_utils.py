@@ -141,3 +141,25 @@ def nthreads() -> int:
 
 def stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def check_encoding(scale: torch.Tensor, zero_point: torch.Tensor | None = None,
+                   qmin: int | None = None, qmax: int | None = None) -> None:
+    """The CPU kernels' encoding checks, in torch, for devices whose kernels do not check
+    (CUDA): every scale finite and > 0; every zero point an integer in [qmin, qmax]. One
+    reduction and one device sync; the message is built only on failure."""
+    s = scale.reshape(-1)
+    bad_s = ~(torch.isfinite(s) & (s > 0))
+    bad_z = None
+    if zero_point is not None:
+        z = zero_point.reshape(-1)
+        bad_z = ~((z == torch.round(z)) & (z >= qmin) & (z <= qmax))  # NaN fails every comparison
+    if not bool(bad_s.any() | (bad_z.any() if bad_z is not None else False)):
+        return
+    if bad_s.any():
+        i = int(bad_s.nonzero()[0, 0])
+        raise ValueError(f"scale[{i}] = {float(s[i]):g} must be finite and > 0; a zero-range tensor needs a "
+                         "minimum scale (calibrate it or widen the range)")
+    i = int(bad_z.nonzero()[0, 0])
+    raise ValueError(f"zero_point[{i}] = {float(zero_point.reshape(-1)[i]):g} must be an integer in "
+                     f"[qmin, qmax] = [{qmin}, {qmax}]")

@@ -30,9 +30,10 @@ def _qdq_impl(device):
         s, z = scale.contiguous(), zero_point.contiguous()
         args = (xc.data_ptr(), y.data_ptr(), U.dtype_code(xc), list(xc.shape), list(block),
                 s.data_ptr(), z.data_ptr(), qmin, qmax)
-        if device == "cpu":
+        if device == "cpu":  # the CPU kernel checks the encoding itself
             _C.qdq_cpu(*args, U.nthreads())
         else:
+            U.check_encoding(s, z, qmin, qmax)
             cfn("qdq_cuda")(*args, U.stream(xc))
         return y
     return impl
@@ -52,6 +53,7 @@ def _qdq_bwd_impl(device):
         if device == "cpu":
             _C.qdq_backward_cpu(*args, U.nthreads())
         else:
+            U.check_encoding(s, z, qmin, qmax)
             cfn("qdq_backward_cuda")(*args, U.stream(xc))
         return dx, ds, dz
     return impl
@@ -67,6 +69,7 @@ def _quantize_impl(device):
         if device == "cpu":
             _C.quantize_cpu(*args, U.nthreads())
         else:
+            U.check_encoding(s, z, qmin, qmax)
             cfn("quantize_cuda")(*args, U.stream(xc))
         return q
     return impl
@@ -82,6 +85,7 @@ def _dequantize_impl(device):
         if device == "cpu":
             _C.dequantize_cpu(*args, U.nthreads())
         else:
+            U.check_encoding(s)
             cfn("dequantize_cuda")(*args, U.stream(qc))
         return y
     return impl
@@ -195,6 +199,7 @@ def quantize_dequantize_(x, scale, zero_point, qmin: int, qmax: int, axis=None, 
     else:
         from rapidquant._ext import require_cuda
         require_cuda("quantize_dequantize_")
+        U.check_encoding(sc, zc, int(qmin), int(qmax))
         cfn("qdq_cuda")(*args, U.stream(x))
     return x
 
@@ -222,7 +227,7 @@ def quantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, block_size=N
     info = torch.iinfo(dtype)
     if qmin < info.min or qmax > info.max:
         raise ValueError(f"[qmin, qmax] = [{qmin}, {qmax}] does not fit in {dtype}")
-    if x.device.type == "cpu" and x.numel() and torch.isnan(x).any():
+    if x.numel() and torch.isnan(x).any():  # every device (the CUDA kernel would write garbage)
         raise ValueError("x contains NaN, which has no integer representation; clean the input "
                          "(torch.nan_to_num) before quantizing")
     return torch.ops.rapidquant.quantize(x, s, z, int(qmin), int(qmax), spec, dtype)
