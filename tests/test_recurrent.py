@@ -162,6 +162,8 @@ def test_export_runs_in_onnxruntime_default_options(calibrated, kind, tmp_path):
     ops = [n.op_type for n in onnx.load(res.onnx).graph.node]
     assert ops.count("Scan") == (4 if kind == "gru" else 2)  # one per layer-direction
     assert res.tensor_names["rnn.weight_hh_l1"] == "rnn.module.weight_hh_l1"
+    in_scan = {n for n in sim.quantizers() if n.startswith("rnn.") and not n.endswith(".ih") and "weight" not in n}
+    assert set(res.unmapped) <= in_scan  # only quantizers inside the Scan bodies may lack a top-level name
     x = torch.randn(6, 20, 16, generator=torch.Generator().manual_seed(2))  # another batch size
     exact = _ort_steps(res.onnx, sim, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     assert exact.max() == 0.0  # the graph computes exactly what the sim computes
@@ -183,6 +185,7 @@ def test_unrolled_export(monkeypatch, tmp_path):
     res = sim.export(str(tmp_path), data[0])
     ops = [n.op_type for n in onnx.load(res.onnx).graph.node]
     assert "Scan" not in ops and ops.count("Sigmoid") == 2 * 5 * 3  # layers x steps x gates
+    assert not res.unmapped and res.tensor_names["rnn.l1.tanh_c"]  # every quantizer names its tensor
     assert _ort_steps(res.onnx, sim, data[1], ort.GraphOptimizationLevel.ORT_DISABLE_ALL).max() == 0.0
 
 

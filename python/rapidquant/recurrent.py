@@ -29,10 +29,18 @@ quantizers quantize them; zeros when omitted). Inputs must be tensors (no
 PackedSequence); LSTM projections (proj_size > 0) are not supported.
 
 Export: under torch.export (what ``sim.export`` uses) the loop over time becomes a
-``torch.scan``, which torch.onnx writes as one ONNX ``Scan`` per layer-direction: the
-sequence length stays a runtime value when the time dimension is exported as dynamic.
-Set ``rapidquant.recurrent.EXPORT_LOOP = "unroll"`` to unroll the loop instead (then
-the ONNX model only accepts the dummy input's sequence length, and one warning says so).
+``torch.scan``, which torch.onnx writes as one ONNX ``Scan`` per layer-direction (a
+graph whose size does not grow with the sequence). The sequence length stays a runtime
+value when the time dimension is exported as dynamic (``sim.export`` makes only the
+batch dimension dynamic today, so its file keeps the dummy input's length). The
+quantizers inside the loop then have their QuantizeLinear nodes inside the Scan body;
+the export's tensor-name mapping covers only the top-level graph, so it lists them as
+unmapped and the encodings file does not name their tensors. Set
+``rapidquant.recurrent.EXPORT_LOOP = "unroll"`` to unroll the loop instead: one copy of
+the cell per time step, every quantizer named, and the ONNX model only accepts the dummy
+input's sequence length (a warning says so when warnings are not silenced).
+The sim, the Scan export and the unrolled export compute the same values (onnxruntime
+with optimizations off matches the sim bit for bit).
 """
 from __future__ import annotations
 
@@ -43,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rapidquant import graph as G
 from rapidquant.qmodules import QuantizedModule
 from rapidquant.quantizer import Quantizer
 
@@ -56,14 +63,6 @@ LSTM_ACTS = {"ih": "Gemm", "hh": "Gemm", "gates": "Add", "i": "Sigmoid", "f": "S
 GRU_ACTS = {"ih": "Gemm", "hh": "Gemm", "rz": "Add", "r": "Sigmoid", "z": "Sigmoid", "r_hn": "Mul",
             "n_pre": "Add", "n": "Tanh", "h_minus_n": "Sub", "z_d": "Mul", "h": "Add"}
 PARAM_OP_TYPE = "Gemm"  # the gate matrices are quantized like a Linear layer's weight
-
-for _cls in RECURRENT:  # QuantSim classifies them; quantsim builds the twin (see quantized_twin)
-    G.register_module(_cls, "LSTM" if _cls in (nn.LSTM, nn.LSTMCell) else "GRU")
-
-
-def is_recurrent(module: nn.Module) -> bool:
-    return type(module) in RECURRENT
-
 
 class QuantizerFactory:
     """Makes a twin's quantizers by the same rules QuantSim applies to any layer.

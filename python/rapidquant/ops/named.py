@@ -35,6 +35,7 @@ def carrying_names():
         _ACTIVE.reset(token)
 
 
+@torch._dynamo.assume_constant_result  # dynamo (tracing a torch.scan body) cannot read a ContextVar
 def active() -> bool:
     return _ACTIVE.get()
 
