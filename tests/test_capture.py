@@ -156,7 +156,10 @@ def test_attention_mask_stays_exact(method):
     b["input_ids"][:, -2:] = (b["input_ids"][:, -2:] + 7) % 49 + 1
     with torch.no_grad():
         ha, hb = sim.run(a).hidden[:, :4], sim.run(b).hidden[:, :4]
+        ref = model(**{k: a[k] for k in ("input_ids", "attention_mask")}).hidden[:, :4]
     assert torch.equal(ha, hb)
+    # measured relative error 0.023; 0.59 when the masked scores get a quantizer (scores round to 0)
+    assert (ha - ref).norm() / ref.norm() < 0.1
 
 
 def test_export_captures_what_fx_cannot():
