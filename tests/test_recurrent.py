@@ -202,3 +202,20 @@ def test_adaround_leaves_recurrent_weights_nearest():
     sim.compute_encodings(data, show_progress=False)
     with torch.no_grad():
         assert torch.isfinite(sim.model(data[0])).all()
+
+
+def test_mixed_precision_groups_one_per_layer_direction():
+    from rapidquant.mixed_precision.groups import find_groups
+    torch.manual_seed(0)
+    x = torch.randn(4, 20, 8)
+    sim = QuantSim(Speech("gru", bidirectional=True).eval(), x)
+    sim.compute_encodings([x], show_progress=False)
+    groups = {g.name: g for g in find_groups(sim, x)}
+    for cell in ("l0", "l0_reverse", "l1", "l1_reverse"):
+        g = groups[f"rnn.{cell}"]
+        assert g.param_quantizers == [f"rnn.weight_ih_{cell}", f"rnn.weight_hh_{cell}"]
+        assert sorted(g.act_quantizers) == sorted(f"rnn.{cell}.{k}" for k in R.GRU_ACTS)
+        in_features = 32 if cell.startswith("l0") else 96
+        assert g.macs == 8 * 4 * 3 * 48 * (in_features + 48)  # steps x batch x gates x H x (in + H)
+    grouped = {q for g in groups.values() for q in g.param_quantizers + g.act_quantizers}
+    assert grouped == {n for n, q in sim.quantizers().items() if q.enabled}  # nothing left out of AMP

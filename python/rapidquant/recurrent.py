@@ -186,6 +186,26 @@ class _RecurrentBase(QuantizedModule):
         super().__init__(module, type(module).__name__.replace("Cell", ""), pq, None)
         self.cells = nn.ModuleDict({(c or "cell"): v for c, v in cellq.items()})
         self.name = name
+        self._gates = 4 if isinstance(module, (nn.LSTM, nn.LSTMCell)) else 3
+        self.macs: dict[str, int] = {}  # per layer-direction, of the last eager forward
+
+    def _count(self, cell: str, steps_x_batch: int, in_features: int) -> None:
+        if not torch.compiler.is_compiling():  # plain ints only (no symbolic shapes)
+            h = self.module.hidden_size
+            self.macs[cell] = int(steps_x_batch) * self._gates * h * (in_features + h)
+
+    def quantizer_groups(self) -> dict[str, dict]:
+        """Mixed precision: per layer-direction (``lstm.l0``, ``lstm.l0_reverse``; a cell:
+        its name) the enabled quantizers that change precision together (its gate
+        matrices and its cell's activations) and its MACs in the last forward pass."""
+        out = {}
+        for cell, cq in self.cells.items():
+            sfx = f"_{cell}" if cell != "cell" else ""
+            params = [q.name for k, q in self.param_quantizers.items() if q.enabled and (not sfx or k.endswith(sfx))]
+            out[f"{self.name}.{cell}" if sfx else self.name] = {
+                "params": params, "acts": [q.name for q in cq.qs.values() if q.enabled],
+                "macs": self.macs.get(cell, 0)}
+        return out
 
     def _w(self, pname: str):
         """A parameter after its quantizer (None for a missing bias)."""
@@ -247,6 +267,7 @@ class QuantizedRNN(_RecurrentBase):
 
     def _direction(self, x, cell: str, h, c, reverse: bool):
         cq = self.cells[cell]
+        self._count(cell, x.shape[0] * x.shape[1], x.shape[-1])
         ih = cq("ih", F.linear(x, self._w(f"weight_ih_{cell}"), self._w(f"bias_ih_{cell}")))
         w_hh, b_hh = self._w(f"weight_hh_{cell}"), self._w(f"bias_hh_{cell}")
         if reverse:
@@ -278,6 +299,7 @@ class QuantizedCell(_RecurrentBase):
             z = x.new_zeros(x.shape[0], m.hidden_size)
             hx = (z, torch.zeros_like(z)) if lstm else z
         cq = self.cells["cell"]
+        self._count("cell", x.shape[0], x.shape[-1])
         ih = cq("ih", F.linear(x, self._w("weight_ih"), self._w("bias_ih")))
         w_hh, b_hh = self._w("weight_hh"), self._w("bias_hh")
         if lstm:

@@ -146,6 +146,13 @@ def find_groups(sim, dummy_input=None) -> list[QuantizerGroup]:
         if q.enabled:
             find("A:" + name)
     macs = count_macs(sim, dummy_input) if dummy_input is not None else {}
+    twins = {}  # recurrent twins (rapidquant.recurrent): one group per layer-direction
+    for m in gm.modules():
+        for tname, spec in (m.quantizer_groups().items() if hasattr(m, "quantizer_groups") else ()):
+            twins[tname] = spec
+            find("T:" + tname)
+            for a in spec["acts"]:
+                union("A:" + a, "T:" + tname)
     groups: dict[str, QuantizerGroup] = {}
     for key in list(parent):
         root = find(key)
@@ -153,6 +160,10 @@ def find_groups(sim, dummy_input=None) -> list[QuantizerGroup]:
         kind, name = key.split(":", 1)
         if kind == "A":
             g.act_quantizers.append(name)
+        elif kind == "T":
+            g.layers.append(name)
+            g.param_quantizers += twins[name]["params"]
+            g.macs += twins[name]["macs"]
         else:
             g.layers.append(name)
             g.param_quantizers += [q.name for q in qmods[name].param_quantizers.values() if q.enabled]
