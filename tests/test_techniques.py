@@ -258,7 +258,7 @@ def test_fold_into_sim_for_qat_keeps_quantized_function():
 def test_bad_input_is_reported_not_crashed():
     lin = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     assert rq.fold_batch_norms(lin).folded == []
-    assert rq.equalize(lin, torch.randn(1, 4)).scaled == []  # linear layers are not equalized
+    assert rq.equalize(lin, torch.randn(1, 4)).scaled == [("0", "2")]  # Linear -> ReLU -> Linear
     with pytest.raises(ValueError, match="no batches"):
         rq.adaround(lin, torch.randn(1, 4), [], rq.AdaRoundConfig(iterations=10), show_progress=False)
     sim = rq.QuantSim(lin, torch.randn(1, 4))

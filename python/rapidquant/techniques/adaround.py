@@ -22,7 +22,7 @@ from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.techniques.layerwise import (cast_floats, collect_batches, following_activation, model_float_dtype,
-                                             run_layerwise)
+                                             run_layerwise, untreated_weights)
 
 SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 ZETA, GAMMA = 1.1, -0.1
@@ -35,6 +35,7 @@ class AdaRoundConfig:
     every weight's rounding has settled."""
     param_bw: int = 4
     per_channel: bool | None = None       # None: the hardware config decides
+    block_size: int | None = None         # per-block weight grids (blocks along the input dim)
     param_scheme: str = "mse"
     hw_config: str | dict = "default_per_channel"
     num_batches: int | None = 16          # cached calibration batches
@@ -70,6 +71,7 @@ class AdaRoundResult:
     layers: list = field(default_factory=list)
     seconds: float = 0.0
     spilled_bytes: int = 0
+    skipped: list = field(default_factory=list)  # (layer name, reason): kept nearest rounding
 
     def apply_to(self, sim) -> None:
         """Load and freeze the weight encodings in a sim built on ``self.model``."""
@@ -101,22 +103,28 @@ def _rows(t: torch.Tensor, layer) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) if isinstance(layer, nn.Linear) else t
 
 
-def _init_v(w, s, z, qmin, qmax, axis):
+def _grid(w, s, z, axis, block):
+    """Scale and zero point of a weight quantizer broadcast to w's shape (any layout)."""
+    from rapidquant import reference as R
+    from rapidquant.ops import _utils as U
+    spec = U.block_spec(w.shape, axis, block)
+    ps = U.param_shape(w.shape, spec)
+    return spec, s.reshape(ps), z.reshape(ps), R.expand_param(s.reshape(ps).float(), w.shape, spec)
+
+
+def _init_v(w, s, z, axis, block=None):
     """V with h(V) equal to the fractional part of w / s (round-to-nearest start)."""
-    shape = [1] * w.dim()
-    if axis is not None:
-        shape[axis] = -1
-    sf = s.reshape(shape) if s.dim() else s
+    sf = _grid(w, s, z, axis, block)[3]
     frac = (w / sf - torch.floor(w / sf)).clamp(0.01, 0.99)
     return -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
 
 
-def _reference_soft(w, V, s, z, qmin, qmax, axis, beta):
+def _reference_soft(w, V, s, z, qmin, qmax, axis, beta, block=None, hard=False):
+    """Soft (or hard) rounding in plain torch: benchmarks, and per-block grids, which the
+    fused kernel does not take."""
     from rapidquant import reference as R
-    from rapidquant.ops import _utils as U
-    spec = U.block_spec(w.shape, axis, None)
-    ps = U.param_shape(w.shape, spec)
-    return R.adaround_weight(w, V, s.reshape(ps), z.reshape(ps), qmin, qmax, spec, beta)
+    spec, sp, zp, _ = _grid(w, s, z, axis, block)
+    return R.adaround_weight(w, V, sp, zp, qmin, qmax, spec, beta, hard=hard)
 
 
 def _recon(out, target, act):
@@ -133,7 +141,8 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
     s, z = q.scale.detach(), q.zero_point.detach()
     qmin, qmax = q.qrange
     axis = q.axis
-    V = _init_v(w, s, z, qmin, qmax, axis).requires_grad_()
+    block = q.block_size
+    V = _init_v(w, s, z, axis, block).requires_grad_()
     opt = torch.optim.Adam([V], lr=cfg.lr)
     n = xq.shape[0]
     warm = int(cfg.warm_start * cfg.iterations)
@@ -147,8 +156,8 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
         else:
             t = (it - warm) / max(1, cfg.iterations - warm)
             beta, lam = b1 + 0.5 * (b0 - b1) * (1 + math.cos(math.pi * t)), cfg.reg_param
-        if cfg.use_reference_math:
-            wt, reg = _reference_soft(w, V, s, z, qmin, qmax, axis, beta)
+        if cfg.use_reference_math or block is not None:
+            wt, reg = _reference_soft(w, V, s, z, qmin, qmax, axis, beta, block)
         else:
             wt, reg = ops.adaround_weight(w, V, s, z, qmin, qmax, axis=axis, beta=beta)
         loss = _recon(_layer_forward(layer, x, wt), target, act)
@@ -166,8 +175,11 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
                 if ((h > 1e-3) & (h < 1 - 1e-3)).float().mean().item() < cfg.settled_fraction:
                     break
     with torch.no_grad():
-        hard, _ = ops.adaround_weight(w, V, s, z, qmin, qmax, axis=axis, hard=True)
-        nearest = ops.quantize_dequantize(w, s, z, qmin, qmax, axis=axis)
+        if block is None:
+            hard, _ = ops.adaround_weight(w, V, s, z, qmin, qmax, axis=axis, hard=True)
+        else:
+            hard, _ = _reference_soft(w, V, s, z, qmin, qmax, axis, 0.0, block, hard=True)
+        nearest = ops.quantize_dequantize(w, s, z, qmin, qmax, axis=axis, block_size=block)
         m = min(n, 256)
         x, target = xq[:m].float(), y[:m].float()
         e_near = _recon(_layer_forward(layer, x, nearest), target, act).item()
@@ -189,16 +201,23 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     t0 = time.perf_counter()
     dtype = model_float_dtype(model)  # fp32 inputs for an fp16 model are cast, like the batches
     sim = QuantSim(model, cast_floats(dummy_input, dtype), QuantSimConfig(param_bw=config.param_bw, per_channel=config.per_channel,
-                                                      param_scheme=config.param_scheme, hw_config=config.hw_config))
+                                                      param_scheme=config.param_scheme, hw_config=config.hw_config,
+                                                      block_size=config.block_size))
     sim._calibrate_params()
     from rapidquant.qmodules import QuantizedModule
-    targets = {}
+    targets, skipped = {}, []
     for name, m in sim.model.named_modules():
-        if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED) and "weight" in m.param_quantizers \
-                and name not in config.skip:
+        if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED) and "weight" in m.param_quantizers:
             q = m.param_quantizers["weight"]
-            if q.block_size is None and q.dtype == "int":
+            if name in config.skip:
+                skipped.append((name, "listed in AdaRoundConfig.skip"))
+            elif q.dtype != "int":
+                skipped.append((name, f"{q.float_format} float weight quantizer: no integer grid to round on"))
+            elif not q.enabled:
+                skipped.append((name, "weight quantizer disabled"))
+            else:
                 targets[name] = m
+    skipped += untreated_weights(sim, SUPPORTED, "AdaRound", set(targets))
     device = next(model.parameters()).device
     batches = collect_batches(data, config.num_batches, sim._n_inputs, device, shard=D.active(),
                               dtype=dtype)
@@ -237,4 +256,4 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     doc["quantizers"] = {k: v for k, v in doc["quantizers"].items() if k in sim.param_quantizers()}
     doc["adaround"] = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
                                   if not isinstance(v, dict)}}
-    return AdaRoundResult(out, doc, reports, time.perf_counter() - t0, stats["spilled_bytes"])
+    return AdaRoundResult(out, doc, reports, time.perf_counter() - t0, stats["spilled_bytes"], skipped)

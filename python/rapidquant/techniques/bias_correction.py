@@ -9,7 +9,7 @@ from torch import nn
 
 from rapidquant.progress import progress
 from rapidquant.techniques.adaround import SUPPORTED, _layer_forward
-from rapidquant.techniques.layerwise import collect_batches, model_float_dtype, run_layerwise
+from rapidquant.techniques.layerwise import collect_batches, model_float_dtype, run_layerwise, untreated_weights
 from rapidquant.techniques.bn_fold import folded_bn
 from rapidquant.techniques.patterns import BNS
 
@@ -67,6 +67,11 @@ def correct_bias(sim, data=None, config: BiasCorrectionConfig = BiasCorrectionCo
     targets = {n: m for n, m in sim.model.named_modules()
                if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED)
                and "weight" in m.param_quantizers and m.param_quantizers["weight"].enabled}
+    for name, m in sim.model.named_modules():
+        if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED) and name not in targets \
+                and "weight" in m.param_quantizers:
+            res.skipped.append((name, "weight quantizer disabled"))
+    res.skipped += untreated_weights(sim, SUPPORTED, "bias correction", set(targets))
     if config.mode == "analytical":
         _analytical(sim, targets, res)
         res.seconds = time.perf_counter() - t0

@@ -63,9 +63,31 @@ def _r(w: torch.Tensor, axis: int) -> torch.Tensor:
     return w.detach().abs().double().amax(dim=dims)
 
 
+EQUALIZABLE = CONVS + CONV_T + (nn.Linear,)
+# between a conv and a Linear: channels survive global pooling, but flattening feature maps
+# mixes them with positions, so such pairs are reported rather than scaled
+_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool2d, nn.Flatten,
+          nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _reaches_linear_through_pooling(mg: ModuleGraph, cur) -> str | None:
+    while cur is not None:
+        m = mg.module(cur)
+        if isinstance(m, nn.Linear):
+            return cur.target
+        is_pool = isinstance(m, _POOLS) or (cur.op in ("call_function", "call_method")
+                                              and getattr(cur.target, "__name__", cur.target) in
+                                              ("flatten", "mean", "adaptive_avg_pool2d", "view", "reshape", "relu"))
+        if not is_pool:
+            return None
+        cur = mg.single_user(cur)
+    return None
+
+
 def _chains(mg: ModuleGraph, res: CLEResult, exact_relu6: bool) -> list[list[str]]:
-    """Maximal chains of convs joined by single-consumer scale-invariant activations."""
-    convs = [n for n in mg.module_nodes(CONVS + CONV_T)]
+    """Maximal chains of Conv/Linear layers joined by single-consumer scale-invariant
+    activations. Pairs that cannot be scaled exactly are reported in res.skipped."""
+    convs = [n for n in mg.module_nodes(EQUALIZABLE)]
     nxt_conv = {}
     relu6_between = res.relu6
     for n in convs:
@@ -83,11 +105,19 @@ def _chains(mg: ModuleGraph, res: CLEResult, exact_relu6: bool) -> list[list[str
                                                   "where it saturates, left unscaled"))
                 break
             if isinstance(m, nn.PReLU) and m.weight.numel() > 1:
-                path_ok = False  # per-channel slopes would also need permuting; keep it exact
+                path_ok = False  # per-channel slopes do not commute with per-channel scales
+                res.skipped.append(((n.target,), "followed by a per-channel PReLU: scaling would change "
+                                                  "its slopes, left unscaled"))
                 break
             acts.append(cur)
             cur = mg.single_user(cur)
-        if path_ok and cur is not None and isinstance(mg.module(cur), CONVS + CONV_T):
+        if path_ok and cur is not None and isinstance(mg.module(n), CONVS + CONV_T) \
+                and not isinstance(mg.module(cur), EQUALIZABLE):
+            lin = _reaches_linear_through_pooling(mg, cur)
+            if lin is not None:
+                res.skipped.append(((n.target, lin), "conv -> Linear through pooling/flatten: "
+                                                     "not equalized"))
+        if path_ok and cur is not None and isinstance(mg.module(cur), EQUALIZABLE):
             nxt_conv[n.target] = cur.target
             relu6_between[n.target] = [a.target for a in acts if isinstance(mg.module(a), nn.ReLU6)]
     heads = [n.target for n in convs if n.target not in nxt_conv.values()]
@@ -132,6 +162,8 @@ def _equalize_pair(l1, l2) -> torch.Tensor:
 
 
 def _plain(layer) -> bool:
+    if isinstance(layer, nn.Linear):
+        return True
     return isinstance(layer, CONVS + CONV_T) and (layer.groups == 1 or is_depthwise(layer))
 
 
@@ -164,6 +196,9 @@ def equalize(model: nn.Module, dummy_input=None, config: CLEConfig = CLEConfig()
             if not (_plain(a) and _plain(b)):
                 res.skipped.append(((na, nb), "grouped (non-depthwise) convolution"))
                 continue
+            if isinstance(a, nn.Linear) != isinstance(b, nn.Linear):
+                res.skipped.append(((na, nb), "conv -> Linear (or Linear -> conv) pair: not equalized"))
+                continue
             pairs.append((a, b, na, nb))
             res.scaled.append((na, nb))
         # Pairwise scaling of a conv-depthwise-conv chain disturbs the neighbouring pair;
@@ -178,7 +213,8 @@ def equalize(model: nn.Module, dummy_input=None, config: CLEConfig = CLEConfig()
                     if r6 in clips:
                         clips[r6].upper.div_(s.float())
                     else:
-                        clips[r6] = ChannelClip(6.0 / s, channel_dim=1)
+                        # Linear outputs carry channels last ([..., C]), convs on dim 1
+                        clips[r6] = ChannelClip(6.0 / s, channel_dim=-1 if isinstance(a, nn.Linear) else 1)
                         set_module(model, r6, clips[r6])
                         res.relu6_replaced.append(r6)
             if worst < 1e-3:
@@ -199,7 +235,7 @@ def equalize(model: nn.Module, dummy_input=None, config: CLEConfig = CLEConfig()
 
 
 def _pads(layer) -> bool:
-    p = layer.padding
+    p = getattr(layer, "padding", 0)  # Linear: no padding
     return p == "same" or any(v != 0 for v in (p if isinstance(p, tuple) else (p,)))
 
 

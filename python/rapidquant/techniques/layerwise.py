@@ -216,3 +216,18 @@ def following_activation(gm: fx.GraphModule, node: fx.Node):
         import torch.nn.functional as F
         return F.relu if m.op_type == "Relu" else F.relu6
     return None
+
+
+def untreated_weights(sim, supported: tuple, technique: str, treated: set) -> list[tuple[str, str]]:
+    """(module name, reason) for every quantized weight-bearing module of ``sim`` that a
+    technique leaves alone because of its type, so results never skip in silence."""
+    from rapidquant.qmodules import QuantizedModule
+    out = []
+    for name, m in sim.model.named_modules():
+        if not isinstance(m, QuantizedModule) or name in treated or not m.param_quantizers:
+            continue
+        if not isinstance(m.module, supported):
+            params = ", ".join(sorted(m.param_quantizers))
+            out.append((name, f"{type(m.module).__name__} ({params}) is not supported by {technique}: "
+                              "its weights keep the plain quantizer encoding"))
+    return out

@@ -9,7 +9,8 @@ import torch
 
 from rapidquant.progress import progress
 from rapidquant.techniques.adaround import SUPPORTED, _layer_forward, _rows
-from rapidquant.techniques.layerwise import collect_batches, following_activation, model_float_dtype, run_layerwise
+from rapidquant.techniques.layerwise import (collect_batches, following_activation, model_float_dtype, run_layerwise,
+                                             untreated_weights)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class SeqMSEConfig:
 @dataclass
 class SeqMSEResult:
     layers: dict = field(default_factory=dict)   # name -> chosen ratio(s) (mean over channels)
+    skipped: list = field(default_factory=list)  # (layer name, reason): encoding left as calibrated
     seconds: float = 0.0
 
 
@@ -50,16 +52,19 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
     from rapidquant.qmodules import QuantizedModule
     t0 = time.perf_counter()
     sim._calibrate_params()
-    targets = {}
+    targets, res = {}, SeqMSEResult()
     for name, m in sim.model.named_modules():
         if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED) and "weight" in m.param_quantizers:
             q = m.param_quantizers["weight"]
-            if q.enabled and q.dtype == "int" and q.symmetric and q.block_size is None and not q.frozen:
+            why = _why_not(q)
+            if why:
+                res.skipped.append((name, why))
+            else:
                 targets[name] = m
+    res.skipped += untreated_weights(sim, SUPPORTED, "SeqMSE", set(targets))
     device = next(sim.model.parameters()).device
     batches = collect_batches(data, config.num_batches, sim._n_inputs, device, dtype=model_float_dtype(sim.model))
     ratios = torch.linspace(config.min_ratio, 1.0, config.num_candidates)
-    res = SeqMSEResult()
     bar = iter(progress(range(len(targets)), total=len(targets), desc="SeqMSE", enabled=show_progress))
 
     def on_layer(name, wrapper, q_args, f_args, node):
@@ -100,6 +105,20 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
     run_layerwise(sim, batches, set(targets), on_layer, quantize_activations=config.quantize_activations)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _why_not(q) -> str | None:
+    if not q.enabled:
+        return "weight quantizer disabled"
+    if q.frozen:
+        return "weight encoding is frozen (set by an earlier technique or loaded)"
+    if q.dtype != "int":
+        return f"{q.float_format} float weight quantizer: no integer range to search"
+    if not q.symmetric:
+        return "asymmetric weight quantizer: SeqMSE searches symmetric ranges only"
+    if q.block_size is not None:
+        return "per-block weight quantizer: SeqMSE searches per-tensor or per-channel ranges only"
+    return None
 
 
 def _spec(w, axis):
