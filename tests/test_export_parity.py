@@ -3,13 +3,17 @@ on the whole digits test set (397 images, 3970 logits), with ORT_DISABLE_ALL and
 session options. Bounds are the measured figures with a stated margin.
 
 Measured (onnxruntime 1.32, CPU; fraction of differing logits / largest difference in output
-quantization steps):
+quantization steps; torch at 1 and 2 threads, which also changes the trained net):
 
-    config                  ORT_DISABLE_ALL      default options
-    W8A8 per-tensor         0.0005 / 1           0.0025 / 1
-    W4A8 per-channel        0.0005 / 1 (2 thr.)  0.022  / 1
-    W4A4 per-tensor, CLE    0      / 0           0.155  / 1
-    mixed 4/8/16 bits       0      / 0           0.0048 / 3
+    config                  ORT_DISABLE_ALL           default options
+                            1 thr.      2 thr.        1 thr.       2 thr.
+    W8A8 per-tensor         0.0005/1    0.0008/1      0.0025/1     0.0035/1
+    W4A8 per-channel        0     /0    0.0005/1      0.022 /1     0.0146/1
+    W4A4 per-tensor, CLE    0     /0    0     /0      0.155 /1     0.182 /1
+    mixed 4/8/16 bits       0     /0    0     /0      0.0048/3     0.0060/3
+
+Top-1 accuracy of the file equals the sim's at ORT_DISABLE_ALL in every case, and with
+default options in every case at 2 threads (W4A4 after CLE at 1 thread: 0.839 vs 0.826).
 
 With ORT_DISABLE_ALL every node runs as written: Q/DQ are bit-exact per node, and only float
 kernels (conv accumulation order) can move a value onto a neighbouring step. With default
@@ -34,15 +38,15 @@ from rapidquant.export.onnx_qdq import ExportResult, Parity, _output_steps, _war
 
 STEP_TOL = 1.001  # a difference of k steps measures k * (1 +- float32 rounding of the step)
 
-# config -> {level: (fraction bound, steps bound)}: fractions are the measured fraction times
-# 1.5, at least 0.001 (four logits: float conv kernels round differently with the thread
+# config -> {level: (fraction bound, steps bound)}: fractions are the larger measured fraction
+# times 1.5, at least 0.001 (four logits: float conv kernels round differently with the thread
 # count and ISA; measured 0 to 2 logits at ORT_DISABLE_ALL across 1 and 2 threads); steps are
 # discrete: the measured number with ORT's fusions, one step where only float kernels differ
 BOUNDS = {
-    "w8a8_pt": {"disable_all": (0.001, 1), "default": (0.004, 1)},
+    "w8a8_pt": {"disable_all": (0.0015, 1), "default": (0.0055, 1)},
     "w4a8_pc": {"disable_all": (0.001, 1), "default": (0.033, 1)},
-    "w4a4_pt_cle": {"disable_all": (0.001, 1), "default": (0.23, 1)},
-    "mixed": {"disable_all": (0.001, 1), "default": (0.0075, 3)},
+    "w4a4_pt_cle": {"disable_all": (0.001, 1), "default": (0.28, 1)},
+    "mixed": {"disable_all": (0.001, 1), "default": (0.009, 3)},
 }
 
 
