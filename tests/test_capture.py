@@ -214,3 +214,18 @@ def test_quantizer_that_destroys_its_input_is_named():
         warnings.simplefilter("error")
         sim.compute_encodings([torch.rand(16, 8, generator=g) + 0.5 for _ in range(3)], show_progress=False)
     assert sim.calibration_warnings == []
+
+
+def test_integer_image_scaled_in_the_model_is_quantized_but_mask_arithmetic_is_not():
+    class U8(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x.float() / 255)
+
+    sim = rq.QuantSim(U8(), torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8))
+    assert "truediv.output" in sim.quantizers()  # the conv's input is on a grid in the export too
+    sim = rq.QuantSim(KwModel().eval(), {k: v for k, v in _tok(2, 6, 0).items() if k != "token_type_ids"})
+    assert not any(n.startswith(("sub", "rsub", "mul", "float", "add")) for n in sim.quantizers()), list(sim.quantizers())

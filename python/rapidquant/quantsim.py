@@ -127,6 +127,7 @@ class QuantSim:
         const, masks = mask_nodes(gm, kinds)
         self._quantize_used_params(gm, infos)
         fused = G.match_supergroups(infos, self.hw.supergroups())
+        by_node = {i.node: i for i in infos}
         outputs = _output_nodes(gm)
         out_q = self.hw.model_output_quantized()
         c = self.config
@@ -169,7 +170,8 @@ class QuantSim:
                 if not pq and oq is None:
                     continue
                 gm.set_submodule(name, QuantizedModule(info.module, info.op_type, pq, oq))
-            elif quantize_out and node not in const and not _applies_mask(node, info.op_type, masks):
+            elif quantize_out and not (node in const and not _feeds_layer(node, by_node)) \
+                    and not _applies_mask(node, info.op_type, masks):
                 name = _unique_name(gm, node.name)
                 oq = self._new_quantizer(f"{name}.output", param=False, op_type=info.op_type)
                 _apply_constraints(oq, self.hw.encoding_constraints(info.op_type))
@@ -536,6 +538,24 @@ def _param_source(node: fx.Node):
         else:
             return None, False
     return node, hops == 0
+
+
+def _feeds_layer(node: fx.Node, by_node: dict) -> bool:
+    """True when node's value reaches a conv/linear/matmul through data movement only: a
+    constant-like tensor there is a layer input (a uint8 image scaled by 1/255), quantized;
+    elsewhere (mask arithmetic, position ids) it stays exact."""
+    stack, seen = [node], set()
+    while stack:
+        for u in stack.pop().users:
+            info = by_node.get(u)
+            if info is None or u in seen:
+                continue
+            seen.add(u)
+            if info.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                return True
+            if info.passthrough:
+                stack.append(u)
+    return False
 
 
 def _applies_mask(node: fx.Node, op_type: str, masks: set) -> bool:
