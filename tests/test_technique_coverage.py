@@ -248,3 +248,31 @@ def test_seq_mse_reports_what_it_skips():
     skipped = dict(res.skipped)
     assert "float" in skipped["fc"] and "frozen" in skipped["conv1"]
     assert set(res.layers) == {"conv2", "conv3"}
+
+
+@pytest.mark.parametrize("kw,allowed", [
+    # measured out_mse ratio SeqMSE / min-max at 2 threads, 1 thread
+    ({"param_symmetric": False}, 0.5),                                      # 0.20, 0.24
+    ({"block_size": 8}, 0.5),                                               # 0.17, 0.22
+    ({"param_symmetric": False, "block_size": 8, "per_channel": True}, 0.8),  # 0.47, 0.59
+])
+def test_seq_mse_asymmetric_and_per_block(kw, allowed):
+    fp = trained_digits_net()
+    x = calib_batches(1)[0]
+    cfg = rq.QuantSimConfig(param_bw=4, act_dtype="float", act_bw=16, float_format="fp16", **kw)
+
+    def out_mse(sim):
+        with torch.no_grad():
+            return sum((sim.model(b) - fp(b)).pow(2).mean().item() for b in calib_batches(8))
+
+    mm = rq.QuantSim(fp, x, cfg)
+    mm.compute_encodings(calib_batches(), show_progress=False)
+    sq = rq.QuantSim(fp, x, cfg)
+    sq.compute_encodings(calib_batches(), show_progress=False)
+    res = rq.seq_mse(sq, calib_batches(8), show_progress=False)
+    assert set(res.layers) == {"conv1", "conv2", "conv3", "fc"} and res.skipped == []
+    q = sq.quantizer("conv2.weight")
+    assert q.frozen and q.block_size == kw.get("block_size")
+    if not kw.get("param_symmetric", True):
+        assert (q.zero_point != 0).any()  # a real asymmetric grid was chosen
+    assert out_mse(sq) < allowed * out_mse(mm)

@@ -211,9 +211,9 @@ def test_seq_mse_beats_minmax_at_4_bits():
     sq.compute_encodings(calib_batches(), show_progress=False)
     res = rq.seq_mse(sq, calib_batches(8), show_progress=False)
     assert set(res.layers) == {"conv1", "conv2", "conv3", "fc"}
-    # measured out_mse ratio SeqMSE / min-max: 0.33 (2 threads), 0.86 (1 thread; the cached
-    # trained net differs with the thread count); allowed 0.92
-    assert out_mse(sq) < 0.92 * out_mse(mm)
+    # measured out_mse ratio SeqMSE / min-max: 0.15 (2 threads), 0.28 (1 thread; the cached
+    # trained net differs with the thread count); allowed 0.5
+    assert out_mse(sq) < 0.5 * out_mse(mm)
     assert sq.quantizer("conv2.weight").frozen
 
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rapidquant import ops
 from rapidquant.progress import progress
+from rapidquant.techniques.patterns import out_axis
 from rapidquant.techniques.adaround import SUPPORTED, _layer_forward, _rows
 from rapidquant.techniques.layerwise import (collect_batches, following_activation, model_float_dtype, run_layerwise,
                                              untreated_weights)
@@ -30,16 +32,32 @@ class SeqMSEResult:
     seconds: float = 0.0
 
 
-def _candidate_scales(q, w: torch.Tensor, ratios: torch.Tensor):
-    """Symmetric scales for each clip ratio: [K, *scale_shape]."""
-    qmin, qmax = q.qrange
-    if q.axis is None:
-        amax = w.abs().max().reshape(())
-    else:
-        dims = [d for d in range(w.dim()) if d != q.axis]
-        amax = w.abs().amax(dim=dims)
-    neg = (qmax - qmin + 1) // 2
-    return torch.stack([torch.clamp(amax * r / neg, min=1e-12) for r in ratios])
+def _candidates(q, w: torch.Tensor, ratios: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(scale, zero point) for each clip ratio: the weight's own min/max per group (tensor,
+    channel or block) shrunk by the ratio, encoded by the quantizer's rules (symmetric or
+    asymmetric grid)."""
+    mn, mx = ops.minmax(w.float(), axis=q.axis, block_size=q.block_size)
+    out = []
+    for r in ratios.tolist():
+        q.set_range(mn * r, mx * r)
+        out.append((q.scale.detach().clone(), q.zero_point.detach().clone()))
+    return out
+
+
+def _choose(q, layer, cands, L: torch.Tensor, ratios: torch.Tensor):
+    """Best candidate: per output channel when the encoding has one group (or one row of
+    blocks) per output channel, else the one with the smallest total error."""
+    if q.axis is None or q.axis != out_axis(layer):
+        best = int(L.sum(1).argmin())
+        return cands[best][0], cands[best][1], float(ratios[best])
+    best = L.argmin(0)  # [C_out]
+    C = best.numel()
+    S = torch.stack([c[0].reshape(C, -1) for c in cands])  # [K, C, groups per channel]
+    Z = torch.stack([c[1].reshape(C, -1) for c in cands])
+    idx = best.view(1, C, 1).expand(1, C, S.shape[2])
+    shape = cands[0][0].shape
+    return (S.gather(0, idx)[0].reshape(shape), Z.gather(0, idx)[0].reshape(shape),
+            float(ratios[best].mean()))
 
 
 def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: bool = True) -> SeqMSEResult:
@@ -47,7 +65,8 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
 
     Per-channel encodings pick the best candidate per output channel independently (the
     output channels of a layer do not interact); per-tensor ones minimize the total. The
-    chosen encodings are frozen. Symmetric weight quantizers only (the usual case).
+    chosen encodings are frozen. Symmetric and asymmetric, per-tensor, per-channel and
+    per-block integer weight quantizers; the rest are listed in ``result.skipped``.
     """
     from rapidquant.qmodules import QuantizedModule
     t0 = time.perf_counter()
@@ -73,32 +92,23 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
         xf = torch.cat([_rows(a[0], layer) for a in f_args])[: config.max_rows]
         act = following_activation(sim.model, node) if config.use_activation else None
         w = layer.weight.detach()
-        qmin, qmax = q.qrange
         with torch.no_grad():
             y = _layer_forward(layer, xf, w)
             y = act(y) if act is not None else y
-            cands = _candidate_scales(q, w, ratios).to(w.device)
+            cands = _candidates(q, w, ratios)
             ch_axis = 1 if y.dim() > 1 else 0
             losses = []
-            for s in cands:
-                wq = torch.ops.rapidquant.quantize_dequantize(
-                    w, *_param(s, torch.zeros_like(s), w, q.axis), qmin, qmax, _spec(w, q.axis))
-                out = _layer_forward(layer, xq, wq)
+            for s, z in cands:
+                q.set_encoding(s, z)
+                out = _layer_forward(layer, xq, q(w))
                 out = act(out) if act is not None else out
                 err = (out - y).pow(2)
-                dims = [d for d in range(err.dim()) if d != ch_axis]
-                losses.append(err.sum(dim=dims))  # per output channel
+                losses.append(err.sum(dim=[d for d in range(err.dim()) if d != ch_axis]))  # per out channel
             L = torch.stack(losses)  # [K, C_out]
-            if q.axis is None:
-                best = int(L.sum(1).argmin())
-                scale = cands[best]
-                res.layers[name] = float(ratios[best])
-            else:
-                best = L.argmin(0)
-                scale = cands.gather(0, best[None]).squeeze(0) if cands.dim() == 2 else cands[best]
-                res.layers[name] = float(ratios[best].mean())
-            q.set_encoding(scale, torch.zeros_like(scale))
+            scale, zp, chosen = _choose(q, layer, cands, L, ratios)
+            q.set_encoding(scale, zp)
             q.frozen = True
+            res.layers[name] = chosen
             wrapper.clear_cache()
         next(bar, None)
 
@@ -114,22 +124,6 @@ def _why_not(q) -> str | None:
         return "weight encoding is frozen (set by an earlier technique or loaded)"
     if q.dtype != "int":
         return f"{q.float_format} float weight quantizer: no integer range to search"
-    if not q.symmetric:
-        return "asymmetric weight quantizer: SeqMSE searches symmetric ranges only"
-    if q.block_size is not None:
-        return "per-block weight quantizer: SeqMSE searches per-tensor or per-channel ranges only"
     return None
 
 
-def _spec(w, axis):
-    spec = [0] * w.dim()
-    if axis is not None:
-        spec[axis] = 1
-    return spec
-
-
-def _param(s, z, w, axis):
-    shape = [1] * w.dim()
-    if axis is not None:
-        shape[axis] = -1
-    return s.reshape(shape).float(), z.reshape(shape).float()
