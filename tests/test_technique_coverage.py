@@ -276,3 +276,12 @@ def test_seq_mse_asymmetric_and_per_block(kw, allowed):
     if not kw.get("param_symmetric", True):
         assert (q.zero_point != 0).any()  # a real asymmetric grid was chosen
     assert out_mse(sq) < allowed * out_mse(mm)
+
+
+def test_nan_in_weights_names_the_parameter():
+    m = copy.deepcopy(trained_digits_net())
+    with torch.no_grad():
+        m.conv2.weight[0, 0, 0, 0] = float("nan")
+    x = calib_batches(1)[0]
+    with pytest.raises(ValueError, match=r"parameter 'conv2.weight' contains 1 NaN/Inf.*weights are broken"):
+        rq.adaround(m, x, calib_batches(1), rq.AdaRoundConfig(iterations=10), show_progress=False)

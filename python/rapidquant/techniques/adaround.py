@@ -22,7 +22,7 @@ from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.techniques.layerwise import (cast_floats, collect_batches, following_activation, model_float_dtype,
-                                             run_layerwise, untreated_weights)
+                                             run_layerwise, untreated_weights, check_finite_weights)
 
 SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 ZETA, GAMMA = 1.1, -0.1
@@ -199,6 +199,7 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     """
     from rapidquant.quantsim import QuantSim
     t0 = time.perf_counter()
+    check_finite_weights(model)
     dtype = model_float_dtype(model)  # fp32 inputs for an fp16 model are cast, like the batches
     sim = QuantSim(model, cast_floats(dummy_input, dtype), QuantSimConfig(param_bw=config.param_bw, per_channel=config.per_channel,
                                                       param_scheme=config.param_scheme, hw_config=config.hw_config,

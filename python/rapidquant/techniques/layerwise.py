@@ -231,3 +231,13 @@ def untreated_weights(sim, supported: tuple, technique: str, treated: set) -> li
             out.append((name, f"{type(m.module).__name__} ({params}) is not supported by {technique}: "
                               "its weights keep the plain quantizer encoding"))
     return out
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """A NaN or Inf in a parameter is a broken model, not bad calibration data: name it."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise ValueError(f"parameter '{name}' contains {bad} NaN/Inf value(s) of {p.numel()}: the model's "
+                             "weights are broken (a diverged training run or a bad checkpoint); fix or "
+                             "reload them before quantizing")

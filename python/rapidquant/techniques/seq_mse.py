@@ -12,7 +12,7 @@ from rapidquant.progress import progress
 from rapidquant.techniques.patterns import out_axis
 from rapidquant.techniques.adaround import SUPPORTED, _layer_forward, _rows
 from rapidquant.techniques.layerwise import (collect_batches, following_activation, model_float_dtype, run_layerwise,
-                                             untreated_weights)
+                                             untreated_weights, check_finite_weights)
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
     """
     from rapidquant.qmodules import QuantizedModule
     t0 = time.perf_counter()
+    check_finite_weights(sim.model)
     sim._calibrate_params()
     targets, res = {}, SeqMSEResult()
     for name, m in sim.model.named_modules():
