@@ -219,3 +219,12 @@ def test_mixed_precision_groups_one_per_layer_direction():
         assert g.macs == 8 * 4 * 3 * 48 * (in_features + 48)  # steps x batch x gates x H x (in + H)
     grouped = {q for g in groups.values() for q in g.param_quantizers + g.act_quantizers}
     assert grouped == {n for n, q in sim.quantizers().items() if q.enabled}  # nothing left out of AMP
+
+
+def test_encodings_round_trip(calibrated, tmp_path):
+    model, sim, data = calibrated["gru"]
+    path = sim.save_encodings(str(tmp_path / "gru.encodings.json"))
+    other = QuantSim(model, data[0])
+    other.load_encodings(path)
+    with torch.no_grad():
+        assert torch.equal(sim.model(data[1]), other.model(data[1]))
