@@ -228,3 +228,15 @@ def test_encodings_round_trip(calibrated, tmp_path):
     other.load_encodings(path)
     with torch.no_grad():
         assert torch.equal(sim.model(data[1]), other.model(data[1]))
+
+
+def test_unrolled_export_warns_and_bad_loop_setting_is_named(monkeypatch):
+    x = torch.randn(6, 2, 5)
+    sim = QuantSim(Wrap0(nn.GRU(5, 4)).eval(), x)
+    sim.compute_encodings([x], show_progress=False)
+    monkeypatch.setattr(R, "EXPORT_LOOP", "unroll")
+    with pytest.warns(UserWarning, match="unrolled over the dummy input's 6 steps"):
+        torch.export.export(sim.model, (x,), strict=False)
+    monkeypatch.setattr(R, "EXPORT_LOOP", "loop")
+    with pytest.raises(ValueError, match="EXPORT_LOOP must be 'scan' or 'unroll'"):
+        torch.export.export(sim.model, (x,), strict=False)

@@ -64,6 +64,7 @@ GRU_ACTS = {"ih": "Gemm", "hh": "Gemm", "rz": "Add", "r": "Sigmoid", "z": "Sigmo
             "n_pre": "Add", "n": "Tanh", "h_minus_n": "Sub", "z_d": "Mul", "h": "Add"}
 PARAM_OP_TYPE = "Gemm"  # the gate matrices are quantized like a Linear layer's weight
 
+
 class QuantizerFactory:
     """Makes a twin's quantizers by the same rules QuantSim applies to any layer.
 
@@ -133,7 +134,12 @@ def gru_step(cq: CellQuantizers, ih: torch.Tensor, h, w_hh, b_hh):
     return cq("h", n + cq("z_d", z * cq("h_minus_n", h - n)))
 
 
-def _scan():
+def _export_scan():
+    """torch.scan when exporting with EXPORT_LOOP == "scan" (and this torch has it), else None."""
+    if EXPORT_LOOP not in ("scan", "unroll"):
+        raise ValueError(f"rapidquant.recurrent.EXPORT_LOOP must be 'scan' or 'unroll' (got {EXPORT_LOOP!r})")
+    if EXPORT_LOOP != "scan" or not torch.compiler.is_exporting():
+        return None
     try:
         from torch._higher_order_ops.scan import scan
         return scan
@@ -141,23 +147,22 @@ def _scan():
         return None
 
 
-_warned_unroll = set()
+def _warn_if_unrolled(name: str, steps: int) -> None:
+    if torch.compiler.is_exporting() and _export_scan() is None:
+        warnings.warn(f"{name}: the recurrent loop is unrolled over the dummy input's {steps} steps; "
+                      "the exported model accepts only that sequence length", stacklevel=3)
 
 
-def _run_sequence(step, xs: torch.Tensor, state: tuple, name: str):
+def _run_sequence(step, xs: torch.Tensor, state: tuple):
     """Run step(state, x_t) -> state over xs (time first). Returns (outputs, final state);
     the output of a step is its first state tensor (h)."""
-    scan = _scan() if EXPORT_LOOP == "scan" else None
-    if torch.compiler.is_exporting() and scan is not None:
+    scan = _export_scan()
+    if scan is not None:
         def body(carry, x):
             new = step(carry, x)
             return new, new[0].clone()  # scan: an output may not alias the carry
         final, ys = scan(body, state, xs)
         return ys, final
-    if torch.compiler.is_exporting() and name not in _warned_unroll:
-        _warned_unroll.add(name)
-        warnings.warn(f"{name}: the recurrent loop is unrolled over the dummy input's {xs.shape[0]} steps; "
-                      "the exported model accepts only that sequence length", stacklevel=3)
     ys = []
     for t in range(xs.shape[0]):
         state = step(state, xs[t])
@@ -236,6 +241,7 @@ class QuantizedRNN(_RecurrentBase):
         elif m.batch_first:
             x = x.transpose(0, 1)
         D = 2 if m.bidirectional else 1
+        _warn_if_unrolled(self.name, x.shape[0])
         if hx is None:
             z = x.new_zeros(m.num_layers * D, x.shape[1], m.hidden_size)
             hx = (z, torch.zeros_like(z)) if lstm else z  # distinct tensors: scan rejects aliased inputs
@@ -273,11 +279,9 @@ class QuantizedRNN(_RecurrentBase):
         if reverse:
             ih = ih.flip(0)
         if c is not None:
-            ys, st = _run_sequence(lambda s, t: lstm_step(cq, t, s[0], s[1], w_hh, b_hh), ih, (h, c),
-                                   f"{self.name}.{cell}")
+            ys, st = _run_sequence(lambda s, t: lstm_step(cq, t, s[0], s[1], w_hh, b_hh), ih, (h, c))
         else:
-            ys, st = _run_sequence(lambda s, t: (gru_step(cq, t, s[0], w_hh, b_hh),), ih, (h,),
-                                   f"{self.name}.{cell}")
+            ys, st = _run_sequence(lambda s, t: (gru_step(cq, t, s[0], w_hh, b_hh),), ih, (h,))
         return (ys.flip(0) if reverse else ys), st
 
 
