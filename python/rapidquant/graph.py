@@ -101,7 +101,6 @@ PASSTHROUGH_METHODS = {
 
 
 # aten ops (graphs captured with torch.export) speak the same op types
-_aten = torch.ops.aten
 ATEN_FUNCTIONS: dict = {
     "add.Tensor": "Add", "add_.Tensor": "Add", "sub.Tensor": "Sub", "rsub.Scalar": "Sub",
     "mul.Tensor": "Mul", "mul_.Tensor": "Mul", "div.Tensor": "Div", "div.Tensor_mode": "Div",
