@@ -451,6 +451,15 @@ def _warn_parity(res: ExportResult) -> None:
                                              p.max_abs_diff)
 
 
+def _dynamic_dims(a):
+    """Batch symbolic; every dim of integer inputs too (token ids and masks: sequence length)."""
+    if not isinstance(a, torch.Tensor) or not a.dim():
+        return None
+    if a.is_floating_point():
+        return {0: torch.export.Dim.AUTO}
+    return {d: torch.export.Dim.AUTO for d in range(a.dim())}
+
+
 def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
     """torch.onnx (dynamo) export of ``model`` with quantizers calling the named ops."""
     was = model.training
@@ -466,8 +475,7 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
             prog, failed = None, None
             if dynamic_batch:  # batch dimension symbolic where the model allows it
                 try:
-                    dims = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
-                                 for a in args)
+                    dims = tuple(_dynamic_dims(a) for a in args)
                     prog = torch.onnx.export(model, args, dynamic_shapes=dims, **kw)
                 except Exception as e:  # noqa: BLE001 - fall back to the dummy input's shapes
                     failed = e
