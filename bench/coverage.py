@@ -58,7 +58,7 @@ PARITY_TOLERANCE = 0.05
 
 
 # The sqnr stage fails below this: the quantization noise is then over a third of the output's
-# amplitude, and no model of the suite is usable there (the others measure 14-37 dB).
+# amplitude, and no model of the suite is usable there (the passing ones measure 14.7-38 dB).
 SQNR_FLOOR_DB = 10.0
 # Which earlier stages each stage needs; a stage whose needs failed is skipped, the rest run.
 NEEDS = {"build": (), "calibrate": ("build",), "sqnr": ("calibrate",), "export": ("calibrate",),
