@@ -23,9 +23,9 @@ import rapidquant as rq  # noqa: E402
 from rapidquant import zoo  # noqa: E402
 
 SETTINGS = [  # (label, AutoQuantConfig kwargs)
-    ("W8A8 per-channel, drop 0.01", dict(param_bw=8, act_bw=8, allowed_drop=0.01)),
-    ("W4A8 per-tensor, drop 0.005", dict(param_bw=4, act_bw=8, per_channel=False, allowed_drop=0.005)),
-    ("W3A8 per-channel, drop 0.005", dict(param_bw=3, act_bw=8, allowed_drop=0.005)),
+    ("W8A8 per-channel, drop 0.01", dict(sim=rq.QuantSimConfig(param_bw=8, act_bw=8), allowed_drop=0.01)),
+    ("W4A8 per-tensor, drop 0.005", dict(sim=rq.QuantSimConfig(param_bw=4, act_bw=8, per_channel=False), allowed_drop=0.005)),
+    ("W3A8 per-channel, drop 0.005", dict(sim=rq.QuantSimConfig(param_bw=3, act_bw=8), allowed_drop=0.005)),
 ]
 
 
@@ -50,7 +50,9 @@ def main():
                 shutil.rmtree(d, ignore_errors=True)
             times = ", ".join(f"{s.name} {s.seconds:.1f}" for s in res.stages if s.status not in ("skipped",))
             rows.append({"model": name, "setting": label, "FP32": f"{res.fp32_score:.4f}",
-                         "final": f"{res.score:.4f}", "met": "yes" if res.met else "no",
+                         "final (ONNX in onnxruntime)": f"{res.score:.4f}", "sim": f"{res.sim_score:.4f}",
+                         "scored on": res.artifact_check, "met": "yes" if res.met else "no",
+                         "eval_fn calls": res.evaluations,
                          "stopped at": res.best_stage, "total s": f"{res.seconds:.1f}", "stage times (s)": times})
     title = f"AutoQuant on {machine_line('cpu')}; rapidquant {rq.__version__}"
     print(write_table(rows, os.path.join(args.out, "autoquant_cpu"), title))

@@ -76,7 +76,7 @@ def autoquant(rank, world, port, out):
     _init(rank, world, port)
     try:
         model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
-        cfg = rq.AutoQuantConfig(param_bw=4, per_channel=False, allowed_drop=0.005, results_dir=os.path.join(out, "aq"),
+        cfg = rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=4, act_bw=8, per_channel=False), allowed_drop=0.005, results_dir=os.path.join(out, "aq"),
                                  num_calibration_batches=8, adaround=rq.AdaRoundConfig(iterations=60))
         r = rq.AutoQuant(model, data[0], data, lambda m, n=None: zoo.accuracy(m), cfg, show_progress=False).optimize()
         w = {k: v.tolist() for k, v in r.model.state_dict().items() if k.endswith("weight")}

@@ -1,15 +1,20 @@
-"""AutoQuant flow decisions with real (small) components, resume, budget, and the CLI demo."""
+"""AutoQuant flow decisions with real (small) components: acceptance on the exported file,
+failure injection, resume, budgets, config validation, and the CLI."""
 import copy
 import os
 import subprocess
 import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import rapidquant as rq
 import rapidquant.autoquant as AQ
+import rapidquant.autoquant.stages as AQS
 from rapidquant import zoo
+from rapidquant.export import OnnxRuntimeModule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -22,33 +27,42 @@ def data(n=4):
     return zoo.calibration_batches(n)
 
 
-def run(model, tmp_path, log=None, **kw):
-    cfg = rq.AutoQuantConfig(**{"num_calibration_batches": 4, "results_dir": str(tmp_path), "export": False,
+def run(model, tmp_path, log=None, sim=None, eval_fn=ev, **kw):
+    sim_cfg = rq.QuantSimConfig(**{"param_bw": 8, "act_bw": 8, **(sim or {})})
+    cfg = rq.AutoQuantConfig(**{"sim": sim_cfg, "num_calibration_batches": 4, "results_dir": str(tmp_path),
                                 "scheme_candidates": (("minmax", "minmax"), ("mse", "sqnr")), **kw})
-    return rq.AutoQuant(model, data(1)[0], data(), ev, cfg, show_progress=False, log=log).optimize()
+    return rq.AutoQuant(model, data(1)[0], data(), eval_fn, cfg, show_progress=False, log=log).optimize()
 
 
 def status(res):
     return {s.name: s.status for s in res.stages}
 
 
+def record(res, name):
+    return next(s for s in res.stages if s.name == name)
+
+
+W2_PER_TENSOR = dict(param_bw=2, per_channel=False)  # no stage recovers it: the run tries everything
+
+
 def test_early_exit_on_w32_check(tmp_path):
-    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, act_bw=2)
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, sim=dict(act_bw=2))
     st = status(res)
     assert st["w32_check"] == "ok" and not res.met
     assert st["bn_fold"] == st["cle"] == st["adaround"] == "skipped"
     assert "activation quantization alone" in res.message
-    assert next(s for s in res.stages if s.name == "w32_check").score < res.target
+    assert record(res, "w32_check").score < res.target
 
 
 def test_w32_failure_with_amp_candidates_goes_on_to_amp(tmp_path):
     """Weight techniques cannot fix 2-bit activations, AMP can: BN folding and CLE still run
     to give it a deployable start, AdaRound does not."""
-    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, act_bw=2, amp_candidates=("W8A2", "W8A8"))
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, sim=dict(act_bw=2), amp_candidates=("W8A2", "W8A8"))
     st = status(res)
-    assert next(s for s in res.stages if s.name == "w32_check").score < res.target
+    assert record(res, "w32_check").score < res.target
     assert st["bn_fold"] in ("ok", "met") and st["cle"] in ("ok", "met") and st["adaround"] == "skipped"
     assert st["amp"] == "met" and res.met and res.best_stage == "amp"
+    assert res.artifact_check == "onnxruntime" and res.score == res.artifact_score
 
 
 @pytest.fixture(scope="module")
@@ -66,22 +80,78 @@ def bn_hidden_outlier():
 
 def test_stops_after_bn_folding_when_it_suffices(bn_hidden_outlier, tmp_path):
     assert abs(zoo.accuracy(bn_hidden_outlier) - zoo.accuracy(zoo.pretrained("digits_resnet"))) < 0.003
-    res = run(bn_hidden_outlier, tmp_path, param_bw=8, per_channel=False, allowed_drop=0.01)
+    res = run(bn_hidden_outlier, tmp_path, sim=dict(per_channel=False), allowed_drop=0.01)
     st = status(res)
     assert res.met and res.best_stage == "bn_fold" and st["bn_fold"] == "met"
     assert st["scheme_selection"] == "ok"  # it ran and missed
     assert st["cle"] == st["adaround"] == "skipped"
 
 
+def test_met_means_the_exported_file_meets_it(tmp_path):
+    """The reported score is eval_fn on results_dir/model.onnx in a default onnxruntime session."""
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=0.01, use_adaround=False)
+    assert res.met and res.artifact_check == "onnxruntime"
+    like = torch.zeros(1, 10)
+    deployed = zoo.accuracy(OnnxRuntimeModule(res.onnx_path, output_like=like))
+    assert res.score == res.artifact_score == deployed >= res.target
+    assert res.onnx_path == os.path.join(str(tmp_path), "model.onnx") and os.path.exists(res.encodings_path)
+    rec = record(res, res.best_stage)
+    assert rec.status == "met" and rec.artifact_score == deployed and rec.score is not None
+    page = open(res.report_path).read()
+    assert "ONNX score" in page and "The exported file" in page and "data:image/png;base64" in page
+
+
+def test_sim_meets_but_file_misses_goes_on(tmp_path):
+    """When the file scores lower than its sim (here: eval_fn sees the onnxruntime module
+    and takes 0.5 off the first file it scores), the run does not stop: the next stage's file
+    must meet the target, and the first stage is shown as a disagreement."""
+    seen = []
+
+    def eval_fn(model):
+        acc = zoo.accuracy(model)
+        if isinstance(model, OnnxRuntimeModule):
+            seen.append(acc)
+            return acc - 0.5 if len(seen) == 1 else acc
+        return acc
+
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, eval_fn=eval_fn, allowed_drop=0.01, use_adaround=False)
+    first = record(res, "bn_fold")
+    assert first.score >= res.target > first.artifact_score and first.status == "ok"
+    assert res.met and res.best_stage == "cle" and res.score == record(res, "cle").artifact_score == seen[1]
+    page = open(res.report_path).read()
+    assert "<tr class='bad'><td>bn_fold</td>" in page
+
+
+def test_no_file_ever_meets_it_is_not_met(tmp_path):
+    def eval_fn(model):
+        return zoo.accuracy(model) - (0.5 if isinstance(model, OnnxRuntimeModule) else 0.0)
+
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, eval_fn=eval_fn, allowed_drop=0.01, use_adaround=False)
+    assert not res.met and res.score < res.target and res.score == res.artifact_score
+    assert "the exported model does not" in res.message
+
+
+def test_eval_fn_that_cannot_take_the_file_falls_back_loudly(tmp_path):
+    def eval_fn(model):
+        model.features  # a torch attribute the onnxruntime module does not have
+        return zoo.accuracy(model)
+
+    with pytest.warns(UserWarning, match="checked only for parity"):
+        res = run(zoo.pretrained("digits_mobilenet"), tmp_path, eval_fn=eval_fn, allowed_drop=0.01,
+                  use_adaround=False)
+    assert res.met and res.artifact_check.startswith("parity only") and res.artifact_score is None
+    assert "on the sim (parity only" in res.message
+
+
 def test_best_result_when_target_never_met_and_determinism(tmp_path):
     m = zoo.pretrained("digits_mobilenet")
-    # 2-bit per-tensor weights: activations alone pass the W32 check, no weight technique recovers
-    res = run(m, tmp_path / "a", allowed_drop=0.005, use_adaround=False, param_bw=2, per_channel=False)
+    res = run(m, tmp_path / "a", allowed_drop=0.005, use_adaround=False, sim=W2_PER_TENSOR)
     assert not res.met and "no stage met the target" in res.message
     scores = {s.name: s.score for s in res.stages if s.score is not None}
     # the scheme-selection score (BNs unfolded) picks the scheme but is never the result
-    assert res.score == max(v for k, v in scores.items() if k in ("bn_fold", "cle"))
-    again = run(m, tmp_path / "b", allowed_drop=0.005, use_adaround=False, param_bw=2, per_channel=False)
+    assert res.sim_score == max(v for k, v in scores.items() if k in ("bn_fold", "cle"))
+    assert res.score == res.artifact_score  # the best candidate's file was scored too
+    again = run(m, tmp_path / "b", allowed_drop=0.005, use_adaround=False, sim=W2_PER_TENSOR)
     assert [s.score for s in again.stages] == [s.score for s in res.stages]  # deterministic
 
 
@@ -90,47 +160,67 @@ def test_unfolded_bn_score_is_never_the_result(tmp_path):
     scheme selection, the result comes from the BN-folded model; a model without foldable BNs
     may stop at scheme selection."""
     m = zoo.pretrained("digits_mobilenet")
-    res = run(m, tmp_path / "a", param_bw=8, allowed_drop=0.01, use_adaround=False)
-    sel = next(s for s in res.stages if s.name == "scheme_selection")
+    res = run(m, tmp_path / "a", allowed_drop=0.01, use_adaround=False)
+    sel = record(res, "scheme_selection")
     assert sel.score >= res.target and "only picks the scheme" in sel.message
     assert res.met and res.best_stage == "bn_fold"
     folded = copy.deepcopy(m)
     rq.fold_batch_norms(folded)
-    res = run(folded, tmp_path / "b", param_bw=8, allowed_drop=0.01, use_adaround=False)
+    res = run(folded, tmp_path / "b", allowed_drop=0.01, use_adaround=False)
     assert res.met and res.best_stage == "scheme_selection"
 
 
-def test_failing_stage_strict_and_not(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["bn_fold", "cle", "adaround_stage"])
+def test_a_failing_stage_changes_nothing(tmp_path, monkeypatch, stage):
+    """Failure injection: the failed stage is reported, and the result, its files and its
+    score all come from the same earlier-or-later candidate."""
+    def boom(state):
+        raise RuntimeError(f"{stage} exploded")
+    monkeypatch.setattr(AQ.pipeline, "PIPELINE", tuple(
+        s if s.run.__name__ != stage else AQ.Stage(s.name, boom, s.doc, s.skip, s.after) for s in AQ.PIPELINE))
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=0.005, sim=W2_PER_TENSOR,
+              adaround=rq.AdaRoundConfig(iterations=20))
+    name = {"adaround_stage": "adaround"}.get(stage, stage)
+    assert status(res)[name] == "failed" and f"{stage} exploded" in record(res, name).message
+    assert res.best_stage != name and res.sim is not None
+    best = record(res, res.best_stage)
+    assert res.sim_score == best.score and res.score == best.artifact_score
+    deployed = zoo.accuracy(OnnxRuntimeModule(res.onnx_path, output_like=torch.zeros(1, 10)))
+    assert deployed == res.score
+    assert f"{stage} exploded" in open(res.report_path).read()
+
+
+def test_strict_raises(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("equalization exploded")
-    monkeypatch.setattr(AQ, "equalize", boom)
-    m = zoo.pretrained("digits_mobilenet")
-    res = run(m, tmp_path / "lenient", allowed_drop=0.005, use_adaround=False, param_bw=2, per_channel=False)
-    st = status(res)
-    assert st["cle"] == "failed" and "equalization exploded" in next(s for s in res.stages if s.name == "cle").message
+    monkeypatch.setattr(AQS, "equalize", boom)
     with pytest.raises(RuntimeError, match="equalization exploded"):
-        run(m, tmp_path / "strict", allowed_drop=0.005, use_adaround=False, param_bw=2, per_channel=False,
-            strict=True)
+        run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=0.005, use_adaround=False,
+            sim=W2_PER_TENSOR, strict=True)
 
 
 def test_resume_after_crash_and_invalidation(tmp_path, monkeypatch):
     m = copy.deepcopy(zoo.pretrained("digits_mobilenet"))
-    real = AQ.adaround
+    real = AQS.adaround
 
     def crash(*a, **k):
         raise KeyboardInterrupt("killed during AdaRound")
-    monkeypatch.setattr(AQ, "adaround", crash)
-    kw = dict(allowed_drop=0.005, param_bw=2, per_channel=False, adaround=rq.AdaRoundConfig(iterations=30))
+    monkeypatch.setattr(AQS, "adaround", crash)
+    kw = dict(allowed_drop=0.005, sim=W2_PER_TENSOR, adaround=rq.AdaRoundConfig(iterations=30))
     with pytest.raises(KeyboardInterrupt):
         run(m, tmp_path, **kw)
-    monkeypatch.setattr(AQ, "adaround", real)
+    monkeypatch.setattr(AQS, "adaround", real)
     lines = []
     res = run(m, tmp_path, log=lines.append, **kw)
     for name in ("fp32", "scheme_selection", "w32_check", "bn_fold", "cle"):
         assert any(line.startswith(f"{name}:") and "(cached)" in line for line in lines), name
     assert status(res)["adaround"] in ("ok", "met") and not any(
         line.startswith("adaround:") and "(cached)" in line for line in lines)
-    # a changed model invalidates the cache: everything recomputes
+    # a changed config (a nested QuantSimConfig field) recomputes every stage
+    lines.clear()
+    run(m, tmp_path, log=lines.append, **{**kw, "sim": {**W2_PER_TENSOR, "act_bw": 7}})
+    assert not any("(cached)" in line for line in lines)
+    # so does a changed model
     with torch.no_grad():
         m.classifier[1].bias.add_(1e-3)
     lines.clear()
@@ -138,24 +228,55 @@ def test_resume_after_crash_and_invalidation(tmp_path, monkeypatch):
     assert not any("(cached)" in line for line in lines)
 
 
-def test_time_budget_is_honoured(tmp_path):
-    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, time_budget_s=0.0, allowed_drop=-1.0)
+def test_budgets_are_honoured(tmp_path):
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path / "t", time_budget_s=0.0, allowed_drop=0.0,
+              sim=W2_PER_TENSOR)
     st = status(res)
     assert st["fp32"] == "ok" and st["scheme_selection"] == "skipped"
     assert "time budget" in res.message and not res.met
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path / "e", max_evaluations=3, allowed_drop=0.0,
+              sim=W2_PER_TENSOR)
+    assert "evaluation budget" in res.message and status(res)["cle"] == "skipped"
+    assert res.evaluations == 3  # fp32 + the two schemes; no candidate yet (BNs unfolded), no file
 
 
-def test_run_inference_and_export(tmp_path):
-    m = zoo.pretrained("digits_mobilenet")
-    cfg = rq.AutoQuantConfig(results_dir=str(tmp_path), num_calibration_batches=4)
-    aq = rq.AutoQuant(m, data(1)[0], data(), ev, cfg, show_progress=False)
-    sim, score = aq.run_inference()
-    assert 0.9 < score <= 1.0 and sim.quantizers()
-    res = aq.optimize()
-    assert res.met and os.path.exists(res.onnx_path) and os.path.exists(res.encodings_path)
-    assert res.export_check["ort_ok"]
-    page = open(res.report_path).read()
-    assert "Flow" in page and "Export check" in page and "data:image/png;base64" in page
+def test_per_block_weights_and_excluded_module(tmp_path):
+    """Every QuantSim knob reaches AutoQuant: W4 per-block weights and a module left in float,
+    in the result's sim and in the exported encodings."""
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=0.02,
+              sim=dict(param_bw=4, block_size=8, exclude=("classifier.1",)), adaround=rq.AdaRoundConfig(iterations=20))
+    qs = res.sim.quantizers()
+    assert not any(n.startswith("classifier.1") for n, q in qs.items() if q.enabled)
+    blocked = [q for n, q in res.sim.param_quantizers().items() if q.enabled and q.block_size]
+    assert blocked and all(q.bitwidth == 4 and q.block_size == 8 for q in blocked)
+    assert res.artifact_check == "onnxruntime" and os.path.exists(res.onnx_path)
+    assert "classifier.1" not in open(res.encodings_path).read().replace("classifier.1.", "")
+
+
+def test_config_validation_and_legacy_fields():
+    with pytest.raises(ValueError, match="allowed_drop"):
+        rq.AutoQuantConfig(allowed_drop=-0.1)
+    with pytest.raises(ValueError, match="scheme_candidates"):
+        rq.AutoQuantConfig(scheme_candidates=(("minmax", "nope"),))
+    with pytest.raises(ValueError, match="amp_candidates"):
+        rq.AutoQuantConfig(amp_candidates=("W8A8", "bogus"))
+    with pytest.raises(ValueError, match="sim"):
+        rq.AutoQuantConfig(sim={"param_bw": 4})
+    with pytest.warns(DeprecationWarning, match="QuantSimConfig"):
+        old = rq.AutoQuantConfig(param_bw=4, per_channel=False)
+    assert old.sim.param_bw == 4 and old.sim.per_channel is False and old.param_bw is None
+    assert old.to_dict()["sim"]["param_bw"] == 4
+
+
+@pytest.mark.parametrize("value", [np.float32(0.9), torch.tensor(0.9), np.array(0.9), 1])
+def test_eval_results_that_are_numbers(value):
+    assert abs(AQ.evaluation.Evaluator(lambda m: value)(None, "x") - float(value)) < 1e-6
+
+
+@pytest.mark.parametrize("value", [float("nan"), True, "0.9", torch.tensor([0.9, 0.8])])
+def test_eval_results_that_are_not(value):
+    with pytest.raises(ValueError, match="one finite real number"):
+        AQ.evaluation.Evaluator(lambda m: value)(None, "x")
 
 
 def test_empty_data_and_bad_eval(tmp_path):
@@ -163,8 +284,47 @@ def test_empty_data_and_bad_eval(tmp_path):
         rq.AutoQuant(zoo.pretrained(), data(1)[0], [], ev)
     aq = rq.AutoQuant(zoo.pretrained(), data(1)[0], data(), lambda m, n=None: float("nan"),
                       rq.AutoQuantConfig(results_dir=str(tmp_path)), show_progress=False)
-    with pytest.raises(RuntimeError, match="FP32 evaluation failed.*finite float"):
+    with pytest.raises(RuntimeError, match="fp32 stage failed.*finite real number"):
         aq.optimize()
+    calls = []
+
+    def typo(model):  # a bug inside eval_fn is the user's error, raised once, never retried
+        calls.append(1)
+        raise TypeError("unsupported operand")
+    aq = rq.AutoQuant(zoo.pretrained(), data(1)[0], data(), typo, rq.AutoQuantConfig(results_dir=str(tmp_path)),
+                      show_progress=False)
+    with pytest.raises(RuntimeError, match="unsupported operand"):
+        aq.optimize()
+    assert len(calls) == 1
+    with pytest.raises(TypeError, match="model as its only required argument"):
+        rq.AutoQuant(zoo.pretrained(), data(1)[0], data(), lambda a, b, c: 0.0)
+
+
+def test_run_inference(tmp_path):
+    aq = rq.AutoQuant(zoo.pretrained("digits_mobilenet"), data(1)[0], data(), ev,
+                      rq.AutoQuantConfig(results_dir=str(tmp_path), num_calibration_batches=4), show_progress=False)
+    sim, score = aq.run_inference()
+    assert 0.9 < score <= 1.0 and sim.quantizers()
+
+
+def test_cli_options_reach_the_sim(tmp_path):
+    """--block-size / --exclude reach the exported encodings; a missed target exits with 3."""
+    import json
+    from rapidquant import cli
+    out = tmp_path / "r"
+    code = cli.main(["autoquant", "--quick", "--quiet", "--out", str(out), "--param-bw", "4", "--block-size", "8",
+                     "--exclude", "classifier.1", "--allowed-drop", "0.3"])
+    assert code == 0
+    quantizers = json.loads((out / "model.encodings.json").read_text())["quantizers"]
+    assert not any(k.startswith("classifier.1") for k in quantizers)
+    weights = [q for k, q in quantizers.items() if k.endswith(".weight") and q["enabled"]]
+    assert weights and all(q["bitwidth"] == 4 for q in weights)
+    assert any(q.get("block_size") == 8 for q in weights)
+    code = cli.main(["autoquant", "--quick", "--quiet", "--out", str(tmp_path / "t"), "--allowed-drop", "0",
+                     "--time-budget", "0"])
+    assert code == cli.EXIT_NOT_MET
+    with pytest.raises(SystemExit, match="block_size"):
+        cli.main(["autoquant", "--quick", "--out", str(out), "--block-size", "0"])
 
 
 @pytest.mark.slow
@@ -174,12 +334,13 @@ def test_cli_demo_end_to_end(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "report:" in proc.stdout and (out / "model.onnx").exists() and (out / "model.encodings.json").exists()
+    assert "TARGET MET" in proc.stdout and "on onnxruntime" in proc.stdout
     page = (out / "report.html").read_text()
     for stage in AQ.STAGES:
         assert stage in page, stage  # the stages table names every stage
     bad = subprocess.run([sys.executable, "-m", "rapidquant.cli", "autoquant", "--model", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "give --model, --data and --eval together" in bad.stderr
-    helptext = subprocess.run([sys.executable, "-m", "rapidquant.cli", "analyze", "--help"],
+    helptext = subprocess.run([sys.executable, "-m", "rapidquant.cli", "autoquant", "--help"],
                               capture_output=True, text=True, timeout=120)
-    assert helptext.returncode == 0 and "--model" in helptext.stdout
+    assert helptext.returncode == 0 and "--block-size" in helptext.stdout and "exit status" in helptext.stdout

@@ -114,7 +114,14 @@ def test_amp_early_exits(sensitive_model):
 def test_amp_brute_force_builds_the_whole_curve(sensitive_model):
     sim = make_sim(sensitive_model)
     res = rq.amp(sim, ["W4A8", "W8A8"], accuracy, None, calib_batches(4), show_progress=False)
-    assert len(res.pareto_front) >= 4 and not res.met
+    assert not res.met
+    # every prefix of the phase-1 order is evaluated (plus all-low); the front keeps the undominated
+    prefixes = sorted(p.prefix for p in res.evaluated)
+    assert len(res.evaluated) >= 4 and prefixes == sorted(set(prefixes))
+    front = res.pareto_front
+    assert front and all(not (q.rel_bitops <= p.rel_bitops and q.score > p.score) for p in front
+                         for q in res.evaluated)
+    assert all(p in res.evaluated for p in front) and len(front) <= len(res.evaluated)
 
 
 def test_amp_bad_input(sensitive_model):
@@ -123,7 +130,7 @@ def test_amp_bad_input(sensitive_model):
         rq.amp(sim, ["W8A8"], accuracy, 0.01, calib_batches(2))
     with pytest.raises(ValueError, match="baseline W16A16 is not among"):
         rq.amp(sim, ["W4A8", "W8A8"], accuracy, 0.01, calib_batches(2), baseline="W16A16")
-    with pytest.raises(ValueError, match="finite float"):
+    with pytest.raises(ValueError, match="one finite real number"):
         rq.amp(sim, ["W4A8", "W8A8"], lambda m: float("nan"), 0.01, calib_batches(2), show_progress=False)
     with pytest.raises(ValueError, match="candidate dtype"):
         rq.amp(sim, [((8, "int"), (8, "int")), ((8, "bogus"), (8, "int"))], accuracy, 0.01, calib_batches(2))

@@ -57,7 +57,7 @@ def cnn_case(name, fp, calib, evaluate, test_xy, ada_iters=None, aq_drop=0.01):
         aimet=a)
     with tempfile.TemporaryDirectory() as d, Timer() as t:
         res = rq.AutoQuant(fp, calib[0], calib, lambda m, n=None: evaluate(m),
-                           rq.AutoQuantConfig(param_bw=4, per_channel=False, allowed_drop=aq_drop, results_dir=d,
+                           rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=4, act_bw=8, per_channel=False), allowed_drop=aq_drop, results_dir=d,
                                               adaround=rq.AdaRoundConfig(iterations=iters)),
                            show_progress=False).optimize()
         ort = _ort_accuracy(res.onnx_path, *test_xy) if res.onnx_path else None

@@ -108,7 +108,7 @@ def mobilenet_case(quick: bool):
             1.0, t.seconds, fid.notes(s2.model) + f", {iters} it/layer", aimet=a)
     amp_fallback = ("W8A8", "W16A16") if quick else ("W8A8", "W8A16", "W16A16")
     with tempfile.TemporaryDirectory() as d, Timer() as t:
-        cfg = rq.AutoQuantConfig(param_bw=8, per_channel=False, allowed_drop=0.01, results_dir=d,
+        cfg = rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=8, act_bw=8, per_channel=False), allowed_drop=0.01, results_dir=d,
                                  num_calibration_batches=len(calib), schemes_fully_evaluated=1,
                                  adaround=rq.AdaRoundConfig(iterations=iters, num_batches=n_ada),
                                  scheme_candidates=(("minmax", "minmax"),) if quick else

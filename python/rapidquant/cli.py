@@ -6,7 +6,6 @@ import argparse
 import importlib
 import os
 import sys
-import warnings
 
 DEMO = "the embedded demo: a MobileNetV2-style CNN trained on handwritten digits, with its data"
 
@@ -72,9 +71,29 @@ def _common(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None)
     g.add_argument("--per-tensor", dest="per_channel", action="store_false")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="per-block weight quantization, blocks of this many input channels")
+    p.add_argument("--exclude", default="", help="comma-separated module names left in float")
     p.add_argument("--out", default="rapidquant-results", help="results directory (default ./rapidquant-results)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+EXIT_NOT_MET = 3  # autoquant: finished, but the target was not met (documented in --help)
+
+
+def _sim_config(args, param_bw: int, per_channel):
+    import rapidquant as rq
+    exclude = tuple(n.strip() for n in args.exclude.split(",") if n.strip())
+    try:
+        return rq.QuantSimConfig(param_bw=param_bw, act_bw=args.act_bw, per_channel=per_channel,
+                                 block_size=args.block_size, exclude=exclude)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def cmd_autoquant(args) -> int:
@@ -82,26 +101,28 @@ def cmd_autoquant(args) -> int:
     model, data, ev, desc = _inputs(args)
     demo = desc == DEMO
     pbw = args.param_bw or (4 if demo else 8)
-    per_channel = args.per_channel if args.per_channel is not None else (False if demo else None)
+    per_channel = args.per_channel if args.per_channel is not None else (False if demo and not args.block_size else None)
     ada = rq.AdaRoundConfig(iterations=100) if args.quick else None
-    cfg = rq.AutoQuantConfig(param_bw=pbw, act_bw=args.act_bw, per_channel=per_channel,
-                             allowed_drop=args.allowed_drop if args.allowed_drop is not None else (0.005 if demo else 0.01),
-                             amp_candidates=tuple(args.amp.split(",")) if args.amp else None,
-                             results_dir=args.out, time_budget_s=args.time_budget, strict=args.strict, adaround=ada,
-                             num_calibration_batches=4 if args.quick else 16)
+    try:
+        cfg = rq.AutoQuantConfig(sim=_sim_config(args, pbw, per_channel),
+                                 allowed_drop=args.allowed_drop if args.allowed_drop is not None else (0.005 if demo else 0.01),
+                                 amp_candidates=tuple(args.amp.split(",")) if args.amp else None,
+                                 results_dir=args.out, time_budget_s=args.time_budget, strict=args.strict,
+                                 adaround=ada, num_calibration_batches=4 if args.quick else 16)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"rapidquant autoquant on {desc}: W{pbw}A{args.act_bw}, allowed drop {cfg.allowed_drop}", file=sys.stderr)
     batches = list(data) if not isinstance(data, list) else data
     res = rq.AutoQuant(model, _first_input(batches), batches, ev, cfg, show_progress=not args.quiet).optimize()
-    print(f"\n{'TARGET MET' if res.met else 'target not met'}: score {res.score:.4f} "
-          f"(FP32 {res.fp32_score:.4f}, target {res.target:.4f}, best stage {res.best_stage})")
+    print(f"\n{'TARGET MET' if res.met else 'target not met'}: score {_fmt(res.score)} on {res.artifact_check} "
+          f"(FP32 {_fmt(res.fp32_score)}, target {_fmt(res.target)}, best stage {res.best_stage})\n{res.message}")
     print(f"ONNX model:  {res.onnx_path}\nencodings:   {res.encodings_path}\nreport:      {res.report_path}")
-    return 0
+    return 0 if res.met else EXIT_NOT_MET
 
 
 def _sim(args, model, batches):
     import rapidquant as rq
-    cfg = rq.QuantSimConfig(param_bw=args.param_bw or 8, act_bw=args.act_bw, per_channel=args.per_channel)
-    return rq.QuantSim(model, _first_input(batches), cfg)
+    return rq.QuantSim(model, _first_input(batches), _sim_config(args, args.param_bw or 8, args.per_channel))
 
 
 def cmd_analyze(args) -> int:
@@ -119,6 +140,10 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import torch
+    from rapidquant.autoquant.evaluation import Evaluator
+    from rapidquant.batches import call_model
+    from rapidquant.export import OnnxRuntimeModule
     model, data, ev, desc = _inputs(args)
     batches = list(data)
     sim = _sim(args, model, batches)
@@ -126,9 +151,27 @@ def cmd_export(args) -> int:
         sim.load_encodings(args.encodings)
     else:
         sim.compute_encodings(batches, show_progress=not args.quiet)
-    out = sim.export(args.out, _first_input(batches), args.name, encoding_format=args.format, overwrite=args.overwrite)
+    dummy = _first_input(batches)
+    out = sim.export(args.out, dummy, args.name, encoding_format=args.format, overwrite=args.overwrite)
     print(f"ONNX model: {out.onnx}\nencodings:  {out.encodings}\nonnxruntime: runs={out.ort_ok}, "
           f"max |sim - ort| = {out.ort_max_abs_diff}")
+    for level, p in out.parity.items():
+        steps = "float output" if p.max_steps is None else f"{p.max_steps:.0f} output steps"
+        print(f"  parity ({level}): max |diff| {p.max_abs_diff:.3g}, {steps}, "
+              f"{100 * p.frac_differing:.2f} % of elements differ")
+    if not out.ort_ok:
+        return 1
+    with torch.no_grad():
+        like = call_model(sim.model.eval(), dummy, sim.n_inputs)
+    score = Evaluator(ev)
+    sim_score = score(sim.model, "the sim")
+    try:
+        file_score = score(OnnxRuntimeModule(out.onnx, output_like=like), "the exported file in onnxruntime")
+    except Exception as e:  # noqa: BLE001 - an eval_fn written for torch modules only
+        print(f"score: sim {_fmt(sim_score)}; the eval function could not score the onnxruntime module "
+              f"({type(e).__name__}: {e})")
+        return 0
+    print(f"score: sim {_fmt(sim_score)}, exported file in onnxruntime {_fmt(file_score)}")
     return 0
 
 
@@ -136,8 +179,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="rapidquant", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("autoquant", help="run AutoQuant (no arguments: " + DEMO + ")",
-                       description="Apply PTQ techniques until the allowed accuracy drop is met; writes the ONNX "
-                                   "model, encodings and an HTML report.")
+                       description="Apply PTQ techniques until the allowed accuracy drop is met on the exported "
+                                   "ONNX model; writes the ONNX model, encodings and an HTML report.",
+                       epilog=f"exit status: 0 target met, {EXIT_NOT_MET} target not met (the best result is "
+                              "still written), 1 error")
     _common(p)
     p.add_argument("--allowed-drop", type=float, default=None, help="absolute drop from FP32 (default 0.01; demo 0.005)")
     p.add_argument("--amp", help="AMP candidates, e.g. W8A8,W8A16,W16A16")
@@ -161,7 +206,6 @@ def main(argv=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning)
     return args.fn(args)
 
 

@@ -13,9 +13,10 @@ import torch
 from rapidquant import distributed as D
 from rapidquant.fingerprint import data_hash, model_hash, obj_hash
 from rapidquant.mixed_precision.groups import (
-    Candidate, apply_candidate, bitops, find_groups, parse_candidate, snapshot,
+    Candidate, apply_candidate, bitops, find_groups, parse_candidate, restore, snapshot,
 )
 from rapidquant.progress import progress
+from rapidquant.scoring import as_score, model_outputs, output_sqnr, sqnr_db  # noqa: F401 (sqnr_db re-exported)
 
 
 @dataclass
@@ -42,35 +43,40 @@ class AMPResult:
     phase1_seconds: float = 0.0
     phase2_seconds: float = 0.0
     plot_path: str | None = None
+    evaluated: list = field(default_factory=list)   # every evaluated point; pareto_front keeps the undominated
 
 
-def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    num = ref.double().pow(2).sum()
-    den = (out.double() - ref.double()).pow(2).sum()
-    if den == 0:
-        return 200.0
-    return float(10 * torch.log10(num / den))
+def pareto_filter(points: list) -> list:
+    """The points no other point beats on both cost and score (cheapest first)."""
+    front, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p.rel_bitops, -p.score)):
+        if p.score > best:
+            front.append(p)
+            best = p.score
+    return front
 
 
-def _outputs(model, batches, n_inputs):
-    from rapidquant.quantsim import call_model
-    outs = []
-    with torch.no_grad():
-        for b in batches:
-            o = call_model(model, b, n_inputs)
-            outs.append(o[0] if isinstance(o, (tuple, list)) else o)
-    return outs
-
-
-def _checked(score, what) -> float:
-    if not isinstance(score, (int, float)) or math.isnan(float(score)) or math.isinf(float(score)):
-        raise ValueError(f"eval_fn returned {score!r} for {what}; it must return a finite float (higher is better)")
-    return float(score)
+def _start_key(snap: dict) -> str:
+    """What of the starting sim changes AMP's results: which quantizers are enabled, and the
+    frozen encodings (e.g. AdaRound's) it keeps at their own precision. Other encodings
+    are re-derived from the statistics, so a rerun on a sim that an earlier AMP run left
+    at its chosen mix hits the same cache."""
+    import hashlib
+    from rapidquant.fingerprint import hash_tensors
+    h = hashlib.sha256()
+    for name in sorted(snap):
+        enabled, dtype, bits, fmt, scale, zp, frozen = snap[name]
+        h.update(f"{name}|{enabled}|{frozen}".encode())
+        if frozen:
+            h.update(f"{dtype}|{bits}|{fmt}".encode())
+            hash_tensors([scale, zp], h)
+    return h.hexdigest()[:16]
 
 
 def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_proxy_batches: int = 4,
         baseline=None, search: str = "binary", results_dir: str | None = None, clean_start: bool = False,
-        fp32_score: float | None = None, show_progress: bool = True) -> AMPResult:
+        fp32_score: float | None = None, show_progress: bool = True,
+        eval_fingerprint: str | None = None) -> AMPResult:
     """Choose per-group precisions for ``sim`` (modified in place, left calibrated).
 
     candidates: at least two of ((act_bw, dtype), (param_bw, dtype)) or names ("W8A8",
@@ -80,7 +86,24 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
     ``num_proxy_batches`` for the phase-1 proxy (SQNR of the model output vs FP32).
     Phase results are saved in results_dir and reused by a rerun on the same model, data
     and candidates (``clean_start=True`` ignores them).
+    The cache key covers the weights, the proxy data, the sim configuration, the enabled
+    quantizers and frozen encodings at the start, the candidates and
+    ``eval_fingerprint`` (any string that changes when your eval_fn does).
+    If the search raises, the sim is restored to the state it started in.
+    The binary search assumes scores fall as more groups move to lower precision
+    (cumulative prefixes of the phase-1 order); ``search="brute_force"`` evaluates every prefix.
     """
+    start = snapshot(sim)
+    try:
+        return _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, baseline, search,
+                       results_dir, clean_start, fp32_score, show_progress, eval_fingerprint, start)
+    except BaseException:
+        restore(sim, start)
+        raise
+
+
+def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, baseline, search, results_dir,
+            clean_start, fp32_score, show_progress, eval_fingerprint, start) -> AMPResult:
     t_start = time.perf_counter()
     cands = [parse_candidate(c) for c in candidates]
     if len(set(cands)) < 2:
@@ -135,12 +158,13 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
 
     cache = _Cache(results_dir, clean_start, {
         "model": model_hash(sim.model), "data": data_hash(proxy),
-        "groups": [asdict(g) for g in groups], "candidates": [c.name for c in cands], "baseline": base.name})
+        "groups": [asdict(g) for g in groups], "candidates": [c.name for c in cands], "baseline": base.name,
+        "sim_config": asdict(sim.config), "start": _start_key(start), "eval": eval_fingerprint})
 
     def user_eval(key, what):
         if key in cache.scores:
             return cache.scores[key]
-        s = _checked(eval_fn(sim.model), what)
+        s = as_score(eval_fn(sim.model), what)
         res.evaluations += 1
         cache.scores[key] = s
         cache.save()
@@ -148,7 +172,7 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
 
     with sim.disabled():
         res.fp32_score = fp32_score if fp32_score is not None else user_eval("fp32", "the FP32 model")
-        ref_outs = _outputs(sim.model, proxy, sim._n_inputs)
+        ref_outs = model_outputs(sim.model, proxy, sim._n_inputs)
     res.target = None if allowed_drop is None else res.fp32_score - allowed_drop
     set_all(base)
     base_score = user_eval(f"all:{base.name}", f"all groups at {base.name}")
@@ -159,12 +183,13 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
     low_pt = ParetoPoint(cost(low) / base_bits, low_score, {g.name: low.name for g in groups}, -1)
     if res.target is not None and base_score < res.target:
         set_all(base)
-        res.pareto_front, res.chosen = [base_pt], base_pt
+        res.pareto_front, res.chosen, res.evaluated = [base_pt], base_pt, [low_pt, base_pt]
         res.message = (f"even {base.name} everywhere scores {base_score:.4f} < target {res.target:.4f}: "
                        "mixed precision cannot meet the allowed drop; left at the baseline")
         return _finish(res, cache, t_start)
     if res.target is not None and low_score >= res.target:
-        res.pareto_front, res.chosen, res.met = [low_pt, base_pt], low_pt, True
+        res.evaluated = [low_pt, base_pt]
+        res.pareto_front, res.chosen, res.met = pareto_filter(res.evaluated), low_pt, True
         res.message = f"the cheapest candidate {low.name} already meets the target everywhere"
         return _finish(res, cache, t_start)
 
@@ -179,8 +204,7 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
                                 enabled=show_progress and D.is_main()):
             set_all(None)
             apply_candidate(sim, g, c, snap)
-            outs = _outputs(sim.model, proxy, sim._n_inputs)
-            cache.phase1[f"{g.name}|{c.name}"] = sum(sqnr_db(o, r) for o, r in zip(outs, ref_outs)) / len(outs)
+            cache.phase1[f"{g.name}|{c.name}"] = output_sqnr(sim.model, proxy, ref_outs, sim._n_inputs)
             res.proxy_evaluations += 1
             cache.save()
     except Exception as e:  # noqa: BLE001 - re-raised after telling the other ranks
@@ -235,7 +259,8 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
             else:
                 hi = mid - 1
     res.phase2_seconds = time.perf_counter() - t2
-    res.pareto_front = sorted([base_pt, low_pt] + list(pts.values()), key=lambda p: p.rel_bitops)
+    res.evaluated = sorted([base_pt, low_pt] + list(pts.values()), key=lambda p: p.rel_bitops)
+    res.pareto_front = pareto_filter(res.evaluated)
     if res.target is None:
         chosen = base_pt
         res.message = "no allowed drop given: built the whole curve; the sim is left at the baseline"
@@ -293,9 +318,9 @@ def _plot(res: AMPResult, directory: str) -> str | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [p.rel_bitops for p in res.pareto_front]
-    ys = [p.score for p in res.pareto_front]
-    ax.plot(xs, ys, "o-", label="evaluated points")
+    ax.plot([p.rel_bitops for p in res.evaluated], [p.score for p in res.evaluated], "o", color="#9ab",
+            label="evaluated points")
+    ax.plot([p.rel_bitops for p in res.pareto_front], [p.score for p in res.pareto_front], "o-", label="Pareto front")
     if res.chosen is not None:
         ax.plot([res.chosen.rel_bitops], [res.chosen.score], "r*", markersize=14, label="chosen")
     ax.axhline(res.fp32_score, color="gray", ls="--", label="FP32")

@@ -91,7 +91,7 @@ def _upstream_quantizers(gm, node, qmods) -> list[str]:
 
 def count_macs(sim, dummy_input) -> dict[str, int]:
     """MACs of every Conv/Linear per forward of dummy_input, by module name."""
-    from rapidquant.quantsim import call_model
+    from rapidquant.batches import call_model
     macs, hooks = {}, []
     for name, m in sim.model.named_modules():
         if isinstance(m, QuantizedModule) and isinstance(m.module, MAC_TYPES):

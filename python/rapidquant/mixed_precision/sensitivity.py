@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rapidquant.calibration import Observer
-from rapidquant.mixed_precision.amp import _checked, sqnr_db
+from rapidquant.scoring import as_score, sqnr_db
 from rapidquant.mixed_precision.groups import apply_candidate, find_groups, parse_candidate, snapshot
 from rapidquant.progress import progress
 from rapidquant.qmodules import FunctionalOp, QuantizedModule
@@ -37,7 +37,7 @@ class SensitivityResult:
 
 def _layer_outputs(sim, batches, quantized: bool) -> dict:
     """Output of every quantized module on the batches, by module name."""
-    from rapidquant.quantsim import call_model
+    from rapidquant.batches import call_model
     outs, hooks = {}, []
     for name, m in sim.model.named_modules():
         if isinstance(m, (QuantizedModule, FunctionalOp)):
@@ -58,7 +58,7 @@ def _layer_outputs(sim, batches, quantized: bool) -> dict:
 
 def _activation_histograms(sim, batches, bins=256) -> dict:
     """Histograms of each enabled activation quantizer's input (encodings untouched)."""
-    from rapidquant.quantsim import call_model
+    from rapidquant.batches import call_model
     obs, hooks = {}, []
     for name, q in sim.activation_quantizers().items():
         if not q.enabled:
@@ -98,12 +98,12 @@ def analyze(sim, eval_fn, data, *, num_batches: int = 4, results_dir: str | None
         raise ValueError("analyze needs at least one batch of data")
     acts = set(sim.activation_quantizers())  # every flag change below is undone by sim.disabled()
     with sim.disabled():
-        fp32 = _checked(eval_fn(sim.model), "the FP32 model")
-    q_all = _checked(eval_fn(sim.model), "the quantized model")
+        fp32 = as_score(eval_fn(sim.model), "the FP32 model")
+    q_all = as_score(eval_fn(sim.model), "the quantized model")
     with sim.disabled(lambda q: q.name in acts):
-        w_only = _checked(eval_fn(sim.model), "weight-only quantization")
+        w_only = as_score(eval_fn(sim.model), "weight-only quantization")
     with sim.disabled(lambda q: q.name not in acts):
-        a_only = _checked(eval_fn(sim.model), "activation-only quantization")
+        a_only = as_score(eval_fn(sim.model), "activation-only quantization")
     res = SensitivityResult(fp32, q_all, w_only, a_only)
     groups = find_groups(sim, sim.dummy_input)
     fp_out = _layer_outputs(sim, batches, quantized=False)
@@ -112,9 +112,9 @@ def analyze(sim, eval_fn, data, *, num_batches: int = 4, results_dir: str | None
         for g in progress(groups, total=len(groups), desc="per-layer sensitivity", enabled=show_progress):
             names = set(g.act_quantizers + g.param_quantizers)
             with sim.disabled(lambda q: q.name not in names):
-                only_q = _checked(eval_fn(sim.model), f"only {g.name} quantized")
+                only_q = as_score(eval_fn(sim.model), f"only {g.name} quantized")
             with sim.disabled(lambda q: q.name in names):
-                only_f = _checked(eval_fn(sim.model), f"only {g.name} in float")
+                only_f = as_score(eval_fn(sim.model), f"only {g.name} in float")
             mod = g.layers[0] if g.layers else g.act_quantizers[0].rsplit(".", 1)[0]
             s, mse = float("nan"), float("nan")
             if mod in fp_out and mod in q_out:

@@ -6,7 +6,8 @@ import html
 import os
 from collections import Counter
 
-from rapidquant.report.plots import _plt, fig_to_img, page, table
+from rapidquant.export.onnx_qdq import PARITY_WARN_STEPS
+from rapidquant.report.plots import _plt, bar_chart, fig_to_img, page, table
 
 COLORS = {"met": "#2e9d42", "ok": "#3b78c2", "cached": "#3b78c2", "failed": "#c0392b", "skipped": "#b9b9b9",
           "pending": "#dddddd"}
@@ -63,22 +64,122 @@ def _img_file(path) -> str:
         return f'<img src="data:image/png;base64,{base64.b64encode(f.read()).decode()}"/>'
 
 
-def write_report(res, aq, path: str) -> str:
-    c = aq.config
-    verdict = (f"<p class='ok'><b>Target met</b>: {res.score:.4f} &ge; {res.target:.4f}</p>" if res.met else
-               f"<p class='bad'><b>Target not met</b>: best {res.score if res.score is not None else 'n/a'} "
-               f"vs target {res.target if res.target is not None else 'n/a'}</p>")
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _config_rows(c) -> list[dict]:
+    if c is None:
+        return []
+    sim = c.sim
+    gran = "per-block %s" % sim.block_size if sim.block_size else {True: "per-channel", False: "per-tensor",
+                                                                    None: "hw config"}[sim.per_channel]
+    excl = ", ".join(e if isinstance(e, str) else getattr(e, "__name__", str(e)) for e in sim.exclude) or "none"
+    return [{"weights": f"{sim.param_bw or 'hw'}-bit {sim.dtype} ({gran})", "activations": f"{sim.act_bw or 'hw'}-bit",
+             "hw config": sim.hw_config if isinstance(sim.hw_config, str) else "(dict)", "excluded": excl,
+             "allowed drop": c.allowed_drop, "AMP candidates": ", ".join(c.amp_candidates or ()) or "none",
+             "AdaRound": "on" if c.use_adaround else "off", "verify on the ONNX file": c.verify_artifact,
+             "seed": c.seed}]
+
+
+def _disagrees(s, target) -> bool:
+    """The sim met the target and the exported file did not."""
+    return (target is not None and s.score is not None and s.artifact_score is not None
+            and s.score >= target > s.artifact_score)
+
+
+def _stage_rows(res) -> list[dict]:
+    rows = []
+    for s in res.stages:
+        row = {"stage": s.name, "status": s.status, "sim score": _f(s.score) if s.score is not None else "",
+               "ONNX score (onnxruntime)": _f(s.artifact_score) if s.artifact_score is not None else "",
+               "eval_fn calls": s.evaluations, "calibrations": s.calibrations, "time (s)": f"{s.seconds:.2f}",
+               "details": s.message}
+        if s.status == "failed" or _disagrees(s, res.target):
+            row["_class"] = "bad"
+        rows.append(row)
+    return rows
+
+
+# stage artifact keys that list what a technique left untreated: key -> how to read an entry
+_UNTREATED = {"not_folded": "BN left unfolded", "skipped": "left untreated", "float_leaves": "kept in float"}
+
+
+def _untreated_rows(res) -> list[dict]:
+    rows = []
+    for s in res.stages:
+        for key, what in _UNTREATED.items():
+            items = s.artifacts.get(key) or []
+            items = items.items() if isinstance(items, dict) else items
+            for it in items:
+                name, why = (it[0], it[1]) if isinstance(it, (list, tuple)) and len(it) >= 2 else (it, "")
+                rows.append({"stage": s.name, "what": what, "layer": name, "why": why})
+    return rows
+
+
+def _score_chart(res) -> str:
+    ran = [s for s in res.stages if s.score is not None or s.artifact_score is not None]
+    if not ran:
+        return ""
+    nan = float("nan")
+    series = {"sim": [s.score if s.score is not None else nan for s in ran],
+              "exported ONNX (onnxruntime)": [s.artifact_score if s.artifact_score is not None else nan for s in ran]}
+    lines = {}
+    if res.fp32_score is not None:
+        lines["FP32"] = (res.fp32_score, "--")
+    if res.target is not None:
+        lines["target"] = (res.target, ":")
+    return bar_chart([s.name for s in ran], series, "score per stage", "eval_fn", lines)
+
+
+def _export_section(res) -> list[str]:
+    ec = res.export_check
+    if not ec:
+        return []
+    ok = ec.get("ort_ok")
+    out = ["<h2>The exported file</h2>",
+           f"<p class='{'ok' if ok else 'bad'}'>The ONNX model {'runs' if ok else 'does not run'} in onnxruntime "
+           f"with default session options; {ec.get('qdq_pairs')} QuantizeLinear/DequantizeLinear pairs. "
+           f"Artifact check: {html.escape(res.artifact_check)}.</p>",
+           f"<p>{html.escape(str(res.onnx_path))}<br>{html.escape(str(res.encodings_path))}</p>"]
+    parity = ec.get("parity") or {}
+    if parity:
+        out += ["<p>Sim vs onnxruntime on the dummy input, per session optimization level (a step is one "
+                "quantization step of the model's output):</p>",
+                table([{"optimization": level, "max |diff|": f"{p['max_abs_diff']:.3g}",
+                        "max steps": "float output" if p.get("max_steps") is None else f"{p['max_steps']:.0f}",
+                        "elements differing": f"{100 * p['frac_differing']:.2f} %", "elements": p["elements"],
+                        **({"_class": "bad"} if (p.get("max_steps") or 0) > PARITY_WARN_STEPS else {})}
+                       for level, p in parity.items()])]
+    if ec.get("unmapped"):
+        out.append(f"<p class='bad'>Quantizers with no node in the ONNX graph: "
+                   f"{html.escape(', '.join(ec['unmapped']))}</p>")
+    for level, err in (ec.get("ort_errors") or {}).items():
+        out.append(f"<p class='bad'>onnxruntime ({html.escape(level)}): {html.escape(str(err))}</p>")
+    return out
+
+
+def write_report(res, path: str) -> str:
+    """The report of an AutoQuantResult (everything it shows is in the result)."""
+    c = res.config
+    where = "the exported ONNX model in onnxruntime" if res.artifact_check == "onnxruntime" else \
+        f"the sim ({res.artifact_check})"
+    verdict = (f"<p class='ok'><b>Target met</b>: {_f(res.score)} &ge; {_f(res.target)}, scored on "
+               f"{html.escape(where)}</p>" if res.met else
+               f"<p class='bad'><b>Target not met</b>: best {_f(res.score)} vs target {_f(res.target)} "
+               f"(scored on {html.escape(where)})</p>")
     body = [verdict, f"<p>{html.escape(res.message)}</p>",
-            table([{"FP32 score": f"{res.fp32_score:.4f}" if res.fp32_score is not None else "n/a",
-                    "target": f"{res.target:.4f}" if res.target is not None else "n/a",
-                    "best score": f"{res.score:.4f}" if res.score is not None else "n/a",
-                    "best stage": res.best_stage, "total time (s)": f"{res.seconds:.1f}",
-                    "eval_fn calls": aq.evaluations,
-                    "config": f"W{c.param_bw}A{c.act_bw}, allowed drop {c.allowed_drop}"}]),
-            "<h2>Flow</h2>", flow_picture(res.stages),
-            "<h2>Stages</h2>",
-            table([{"stage": s.name, "status": s.status, "score": "" if s.score is None else f"{s.score:.4f}",
-                    "time (s)": f"{s.seconds:.2f}", "details": s.message} for s in res.stages])]
+            table([{"FP32 score": _f(res.fp32_score), "target": _f(res.target), "result score": _f(res.score),
+                    "sim score": _f(res.sim_score), "ONNX score": _f(res.artifact_score), "best stage": res.best_stage,
+                    "total time (s)": f"{res.seconds:.1f}", "eval_fn calls": res.evaluations,
+                    "calibration passes": res.calibrations}]),
+            "<h2>Configuration</h2>", table(_config_rows(c)),
+            "<h2>Flow</h2>", flow_picture(res.stages), _score_chart(res),
+            "<h2>Stages</h2>", "<p>Rows in red: a stage failed, or its sim met the target and its exported file "
+            "did not.</p>", table(_stage_rows(res))]
+    untreated = _untreated_rows(res)
+    body += ["<h2>Left untreated</h2>", "<p>Layers a technique did not treat, and why.</p>" if untreated else "",
+             table(untreated)]
     sel = next((s for s in res.stages if s.name == "scheme_selection" and s.artifacts.get("schemes")), None)
     if sel is not None:
         body += ["<h2>Quantization schemes</h2>",
@@ -88,18 +189,9 @@ def write_report(res, aq, path: str) -> str:
     amp_rec = next((s for s in res.stages if s.name == "amp" and s.artifacts.get("pareto_plot")), None)
     if amp_rec is not None and os.path.exists(amp_rec.artifacts["pareto_plot"]):
         body += ["<h2>AMP Pareto front</h2>", _img_file(amp_rec.artifacts["pareto_plot"])]
-    sens = os.path.join(c.results_dir, "sensitivity.html")
-    if os.path.exists(sens):
-        body.append("<h2>Sensitivity</h2><p>See <a href='sensitivity.html'>sensitivity.html</a>.</p>")
+    body += _export_section(res)
     if res.sim is not None:
         body += ["<h2>Chosen encodings</h2>", encodings_summary(res.sim)]
-    if res.export_check:
-        ok = res.export_check.get("ort_ok")
-        body += ["<h2>Export check</h2>",
-                 f"<p class='{'ok' if ok else 'bad'}'>ONNX model {'runs' if ok else 'does not run'} in onnxruntime; "
-                 f"max |sim - onnxruntime| on the dummy input = {res.export_check.get('ort_max_abs_diff')}; "
-                 f"{res.export_check.get('qdq_pairs')} QuantizeLinear/DequantizeLinear pairs.</p>",
-                 f"<p>{html.escape(str(res.onnx_path))}<br>{html.escape(str(res.encodings_path))}</p>"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         f.write(page("rapidquant AutoQuant report", "".join(body)))

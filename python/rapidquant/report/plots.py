@@ -70,14 +70,17 @@ def table(rows: list[dict]) -> str:
         return "<p>(none)</p>"
     cols = list(rows[0])
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows)
+    cols = [c for c in cols if c != "_class"]  # "_class": a CSS class for the row (e.g. "bad")
+    body = "".join(f"<tr class='{r.get('_class', '')}'>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>"
+                                                                      for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#eee}}
-h2{{border-bottom:1px solid #ddd;margin-top:1.6em}}.grid img{{margin:4px}}.ok{{color:#080}}.bad{{color:#b00}}</style>
+h2{{border-bottom:1px solid #ddd;margin-top:1.6em}}.grid img{{margin:4px}}.ok{{color:#080}}.bad{{color:#b00}}
+tr.bad td{{background:#fbe3e0}}</style>
 </head><body><h1>{title}</h1>{body}</body></html>"""
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -190,21 +190,24 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
 
 
 def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRoundConfig(),
-             show_progress: bool = True) -> AdaRoundResult:
+             show_progress: bool = True, sim_config: QuantSimConfig | None = None) -> AdaRoundResult:
     """Learn the weight rounding of Conv1d/Conv2d/ConvTranspose2d/Linear layers.
 
     Returns a copy of the model with rounded weights and the weight encodings to freeze
     in a QuantSim built on that copy (``result.apply_to(sim)``). The input model is not
-    modified. Deterministic for a given ``config.seed`` (and thread count).
+    modified. Deterministic for a given ``config.seed`` (and thread count). sim_config:
+    the QuantSimConfig of the sim the result goes into (its exclusions, symmetry and
+    formats); the weight settings of ``config`` override it.
     """
     from rapidquant.quantsim import QuantSim
     t0 = time.perf_counter()
     check_finite_weights(model)
     dtype = model_float_dtype(model)  # fp32 inputs for an fp16 model are cast, like the batches
-    sim = QuantSim(model, cast_floats(dummy_input, dtype), QuantSimConfig(param_bw=config.param_bw, per_channel=config.per_channel,
-                                                      param_scheme=config.param_scheme, hw_config=config.hw_config,
-                                                      block_size=config.block_size))
-    sim._calibrate_params()
+    weights = dict(param_bw=config.param_bw, per_channel=config.per_channel, param_scheme=config.param_scheme,
+                   hw_config=config.hw_config, block_size=config.block_size)
+    sim_cfg = replace(sim_config, **weights) if sim_config is not None else QuantSimConfig(**weights)
+    sim = QuantSim(model, cast_floats(dummy_input, dtype), sim_cfg)
+    sim.calibrate_params()
     from rapidquant.qmodules import QuantizedModule
     targets, skipped = {}, []
     for name, m in sim.model.named_modules():

@@ -1,0 +1,186 @@
+"""The flow as data, and the one runner that executes any stage.
+
+PIPELINE is the ordered tuple of stage descriptors; the module docstring of the package
+and the report both read it. The runner owns what every stage needs: budgets, the cache,
+timing, failure capture (a failed stage changes nothing), the record, and acceptance: a
+candidate whose sim meets the target is exported and scored in onnxruntime, and only the
+file's score can end the run.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from rapidquant.autoquant import artifact, stages as S
+from rapidquant.autoquant.state import Best, Outcome, RunState, StageRecord
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[RunState], Outcome]
+    doc: str
+    skip: Callable[[RunState], str | None] = lambda state: None   # a reason not to run, or None
+    after: Callable[[RunState, Outcome], None] | None = None      # facts it establishes for later stages
+    essential: bool = False    # runs whatever the budget (the run is meaningless without it)
+    cached: bool = True        # kept in the stage cache (AMP keeps its own finer cache)
+
+
+def _set_target(state: RunState, out: Outcome) -> None:
+    state.fp32_score = out.score
+    state.target = out.score - state.config.allowed_drop
+    state.log(f"target: {state.target:.4f} (FP32 {out.score:.4f} - allowed drop {state.config.allowed_drop})")
+
+
+def _set_schemes(state: RunState, out: Outcome) -> None:
+    state.schemes = tuple(out.artifacts["chosen"])
+
+
+def _w32_verdict(state: RunState, out: Outcome) -> None:
+    if out.score is not None and out.score < state.target and not state.config.amp_candidates:
+        state.stop_message = ("stopped early: activation quantization alone misses the target even after BN "
+                              "folding and CLE (try higher activation bitwidths, AMP candidates with 16-bit "
+                              "activations, or a larger allowed drop)")
+
+
+def _w32_failed(state: RunState) -> bool:
+    out = state.output("w32_check")
+    return out is not None and out.score is not None and out.score < state.target
+
+
+def _adaround_skip(state: RunState) -> str | None:
+    if not state.config.use_adaround:
+        return "disabled in the config"
+    if _w32_failed(state):
+        return "W32 check failed: weight rounding cannot recover activation error"
+    return None
+
+
+def _amp_skip(state: RunState) -> str | None:
+    if not state.config.amp_candidates:
+        return "no AMP candidates given"
+    if state.best.sim is None:
+        return "no quantized model to start from"
+    return None
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage("prepare", S.prepare, "capture the model and check every module can be quantized", essential=True,
+          cached=False),
+    Stage("fp32", S.fp32, "score the float model; target = FP32 - allowed drop", after=_set_target, essential=True),
+    Stage("scheme_selection", S.scheme_selection,
+          "one calibration; output-SQNR proxy for every range scheme, eval_fn for the best few",
+          after=_set_schemes),
+    Stage("w32_check", S.w32_check, "activations only, on the BN-folded and equalized model: stop early when "
+          "no weight technique can help", after=_w32_verdict),
+    Stage("bn_fold", S.bn_fold, "fold BatchNorms into neighbouring layers"),
+    Stage("cle", S.cle, "cross-layer equalization (and high-bias folding) on the BN-folded model"),
+    Stage("adaround", S.adaround_stage, "learn the weight rounding layer by layer", skip=_adaround_skip),
+    Stage("amp", S.amp_stage, "mixed precision over the AMP candidates, from the best result so far",
+          skip=_amp_skip, cached=False),
+)
+STAGES = tuple(s.name for s in PIPELINE) + ("export",)
+
+
+def run_pipeline(state: RunState) -> None:
+    """Run the stages in order until the target is met on the artifact or the run stops."""
+    for stage in PIPELINE:
+        if state.met or state.stop_message:
+            reason = "not needed: target met" if state.met else "run stopped"
+            state.stages[stage.name] = StageRecord(stage.name, "skipped", message=reason)
+            continue
+        rec = run_stage(state, stage)
+        if stage.essential and rec.status == "failed":
+            raise RuntimeError(f"AutoQuant cannot go on: the {stage.name} stage failed: {rec.message}")
+
+
+def run_stage(state: RunState, stage: Stage) -> StageRecord:
+    rec = StageRecord(stage.name)
+    state.stages[stage.name] = rec
+    why = stage.skip(state) or (None if stage.essential else state.over_budget())
+    if why:
+        rec.status, rec.message = "skipped", why
+        state.log(f"{stage.name}: skipped ({why})")
+        return rec
+    cached = state.cache.record(stage.name) if stage.cached else None
+    if cached is not None:
+        out = state.cache.restore(cached, state, lambda m, art: S.build_sim(state, m, art.get("chosen")))
+        rec = cached
+        rec.status, rec.message = "ok", (rec.message + " (from cache)").strip()
+        state.stages[stage.name] = rec
+        state.log(f"{stage.name}: {_fmt(rec.score)} (cached)")
+    else:
+        t0, ev0, cal0 = time.perf_counter(), state.evaluator.count, state.calibrations
+        try:
+            out = stage.run(state)
+        except Exception as e:  # noqa: BLE001 - a failing stage is an outcome; the state is untouched
+            rec.status, rec.seconds = "failed", time.perf_counter() - t0
+            rec.message = f"{type(e).__name__}: {e}"
+            state.log(f"{stage.name}: FAILED in {rec.seconds:.1f} s: {rec.message}")
+            if state.config.strict:
+                raise
+            return rec
+        rec.status, rec.score, rec.message = "ok", out.score, out.message
+        rec.seconds = time.perf_counter() - t0
+        rec.evaluations, rec.calibrations = state.evaluator.count - ev0, state.calibrations - cal0
+        rec.artifacts = dict(out.artifacts)
+        state.log(f"{stage.name}: {_fmt(out.score)} in {rec.seconds:.1f} s {out.message}")
+    state.outputs[stage.name] = out
+    if stage.after is not None:
+        stage.after(state, out)
+    if out.candidate and out.sim is not None and out.score is not None:
+        consider(state, rec, out)
+    if cached is None and stage.cached:
+        state.cache.save(rec, out)
+    return rec
+
+
+def consider(state: RunState, rec: StageRecord, out: Outcome) -> None:
+    """Make out the best candidate if it scores higher; a best candidate whose sim meets
+    the target is exported and scored as a file before the run may stop."""
+    b = state.best
+    if b.score is not None and out.score <= b.score:
+        return
+    state.best = Best(rec.name, out.score, out.sim, out.model)
+    if state.target is None or out.score < state.target:
+        return
+    info = accept(state, rec, out)
+    prefer_checked(state)
+    if state.met:
+        rec.status = "met"
+    elif info.get("score") is not None:
+        state.log(f"{rec.name}: the sim meets the target ({out.score:.4f}) but the exported model scores "
+                  f"{info['score']:.4f} in onnxruntime; going on to the next stage")
+    else:
+        state.log(f"{rec.name}: the sim meets the target but the exported model could not be accepted: "
+                  f"{info.get('error') or info.get('why')}; going on")
+
+
+def accept(state: RunState, rec: StageRecord, out: Outcome) -> dict:
+    """Export the best candidate and score the file; the file's score becomes its score."""
+    info = rec.artifacts.get("artifact_check")
+    if not (info and info.get("onnx") and os.path.exists(info["onnx"])):  # not already checked (cache)
+        info = artifact.check(state, out.sim, os.path.join(state.cache.dir, "artifacts", rec.name))
+    rec.artifacts["artifact_check"] = info
+    rec.artifact_score = info.get("score")
+    state.best.artifact = info
+    state.checked.append(state.best)
+    if info.get("score") is not None:
+        state.best.score = info["score"]
+    elif not info.get("parity_only"):
+        state.best.score = None if info.get("error") else state.best.score
+    return info
+
+
+def prefer_checked(state: RunState) -> None:
+    """The best candidate is the one whose file scored highest: a candidate whose sim beat
+    an earlier one but whose file scores lower does not replace it."""
+    scored = [c for c in state.checked if c.score is not None]
+    if scored and (state.best.score is None or max(c.score for c in scored) > state.best.score):
+        state.best = max(scored, key=lambda c: c.score)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

@@ -1,0 +1,180 @@
+"""The public entry: ``AutoQuant(model, dummy_input, data, eval_fn, config).optimize()``,
+and the post-steps over the pipeline's state (final acceptance, export, report)."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+import time
+
+import torch
+from torch import nn
+
+from rapidquant import distributed as D
+from rapidquant.autoquant import stages as S
+from rapidquant.autoquant.cache import StageCache, cache_key
+from rapidquant.autoquant.config import AutoQuantConfig
+from rapidquant.autoquant.evaluation import Evaluator
+from rapidquant.autoquant.pipeline import STAGES, accept, prefer_checked, run_pipeline
+from rapidquant.autoquant.state import AutoQuantResult, RunState, StageRecord
+
+
+class AutoQuant:
+    """``aq = AutoQuant(model, dummy_input, data, eval_fn, config); result = aq.optimize()``.
+
+    data: calibration batches (a DataLoader or a list; tuples pass their first elements to
+    the model, dicts are keyword inputs); eval_fn(model) -> float (or
+    eval_fn(model, num_samples=None)), higher is better. The model given to eval_fn may be
+    the exported ONNX model running in onnxruntime (a torch-callable module).
+    """
+
+    def __init__(self, model: nn.Module, dummy_input, data, eval_fn, config: AutoQuantConfig | None = None,
+                 show_progress: bool = True, log=None):
+        self.model = model
+        self.dummy_input = dummy_input
+        self.config = config or AutoQuantConfig()
+        if not isinstance(self.config, AutoQuantConfig):
+            raise TypeError(f"config must be a rapidquant.AutoQuantConfig, got {type(self.config).__name__}")
+        self.evaluator = Evaluator(eval_fn)
+        self.show_progress = show_progress
+        self._log_fn = log
+        n = self.config.num_calibration_batches
+        self.batches = []
+        for b in data:
+            if n is not None and len(self.batches) >= n:
+                break
+            self.batches.append(b)
+        if not self.batches:
+            raise ValueError("AutoQuant got no calibration batches: the data loader is empty")
+
+    @property
+    def evaluations(self) -> int:
+        return self.evaluator.count
+
+    def log(self, msg: str) -> None:
+        if not D.is_main():
+            return
+        if self._log_fn is not None:
+            self._log_fn(msg)
+        elif self.show_progress:
+            print(f"[rapidquant] {msg}", file=sys.stderr, flush=True)
+
+    def _state(self) -> RunState:
+        return RunState(self.model, self.dummy_input, self.batches, self.config, self.evaluator, self.log,
+                        self.show_progress, schemes=tuple(self.config.scheme_candidates[0]))
+
+    def run_inference(self):
+        """A plain quantized baseline: (sim, score) with the first scheme candidate."""
+        state = self._state()
+        sim = S.calibrated_sim(state, copy.deepcopy(self.model).eval())
+        return sim, self.evaluator(sim.model, "the quantized baseline")
+
+    def optimize(self) -> AutoQuantResult:
+        c = self.config
+        torch.manual_seed(c.seed)
+        os.makedirs(c.results_dir, exist_ok=True)
+        state = self._state()
+        state.cache = StageCache(c.results_dir, cache_key(self.model, self.batches, c))
+        D.barrier()  # every rank sees the same cache, decided before any stage runs
+        was = self.model.training
+        self.model.eval()
+        try:
+            run_pipeline(state)
+            return finish(state)
+        finally:
+            self.model.train(was)
+
+
+def finish(state: RunState) -> AutoQuantResult:
+    """Accept the best candidate on its artifact (if no stage did), export, report."""
+    c = state.config
+    if state.best.sim is not None and state.best.artifact is None and (c.export or c.verify_artifact):
+        accept(state, state.stages[state.best.stage], state.outputs[state.best.stage])
+        prefer_checked(state)
+    b = state.best
+    res = AutoQuantResult(model=b.model if b.model is not None else state.model, sim=b.sim, score=b.score,
+                          fp32_score=state.fp32_score, target=state.target, met=state.met, message="",
+                          stages=[], best_stage=b.stage, config=c)
+    rec = state.stages.get(b.stage)
+    res.sim_score = rec.score if rec is not None else None
+    res.artifact_score = rec.artifact_score if rec is not None else None
+    res.artifact_check = _artifact_check_label(b.artifact)
+    if rec is not None and res.met:
+        rec.status = "met"
+    res.message = _message(state, res)
+    state.stages["export"] = _export(state, res)
+    res.stages = [state.stages[n] for n in STAGES if n in state.stages]
+    res.evaluations, res.calibrations = state.evaluator.count, state.calibrations
+    res.seconds = time.perf_counter() - state.started
+    if D.is_main():
+        from rapidquant.report.autoquant_report import write_report
+        res.report_path = write_report(res, os.path.join(c.results_dir, "report.html"))
+    state.log(f"done in {res.seconds:.1f} s: {res.message}; report: {res.report_path}")
+    return res
+
+
+def _artifact_check_label(info) -> str:
+    if info is None:
+        return "not run"
+    if info.get("error"):
+        return f"failed: {info['error']}"
+    if info.get("parity_only"):
+        return f"parity only: {info.get('why')}"
+    return "onnxruntime"
+
+
+def _message(state: RunState, res: AutoQuantResult) -> str:
+    if state.stop_message:
+        return state.stop_message
+    budget = state.over_budget()
+    if res.met:
+        how = "on the exported model in onnxruntime" if res.artifact_check == "onnxruntime" else \
+            f"on the sim ({res.artifact_check})"
+        return f"target met by {res.best_stage} {how}"
+    tail = f"; returning the best result ({res.best_stage}, {_fmt(res.score)})"
+    if res.sim_score is not None and state.target is not None and res.sim_score >= state.target:
+        return (f"the sim of {res.best_stage} meets the target ({_fmt(res.sim_score)}) but the exported model "
+                f"does not ({res.artifact_check}: {_fmt(res.artifact_score)})" + tail)
+    if budget:
+        return f"{budget}; no stage met the target {_fmt(state.target)}" + tail
+    return f"no stage met the target {_fmt(state.target)}" + tail
+
+
+def _export(state: RunState, res: AutoQuantResult) -> StageRecord:
+    """Put the accepted candidate's files in results_dir (the files that were scored)."""
+    rec = StageRecord("export")
+    info = state.best.artifact
+    if not state.config.export:
+        rec.status, rec.message = "skipped", "export=False in the config"
+        return rec
+    if info is None or not info.get("onnx"):
+        rec.status = "failed" if info else "skipped"
+        rec.message = (info or {}).get("error") or "no quantized result to export"
+        return rec
+    if D.is_main():
+        dst = state.config.results_dir
+        res.onnx_path = _copy(info["onnx"], os.path.join(dst, "model.onnx"))
+        res.encodings_path = _copy(info["encodings"], os.path.join(dst, "model.encodings.json"))
+    res.export_check = {k: info.get(k) for k in ("ort_ok", "ort_max_abs_diff", "qdq_pairs", "parity", "score",
+                                                  "parity_only", "why")}
+    rec.status = "ok"
+    rec.artifact_score = info.get("score")
+    rec.message = (f"ONNX runs in onnxruntime (default options): {info.get('ort_ok')}; max |sim - ort| on the "
+                   f"dummy input = {info.get('ort_max_abs_diff')}; artifact check: {res.artifact_check}")
+    rec.artifacts = {"onnx": res.onnx_path, "encodings": res.encodings_path}
+    return rec
+
+
+def _copy(src: str, dst: str) -> str:
+    tmp = dst + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+__all__ = ["AutoQuant", "finish"]

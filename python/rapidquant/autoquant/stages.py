@@ -1,0 +1,192 @@
+"""AutoQuant's stages: each is a function of the run state returning an Outcome.
+
+Stages never modify the state or the user's model; they work on copies and hand back
+what they built. The runner (pipeline.py) records, caches and accepts their outcomes.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, replace
+
+from rapidquant import distributed as D
+from rapidquant.autoquant.state import Outcome, RunState
+from rapidquant.calibration import HIST_SCHEMES
+from rapidquant.progress import progress
+from rapidquant.quantsim import QuantSim
+from rapidquant.scoring import model_outputs, output_sqnr
+from rapidquant.techniques import AdaRoundConfig, adaround, equalize, fold_batch_norms
+
+
+# ---------------------------------------------------------------- shared helpers
+def build_sim(state: RunState, model, schemes=None) -> QuantSim:
+    """An uncalibrated sim of (a copy of) model with the run's sim config and schemes."""
+    ps, as_ = schemes or state.schemes
+    return QuantSim(model, state.dummy_input, replace(state.config.sim, param_scheme=ps, act_scheme=as_))
+
+
+def calibrated_sim(state: RunState, model, schemes=None, adaround_result=None) -> QuantSim:
+    sim = build_sim(state, model, schemes)
+    if adaround_result is not None:
+        adaround_result.apply_to(sim)
+    sim.compute_encodings(state.batches, show_progress=state.show_progress and D.is_main())
+    state.calibrations += 1
+    return sim
+
+
+def proxy_batches(state: RunState) -> list:
+    return state.batches[: state.config.num_proxy_batches]
+
+
+def folded_model(state: RunState):
+    """The user's model with its BNs folded (computed once per run), and the fold report."""
+    if "folded" not in state.models:
+        m = copy.deepcopy(state.model).eval()
+        state.models["folded"] = (m, fold_batch_norms(m))
+    return state.models["folded"]
+
+
+def equalized_model(state: RunState):
+    """The BN-folded model after cross-layer equalization (computed once per run)."""
+    if "equalized" not in state.models:
+        m = copy.deepcopy(folded_model(state)[0])
+        state.models["equalized"] = (m, equalize(m, state.dummy_input))
+    return state.models["equalized"]
+
+
+def set_schemes(sim: QuantSim, schemes) -> None:
+    """Re-derive every encoding for (param_scheme, act_scheme) from the kept statistics:
+    no calibration pass (statistics do not depend on the scheme)."""
+    ps, as_ = schemes
+    params = sim.param_quantizers()
+    for name, q in sim.quantizers().items():
+        q.scheme = ps if name in params else as_
+    sim.calibrate_params()
+    for q in sim.activation_quantizers().values():
+        if q.enabled and q.stats is not None and not q.frozen:
+            q.compute_encoding()
+
+
+# ---------------------------------------------------------------- the stages
+def prepare(state: RunState) -> Outcome:
+    sim = build_sim(state, state.model)
+    how = getattr(sim, "capture_method", "torch.fx")
+    leaves = getattr(sim, "float_leaves", None) or {}
+    msg = f"captured with {how}; {len(sim.quantizers())} quantizers"
+    if leaves:
+        msg += f"; kept in float (output quantized): {', '.join(leaves)}"
+    return Outcome(message=msg, candidate=False, artifacts={"capture": how, "float_leaves": dict(leaves)})
+
+
+def fp32(state: RunState) -> Outcome:
+    return Outcome(state.evaluator(state.model, "the FP32 model"), candidate=False)
+
+
+def scheme_selection(state: RunState) -> Outcome:
+    """One calibration pass; every scheme candidate's encodings come from its statistics.
+    The proxy (output SQNR) ranks all candidates, eval_fn decides among the best few."""
+    c = state.config
+    cands = [tuple(s) for s in c.scheme_candidates]
+    hist_act = next((a for _, a in cands if a in HIST_SCHEMES), cands[0][1])
+    sim = calibrated_sim(state, copy.deepcopy(state.model), (cands[0][0], hist_act))
+    ref = model_outputs(state.model, proxy_batches(state), sim.n_inputs)
+    proxies = {}
+    for i, sch in enumerate(progress(cands, desc="scheme selection", enabled=state.show_progress and D.is_main())):
+        set_schemes(sim, sch)
+        proxies[i] = output_sqnr(sim.model, proxy_batches(state), ref, sim.n_inputs)
+    top = sorted(proxies, key=lambda i: -proxies[i])[: c.schemes_fully_evaluated]
+    scores = {}
+    for j, i in enumerate(top):  # under torch.distributed each rank evaluates its share
+        if D.mine(j):
+            set_schemes(sim, cands[i])
+            scores[i] = state.evaluator(sim.model, f"scheme {cands[i]}")
+    for part in D.gather_objects(scores):
+        scores.update(part)
+    chosen = max(top, key=lambda i: scores[i])
+    set_schemes(sim, cands[chosen])
+    table = [{"scheme": list(cands[i]), "proxy_sqnr_db": proxies[i], **({"score": scores[i]} if i in scores else {})}
+             for i in sorted(proxies, key=lambda i: -proxies[i])]
+    foldable = len(fold_batch_norms(copy.deepcopy(state.model)).folded)
+    msg = (f"one calibration pass; proxy (output SQNR) for {len(cands)} schemes, eval_fn for the best "
+           f"{len(top)}; chose param={cands[chosen][0]}, act={cands[chosen][1]}")
+    if foldable:
+        # Quantized with its BNs unfolded the model is not what a target runs: converters fold
+        # BNs into already-quantized weights. This score picks the scheme; results start at
+        # the BN-folded model (as in AIMET).
+        msg += f"; {foldable} foldable BNs, so this score (BNs unfolded) only picks the scheme"
+    return Outcome(scores[chosen], state.model, sim, {"schemes": table, "chosen": list(cands[chosen])}, msg,
+                   candidate=not foldable)
+
+
+def w32_check(state: RunState) -> Outcome:
+    """Activations quantized, weights float, on the BN-folded and equalized model (CLE
+    changes activation ranges): if this misses the target, no weight technique can help."""
+    m, _ = equalized_model(state)
+    sim = build_sim(state, m)
+    for q in sim.param_quantizers().values():
+        q.enabled = False
+    sim.compute_encodings(state.batches, show_progress=state.show_progress and D.is_main())
+    state.calibrations += 1
+    score = state.evaluator(sim.model, "activation-only quantization")
+    msg = "weights float, activations quantized, on the BN-folded and equalized model"
+    if state.target is not None and score < state.target:
+        msg += (f"; activation quantization alone scores {score:.4f} < target {state.target:.4f}: "
+                "no weight technique can recover that")
+    return Outcome(score, message=msg, candidate=False)
+
+
+def bn_fold(state: RunState) -> Outcome:
+    m, r = folded_model(state)
+    m = copy.deepcopy(m)
+    sim = calibrated_sim(state, m)
+    untreated = dict(r.not_folded)  # bn name -> why it stays
+    return Outcome(state.evaluator(sim.model, "BN-folded model"), m, sim,
+                   {"folded": r.folded, "not_folded": untreated}, f"folded {len(r.folded)} BNs"
+                   + (f"; left {len(untreated)} unfolded (see artifacts)" if untreated else ""))
+
+
+def cle(state: RunState) -> Outcome:
+    m, r = equalized_model(state)
+    m = copy.deepcopy(m)
+    sim = calibrated_sim(state, m)
+    msg = f"equalized {len(r.scaled)} layer pairs, high-bias folded {len(r.high_bias_folded)}"
+    if r.skipped:
+        msg += f"; skipped {len(r.skipped)} (see artifacts)"
+    return Outcome(state.evaluator(sim.model, "equalized model"), m, sim,
+                   {"scaled": r.scaled, "skipped": r.skipped}, msg)
+
+
+def adaround_stage(state: RunState) -> Outcome:
+    """AdaRound on the better of the BN-folded and equalized models (deployed models have
+    their BNs folded, so the rounding is learned on folded weights)."""
+    c = state.config
+    done = [o for o in (state.output("bn_fold"), state.output("cle")) if o is not None and o.score is not None]
+    start = max(done, key=lambda o: o.score).model if done else state.model
+    sim_cfg = c.sim
+    cfg = replace(c.adaround or AdaRoundConfig(), param_bw=sim_cfg.param_bw or 8, per_channel=sim_cfg.per_channel,
+                  hw_config=sim_cfg.hw_config, param_scheme=state.schemes[0], seed=c.seed,
+                  block_size=sim_cfg.block_size)
+    r = adaround(start, state.dummy_input, state.batches, cfg, show_progress=state.show_progress, sim_config=sim_cfg)
+    sim = calibrated_sim(state, r.model, adaround_result=r)
+    layers = [asdict(layer) for layer in r.layers]
+    msg = f"rounded {len(layers)} layers in {sum(layer['iterations'] for layer in layers)} iterations"
+    if r.skipped:
+        msg += f"; left {len(r.skipped)} layers with nearest rounding (see artifacts)"
+    return Outcome(state.evaluator(sim.model, "AdaRound model"), r.model, sim,
+                   {"layers": layers, "skipped": [list(s) for s in r.skipped]}, msg)
+
+
+def amp_stage(state: RunState) -> Outcome:
+    """Mixed precision from the best candidate so far; works on a copy of its sim, so a
+    failure leaves the best result as it was."""
+    from rapidquant.mixed_precision import amp
+    c = state.config
+    sim = copy.deepcopy(state.best.sim)
+    r = amp(sim, c.amp_candidates, lambda m: state.evaluator(m, "AMP point"), c.allowed_drop, state.batches,
+            num_proxy_batches=c.num_proxy_batches, results_dir=os.path.join(c.results_dir, "amp"),
+            fp32_score=state.fp32_score, show_progress=state.show_progress, eval_fingerprint=c.eval_fingerprint)
+    state.calibrations += r.calibration_passes
+    artifacts = {"pareto_plot": r.plot_path, "pareto_front": [asdict(p) for p in r.pareto_front],
+                 "chosen": asdict(r.chosen) if r.chosen else None, "proxy_evaluations": r.proxy_evaluations}
+    score = r.chosen.score if r.chosen else None
+    return Outcome(score, state.best.model, sim, artifacts, r.message)
