@@ -7,7 +7,7 @@ import os
 from collections import Counter
 
 from rapidquant.export.onnx_qdq import PARITY_WARN_STEPS
-from rapidquant.report.plots import _plt, bar_chart, fig_to_img, page, table
+from rapidquant.report.plots import _plt, fig_to_img, page, table
 
 COLORS = {"met": "#2e9d42", "ok": "#3b78c2", "cached": "#3b78c2", "failed": "#c0392b", "skipped": "#b9b9b9",
           "pending": "#dddddd"}
@@ -118,18 +118,29 @@ def _untreated_rows(res) -> list[dict]:
 
 
 def _score_chart(res) -> str:
+    """Sim and exported-file score per stage, zoomed to the scores (differences of a few
+    tenths of a percent are the point), with the FP32 score and the target."""
     ran = [s for s in res.stages if s.score is not None or s.artifact_score is not None]
     if not ran:
         return ""
-    nan = float("nan")
-    series = {"sim": [s.score if s.score is not None else nan for s in ran],
-              "exported ONNX (onnxruntime)": [s.artifact_score if s.artifact_score is not None else nan for s in ran]}
-    lines = {}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ran) + 2), 3.4))
+    x = list(range(len(ran)))
+    for key, label, marker in (("score", "sim", "o"), ("artifact_score", "exported ONNX in onnxruntime", "s")):
+        pts = [(i, getattr(s, key)) for i, s in zip(x, ran) if getattr(s, key) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, ms=8 if marker == "o" else 6,
+                    mfc="none" if marker == "o" else None, label=label)
     if res.fp32_score is not None:
-        lines["FP32"] = (res.fp32_score, "--")
+        ax.axhline(res.fp32_score, ls="--", color="gray", label="FP32")
     if res.target is not None:
-        lines["target"] = (res.target, ":")
-    return bar_chart([s.name for s in ran], series, "score per stage", "eval_fn", lines)
+        ax.axhline(res.target, ls=":", color="red", label="target")
+    ax.set_xticks(x)
+    ax.set_xticklabels([s.name for s in ran], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("eval_fn")
+    ax.set_title("score per stage")
+    ax.legend(fontsize=7, loc="best")
+    return fig_to_img(fig)
 
 
 def _export_section(res) -> list[str]:

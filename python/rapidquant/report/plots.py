@@ -68,9 +68,8 @@ def ranges_chart(names, mins, maxs, title: str) -> str:
 def table(rows: list[dict]) -> str:
     if not rows:
         return "<p>(none)</p>"
-    cols = list(rows[0])
+    cols = [c for c in rows[0] if c != "_class"]  # "_class": a CSS class for the row (e.g. "bad")
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    cols = [c for c in cols if c != "_class"]  # "_class": a CSS class for the row (e.g. "bad")
     body = "".join(f"<tr class='{r.get('_class', '')}'>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>"
                                                                       for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
