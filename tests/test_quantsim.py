@@ -489,3 +489,30 @@ def test_int32_bias_can_be_embedded_in_the_graph(tmp_path):
     int32 = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.INT32}
     assert any(n.op_type == "DequantizeLinear" and n.input[0] in int32 for n in g.node)
     assert res.ort_ok and json.load(open(res.encodings))["int32_bias"]
+
+
+def test_quantizer_setters_invalidate_the_weight_cache():
+    """No caller clears caches by hand: enabling, changing signedness or precision of a
+    weight quantizer changes the next forward."""
+    x = torch.randn(2, 3, 16, 16)
+    sim = calibrated(ConvNet(), x)
+    q = next(iter(sim.param_quantizers().values()))
+    run = torch.no_grad()(sim.model)  # eval + no grad: the cached quantized weight is used
+    ref = run(x)
+
+    def changed(mutate, undo):
+        mutate()
+        out = run(x)
+        undo()
+        assert torch.equal(run(x), ref)
+        return not torch.equal(out, ref)
+
+    assert changed(lambda: setattr(q, "enabled", False), lambda: setattr(q, "enabled", True))
+    assert q.signed  # an unsigned grid with zero point 0 clamps the negative weights
+    assert changed(lambda: setattr(q, "signed", False), lambda: setattr(q, "signed", True))
+    s, z = q.scale.clone(), q.zero_point.clone()
+    assert changed(lambda: q.set_precision("int", 4), lambda: q.set_precision("int", 8, encoding=(s, z)))
+    # an encoding saved for a precision comes back bit-exact, frozen encodings survive an unchanged grid
+    q.frozen = True
+    q.set_precision("int", 8)
+    assert q.frozen and torch.equal(q.scale, s)

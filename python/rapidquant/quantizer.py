@@ -40,6 +40,7 @@ class Quantizer(nn.Module):
             raise ValueError(f"unknown scheme '{scheme}'; choose one of {SCHEMES}")
         if dtype not in ("int", "float"):
             raise ValueError(f"dtype must be 'int' or 'float' (got {dtype!r})")
+        self.version = 0  # bumped whenever the effective encoding changes (weight caches key on it)
         self.name = name
         self.symmetric = symmetric
         self._signed = signed
@@ -51,7 +52,6 @@ class Quantizer(nn.Module):
         self.frozen = False
         self.observer: Observer | None = None
         self.stats: Stats | None = None
-        self.version = 0  # bumped whenever the effective encoding changes (weight caches)
         self.dtype = dtype
         self.float_format = float_format
         self.bitwidth = bitwidth
@@ -77,11 +77,45 @@ class Quantizer(nn.Module):
                 raise ValueError(f"quantizer '{self.name}': format {fmt} is not {bw} bit")
             self.float_format = fmt
         self._bitwidth = int(bw)
-        self._touch()
+        self.invalidate()
 
     @property
     def signed(self) -> bool:
         return self.symmetric if self._signed is None else self._signed
+
+    @signed.setter
+    def signed(self, value: bool | None) -> None:
+        self._signed = value
+        self.invalidate()
+
+    # Setters that change what the quantizer computes bump the version, so no caller clears
+    # the quantized modules' weight caches by hand.
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        self.invalidate()
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self._frozen = bool(value)
+        self.invalidate()
+
+    @property
+    def symmetric(self) -> bool:
+        return self._symmetric
+
+    @symmetric.setter
+    def symmetric(self, value: bool) -> None:
+        self._symmetric = bool(value)
+        self.invalidate()
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -91,7 +125,8 @@ class Quantizer(nn.Module):
     def is_initialized(self) -> bool:
         return self.dtype == "float" and self.float_format in ("fp16", "bf16") or self.scale is not None
 
-    def _touch(self) -> None:
+    def invalidate(self) -> None:
+        """Mark the effective encoding changed (caches keyed on ``version`` rebuild)."""
         self.version += 1
 
     def set_dtype(self, dtype: str, bitwidth: int, float_format: str | None = None) -> None:
@@ -108,6 +143,27 @@ class Quantizer(nn.Module):
                 self.compute_encoding()
             elif dtype == "int" and old[0] == "float":
                 self.scale = self.zero_point = None
+
+    def set_precision(self, dtype: str, bitwidth: int, float_format: str | None = None, *,
+                      encoding=None, keep_frozen: bool = True) -> None:
+        """Put the quantizer at (dtype, bitwidth, float_format).
+
+        encoding: (scale, zero_point) saved earlier for exactly this precision, set as is.
+        Without it, a changed grid gets a new encoding from the statistics (a frozen
+        encoding is for the old grid, so it is recomputed; keep_frozen=False leaves the
+        quantizer unfrozen afterwards); an unchanged grid keeps its encoding.
+        """
+        if encoding is not None:
+            self.dtype, self.float_format = dtype, float_format
+            self.bitwidth = bitwidth  # validates
+            self.set_encoding(*encoding)
+            return
+        current = (self.dtype, self.bitwidth, self.float_format if self.dtype == "float" else None)
+        if current != (dtype, bitwidth, float_format) or self.scale is None:
+            was, self.frozen = self.frozen, False
+            self.set_dtype(dtype, bitwidth, float_format)
+            self.frozen = was and keep_frozen
+        self.invalidate()
 
     # ------------------------------------------------------------ encodings
     def set_range(self, mn, mx) -> None:
@@ -161,7 +217,7 @@ class Quantizer(nn.Module):
                 self.zero_point = nn.Parameter(zp)
         else:
             self.scale, self.zero_point = scale, zp
-        self._touch()
+        self.invalidate()
 
     def set_encoding(self, scale, zero_point) -> None:
         """Set scale and zero point directly (shapes as for rapidquant.ops)."""

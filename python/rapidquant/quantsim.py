@@ -86,7 +86,8 @@ class QuantSim:
     _n_inputs = n_inputs  # old private name, still read by other modules
 
     # ------------------------------------------------------------------ construction
-    def _bitwidths(self):
+    def default_bitwidths(self) -> tuple[int, int]:
+        """(param, activation) bitwidths new quantizers get: the config's, else the hw config's, else 8."""
         c = self.config
         k = self.hw.default_bitwidths() or {}
         pbw = c.param_bw or k.get("param", {}).get("bitwidth", 8)
@@ -96,7 +97,7 @@ class QuantSim:
     def _new_quantizer(self, name, *, param: bool, op_type: str, pname: str = "", axis=None,
                        block_size=None) -> Quantizer:
         c, hw = self.config, self.hw
-        pbw, abw = self._bitwidths()
+        pbw, abw = self.default_bitwidths()
         dtype = c.dtype if param else (c.act_dtype or c.dtype)
         if param:
             sym = c.param_symmetric if c.param_symmetric is not None else hw.param_symmetric(op_type, pname)
@@ -310,13 +311,13 @@ class QuantSim:
         before = [q.enabled for q in qs]
         for q in qs:
             q.enabled = False
-            q._touch()
+            q.invalidate()
         try:
             yield self
         finally:
             for q, e in zip(qs, before):
                 q.enabled = e
-                q._touch()
+                q.invalidate()
 
     # ------------------------------------------------------------------ calibration
     def compute_encodings(self, data, num_batches: int | None = None, show_progress: bool = True,

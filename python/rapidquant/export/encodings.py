@@ -19,13 +19,13 @@ import rapidquant
 FORMATS = ("rapidquant", "1.0.0", "2.0.0")
 
 
-def _check_writable(path: str, overwrite: bool) -> None:
+def check_writable(path: str, overwrite: bool) -> None:
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
-def _dump(obj, path: str) -> str:
+def write_json(obj, path: str) -> str:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -54,8 +54,8 @@ def rapidquant_doc(sim, tensor_names: dict | None = None, int32_bias: dict | Non
 
 
 def write_rapidquant(sim, path: str, overwrite: bool = False, tensor_names=None, int32_bias=None) -> str:
-    _check_writable(path, overwrite)
-    return _dump(rapidquant_doc(sim, tensor_names, int32_bias), path)
+    check_writable(path, overwrite)
+    return write_json(rapidquant_doc(sim, tensor_names, int32_bias), path)
 
 
 def _onnx_dtype(qmin: int, qmax: int) -> str:
@@ -91,8 +91,8 @@ def aimet_doc(sim, version: str, tensor_names: dict, int32_bias: dict | None = N
     extra = {"rapidquant": {"tensor_to_quantizer": t2q}}
     if version == "1.0.0":
         doc = {"version": "1.0.0", "activation_encodings": acts, "param_encodings": prms,
-               "excluded_layers": [], "quantizer_args": {"activation_bitwidth": sim._bitwidths()[1],
-                                                         "param_bitwidth": sim._bitwidths()[0],
+               "excluded_layers": [], "quantizer_args": {"activation_bitwidth": sim.default_bitwidths()[1],
+                                                         "param_bitwidth": sim.default_bitwidths()[0],
                                                          "dtype": sim.config.dtype,
                                                          "quant_scheme": sim.config.act_scheme}}
         if int32_bias:
@@ -164,7 +164,6 @@ def load_into(sim, src, freeze: bool = True, strict: bool = True) -> None:
         for name, rec in recs.items():
             if name in qs:
                 _apply_record(qs[name], rec, freeze)
-        _clear_caches(sim)
         return
     version = doc.get("version")
     t2q = doc.get("rapidquant", {}).get("tensor_to_quantizer")
@@ -196,7 +195,6 @@ def load_into(sim, src, freeze: bool = True, strict: bool = True) -> None:
                 q.set_encoding(scale, zp)
                 q.frozen = freeze
                 q.enabled = True
-    _clear_caches(sim)
 
 
 def _names(v) -> list:
@@ -218,18 +216,10 @@ def _apply_record(q, rec: dict, freeze: bool) -> None:
         q.set_dtype(rec.get("dtype", "int"), rec["bitwidth"], rec.get("format"))
     if "symmetric" in rec:
         q.symmetric = rec["symmetric"]
-        q._signed = rec["signed"]
+        q.signed = rec["signed"]
     if "scale" in rec:
         shape = rec.get("shape", [])
         scale = torch.tensor(rec["scale"], dtype=torch.float32).reshape(shape)
         zp = torch.tensor(rec.get("zero_point", [0] * len(rec["scale"])), dtype=torch.float32).reshape(shape)
         q.set_encoding(scale, zp)
     q.frozen = freeze or rec.get("frozen", False)
-    q._touch()
-
-
-def _clear_caches(sim) -> None:
-    from rapidquant.qmodules import QuantizedModule
-    for m in sim.model.modules():
-        if isinstance(m, QuantizedModule):
-            m.clear_cache()

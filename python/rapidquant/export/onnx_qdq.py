@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rapidquant.export.encodings import aimet_doc, rapidquant_doc, _check_writable, _dump, FORMATS
+from rapidquant.export.encodings import aimet_doc, rapidquant_doc, check_writable, write_json, FORMATS
 from rapidquant.ops import named
 from rapidquant.ops.float_qdq import FORMAT_MAX
 
@@ -407,8 +407,8 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
                            f"encoding (e.g. {missing[:5]}); run sim.compute_encodings(data) first")
     onnx_path = os.path.join(out_dir, filename + ".onnx")
     enc_path = os.path.join(out_dir, filename + ".encodings.json")
-    _check_writable(onnx_path, overwrite)
-    _check_writable(enc_path, overwrite)
+    check_writable(onnx_path, overwrite)
+    check_writable(enc_path, overwrite)
     args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     seen: list = []
     proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
@@ -422,7 +422,7 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
         doc = rapidquant_doc(sim, every, bias)
     else:
         doc = aimet_doc(sim, encoding_format, every, bias)
-    _dump(doc, enc_path)
+    write_json(doc, enc_path)
     res = ExportResult(onnx_path, enc_path, sum(len(v) for k, v in every.items() if k not in merged), first, every,
                        unmapped, folded, merged)
     if unmapped:

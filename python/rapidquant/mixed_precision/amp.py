@@ -172,7 +172,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
 
     with sim.disabled():
         res.fp32_score = fp32_score if fp32_score is not None else user_eval("fp32", "the FP32 model")
-        ref_outs = model_outputs(sim.model, proxy, sim._n_inputs)
+        ref_outs = model_outputs(sim.model, proxy, sim.n_inputs)
     res.target = None if allowed_drop is None else res.fp32_score - allowed_drop
     set_all(base)
     base_score = user_eval(f"all:{base.name}", f"all groups at {base.name}")
@@ -204,7 +204,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
                                 enabled=show_progress and D.is_main()):
             set_all(None)
             apply_candidate(sim, g, c, snap)
-            cache.phase1[f"{g.name}|{c.name}"] = output_sqnr(sim.model, proxy, ref_outs, sim._n_inputs)
+            cache.phase1[f"{g.name}|{c.name}"] = output_sqnr(sim.model, proxy, ref_outs, sim.n_inputs)
             res.proxy_evaluations += 1
             cache.save()
     except Exception as e:  # noqa: BLE001 - re-raised after telling the other ranks

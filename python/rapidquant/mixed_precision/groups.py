@@ -72,7 +72,7 @@ class QuantizerGroup:
     macs: int = 0
 
 
-def _upstream_quantizers(gm, node, qmods) -> list[str]:
+def upstream_quantizers(gm, node, qmods) -> list[str]:
     """Names of the nearest enabled output quantizers feeding node (through passthrough ops)."""
     out, stack, seen = [], list(node.all_input_nodes), set()
     while stack:
@@ -107,7 +107,7 @@ def count_macs(sim, dummy_input) -> dict[str, int]:
             hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad(), sim.disabled():
-            call_model(sim.model, dummy_input, sim._n_inputs)
+            call_model(sim.model, dummy_input, sim.n_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -138,7 +138,7 @@ def find_groups(sim, dummy_input=None) -> list[QuantizerGroup]:
         if isinstance(m, QuantizedModule) and isinstance(m.module, MAC_TYPES) and m.param_quantizers:
             key = "L:" + node.target
             find(key)
-            acts = _upstream_quantizers(gm, node, qmods)
+            acts = upstream_quantizers(gm, node, qmods)
             layer_acts[node.target] = acts
             for a in acts:
                 union("A:" + a, key)
@@ -202,34 +202,21 @@ def snapshot(sim) -> dict:
 def restore(sim, snap: dict) -> None:
     for n, q in sim.quantizers().items():
         en, dt, bw, fmt, s, z, fr = snap[n]
-        _set(q, en, dt, bw, fmt, snap_entry=snap[n])
-    _clear(sim)
+        set_quantizer(q, en, dt, bw, fmt, snap_entry=snap[n])
 
 
-def _set(q, enabled, dt, bw, fmt, snap_entry=None) -> None:
+def set_quantizer(q, enabled, dt, bw, fmt, snap_entry=None) -> None:
     """Put q at (dt, bw); reuse the snapshot's encoding when it is for that precision
     (keeps frozen encodings such as AdaRound's), else derive one from the statistics."""
     q.enabled = enabled
     if not enabled:
-        q._touch()
         return
     same = snap_entry is not None and snap_entry[1] == dt and snap_entry[2] == bw and snap_entry[3] == fmt
     if same and snap_entry[4] is not None:
-        q.dtype, q.float_format = dt, fmt
-        q._bitwidth = bw
-        q.set_encoding(snap_entry[4], snap_entry[5])
+        q.set_precision(dt, bw, fmt, encoding=(snap_entry[4], snap_entry[5]))
         q.frozen = snap_entry[6]
-    elif (q.dtype, q.bitwidth, q.float_format if q.dtype == "float" else None) != (dt, bw, fmt) or q.scale is None:
-        frozen, q.frozen = q.frozen, False  # a new grid needs a new encoding
-        q.set_dtype(dt, bw, fmt)
-        q.frozen = frozen and same
-    q._touch()
-
-
-def _clear(sim) -> None:
-    for m in sim.model.modules():
-        if isinstance(m, QuantizedModule):
-            m.clear_cache()
+    else:
+        q.set_precision(dt, bw, fmt, keep_frozen=same)
 
 
 def apply_candidate(sim, group: QuantizerGroup, c: Candidate | None, snap: dict | None = None) -> None:
@@ -241,5 +228,4 @@ def apply_candidate(sim, group: QuantizerGroup, c: Candidate | None, snap: dict 
                           (group.param_quantizers, c.param_bw if c else None, c.param_dtype if c else None)):
         fmt = {16: "fp16", 8: "fp8_e4m3"}.get(bw) if dt == "float" else None
         for n in names:
-            _set(qs[n], c is not None, dt, bw, fmt, snap.get(n) if snap else None)
-    _clear(sim)
+            set_quantizer(qs[n], c is not None, dt, bw, fmt, snap.get(n) if snap else None)

@@ -2,10 +2,15 @@
 precision; the activations feeding a layer follow the layer (they flip together)."""
 from __future__ import annotations
 
+import weakref
+
 from torch import fx
 
-from rapidquant.mixed_precision.groups import _set, _upstream_quantizers
+from rapidquant.mixed_precision.groups import set_quantizer, upstream_quantizers
 from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule
+
+# per sim: the activation precisions set_precision was asked for (conflicts keep the higher)
+_REQUESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 PRECISIONS = {"int4": ("int", 4, None), "int8": ("int", 8, None), "int16": ("int", 16, None),
               "fp16": ("float", 16, "fp16"), "bf16": ("float", 16, "bf16"), "fp8": ("float", 8, "fp8_e4m3")}
@@ -56,8 +61,7 @@ def set_precision(sim, target, activation: str | None = None, param: str | None 
         raise ValueError(f"nothing in the sim matches {target!r}")
     qs = sim.quantizers()
     log = []
-    requested = getattr(sim, "_manual_act_requests", {})
-    sim._manual_act_requests = requested
+    requested = _REQUESTS.setdefault(sim, {})
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     for name in names:
         m = qmods[name]
@@ -66,7 +70,7 @@ def set_precision(sim, target, activation: str | None = None, param: str | None 
             if m.output_quantizer is not None:
                 targets.append(m.output_quantizer.name)
             if isinstance(m, QuantizedModule) and m.param_quantizers and name in nodes:
-                targets += _upstream_quantizers(gm, nodes[name], qmods)
+                targets += upstream_quantizers(gm, nodes[name], qmods)
             for qn in targets:
                 spec = a
                 prev = requested.get(qn)
@@ -74,13 +78,12 @@ def set_precision(sim, target, activation: str | None = None, param: str | None 
                     spec = max(prev, a, key=_bits)
                     log.append(f"conflict on {qn}: {prev} vs {a}; kept the higher {spec}")
                 requested[qn] = spec
-                _set(qs[qn], True, *spec)
+                set_quantizer(qs[qn], True, *spec)
                 log.append(f"{qn} -> {spec[0]}{spec[1]}")
         if p is not None:
             if not isinstance(m, QuantizedModule) or not m.param_quantizers:
                 raise ValueError(f"{name} has no quantized parameters")
             for q in m.param_quantizers.values():
-                _set(q, True, *p)
+                set_quantizer(q, True, *p)
                 log.append(f"{q.name} -> {p[0]}{p[1]}")
-            m.clear_cache()
     return log

@@ -49,7 +49,7 @@ def _layer_outputs(sim, batches, quantized: bool) -> dict:
     try:
         with torch.no_grad(), (contextlib.nullcontext() if quantized else sim.disabled()):
             for b in batches:
-                call_model(sim.model, b, sim._n_inputs)
+                call_model(sim.model, b, sim.n_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -68,7 +68,7 @@ def _activation_histograms(sim, batches, bins=256) -> dict:
     try:
         with torch.no_grad():
             for b in batches:
-                call_model(sim.model, b, sim._n_inputs)
+                call_model(sim.model, b, sim.n_inputs)
     finally:
         for h in hooks:
             h.remove()

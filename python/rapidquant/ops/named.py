@@ -16,7 +16,7 @@ import torch
 from rapidquant.ops import _utils as U
 from rapidquant.ops._lib import define, register
 from rapidquant.ops.float_qdq import FORMAT_CODE
-from rapidquant.ops.qdq import _prepare
+from rapidquant.ops.qdq import prepare_encoding
 
 NAMED_QDQ = define("named_quantize_dequantize(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, "
                    "int[] block, str name) -> Tensor")
@@ -64,7 +64,7 @@ def _(x, scale, fmt, block, name):
 
 def quantize_dequantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, block_size=None, *, name: str):
     """:func:`rapidquant.ops.quantize_dequantize` with the quantizer's name on the traced node."""
-    spec, s, z = _prepare(x, scale, zero_point, qmin, qmax, axis, block_size)
+    spec, s, z = prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size)
     return torch.ops.rapidquant.named_quantize_dequantize(x, s, z, int(qmin), int(qmax), spec, name)
 
 

@@ -143,7 +143,7 @@ torch.library.register_autograd(QDQ, _backward, setup_context=_setup)
 
 
 # ---------------------------------------------------------------- public API
-def _prepare(x, scale, zero_point, qmin, qmax, axis, block_size):
+def prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
     U.dtype_code(x)
@@ -173,7 +173,7 @@ def quantize_dequantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, b
     gives NaN out; +-inf saturates to the range ends. Differentiable in x (straight-through
     inside the range), scale and zero_point (LSQ-style).
     """
-    spec, s, z = _prepare(x, scale, zero_point, qmin, qmax, axis, block_size)
+    spec, s, z = prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size)
     if _eager_cpu(x, s, z):  # same kernel, minus ~8 us of dispatcher per call
         return _QDQ_CPU(x, s, z, int(qmin), int(qmax), spec)
     return torch.ops.rapidquant.quantize_dequantize(x, s, z, int(qmin), int(qmax), spec)
@@ -186,7 +186,7 @@ def quantize_dequantize_(x, scale, zero_point, qmin: int, qmax: int, axis=None, 
     where in-place is not possible (non-contiguous x, autograd, tracing, devices without
     a native kernel).
     """
-    spec, s, z = _prepare(x, scale, zero_point, qmin, qmax, axis, block_size)
+    spec, s, z = prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size)
     if not x.is_contiguous() or torch.compiler.is_compiling() or type(x) is not torch.Tensor \
             or (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad or z.requires_grad)) \
             or x.device.type not in ("cpu", "cuda"):
@@ -220,7 +220,7 @@ def quantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, block_size=N
     The output dtype is the smallest of int8/uint8/int16/int32 that holds [qmin, qmax]
     unless given. NaN cannot be represented in an integer tensor, so NaN in x raises.
     """
-    spec, s, z = _prepare(x, scale, zero_point, qmin, qmax, axis, block_size)
+    spec, s, z = prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size)
     dtype = dtype or _int_dtype(qmin, qmax)
     if dtype not in U.ITYPE_CODE:
         raise TypeError(f"quantize writes int8, uint8, int16 or int32 (got {dtype})")

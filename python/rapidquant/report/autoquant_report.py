@@ -7,14 +7,14 @@ import os
 from collections import Counter
 
 from rapidquant.export.onnx_qdq import PARITY_WARN_STEPS
-from rapidquant.report.plots import _plt, fig_to_img, page, table
+from rapidquant.report.plots import pyplot, fig_to_img, page, table
 
 COLORS = {"met": "#2e9d42", "ok": "#3b78c2", "cached": "#3b78c2", "failed": "#c0392b", "skipped": "#b9b9b9",
           "pending": "#dddddd"}
 
 
 def flow_picture(stages) -> str:
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.patches import FancyBboxPatch
     fig, ax = plt.subplots(figsize=(1.55 * len(stages) + 0.5, 1.9))
     ax.set_xlim(0, 1.55 * len(stages))
@@ -123,7 +123,7 @@ def _score_chart(res) -> str:
     ran = [s for s in res.stages if s.score is not None or s.artifact_score is not None]
     if not ran:
         return ""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ran) + 2), 3.4))
     x = list(range(len(ran)))
     for key, label, marker in (("score", "sim", "o"), ("artifact_score", "exported ONNX in onnxruntime", "s")):

@@ -6,7 +6,7 @@ import html
 import io
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -16,12 +16,12 @@ def _plt():
 def fig_to_img(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
 
 
 def bar_chart(labels, series: dict, title: str, ylabel: str, hlines: dict | None = None) -> str:
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels) + 2), 3.8))
     x = np.arange(len(labels))
@@ -39,7 +39,7 @@ def bar_chart(labels, series: dict, title: str, ylabel: str, hlines: dict | None
 
 
 def histogram_with_encoding(lo, hi, counts, enc_min, enc_max, title: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
     counts = np.asarray(counts, dtype=float)
     edges = np.linspace(lo, hi, len(counts) + 1)
@@ -54,7 +54,7 @@ def histogram_with_encoding(lo, hi, counts, enc_min, enc_max, title: str) -> str
 
 
 def ranges_chart(names, mins, maxs, title: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names) + 2), 3.5))
     x = np.arange(len(names))

@@ -223,7 +223,7 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
                 targets[name] = m
     skipped += untreated_weights(sim, SUPPORTED, "AdaRound", set(targets))
     device = next(model.parameters()).device
-    batches = collect_batches(data, config.num_batches, sim._n_inputs, device, shard=D.active(),
+    batches = collect_batches(data, config.num_batches, sim.n_inputs, device, shard=D.active(),
                               dtype=dtype)
     gen = torch.Generator().manual_seed(config.seed + 7919 * D.rank())  # each rank samples its own rows
     reports = []

@@ -79,7 +79,7 @@ def correct_bias(sim, data=None, config: BiasCorrectionConfig = BiasCorrectionCo
     if data is None:
         raise ValueError("empirical bias correction needs data")
     device = next(sim.model.parameters()).device
-    batches = collect_batches(data, config.num_batches, sim._n_inputs, device, dtype=model_float_dtype(sim.model))
+    batches = collect_batches(data, config.num_batches, sim.n_inputs, device, dtype=model_float_dtype(sim.model))
     bar = iter(progress(range(len(targets)), total=len(targets), desc="bias correction", enabled=show_progress))
 
     def on_layer(name, wrapper, q_args, f_args, node):

@@ -71,7 +71,7 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
     from rapidquant.qmodules import QuantizedModule
     t0 = time.perf_counter()
     check_finite_weights(sim.model)
-    sim._calibrate_params()
+    sim.calibrate_params()
     targets, res = {}, SeqMSEResult()
     for name, m in sim.model.named_modules():
         if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED) and "weight" in m.param_quantizers:
@@ -83,7 +83,7 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
                 targets[name] = m
     res.skipped += untreated_weights(sim, SUPPORTED, "SeqMSE", set(targets))
     device = next(sim.model.parameters()).device
-    batches = collect_batches(data, config.num_batches, sim._n_inputs, device, dtype=model_float_dtype(sim.model))
+    batches = collect_batches(data, config.num_batches, sim.n_inputs, device, dtype=model_float_dtype(sim.model))
     ratios = torch.linspace(config.min_ratio, 1.0, config.num_candidates)
     bar = iter(progress(range(len(targets)), total=len(targets), desc="SeqMSE", enabled=show_progress))
 
