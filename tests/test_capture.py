@@ -129,7 +129,7 @@ def test_keyword_inputs_dict_batches_and_dataclass_outputs(method):
     model = KwModel().eval()
     dummy = {k: v for k, v in _tok(2, 6, 0).items() if k != "token_type_ids"}
     sim = rq.QuantSim(model, dummy, rq.QuantSimConfig(capture=method))
-    assert sim.input_signature.names == ("input_ids", "attention_mask") and sim.n_inputs == sim._n_inputs == 2
+    assert sim.input_signature.names == ("input_ids", "attention_mask") and sim.n_inputs == 2
     # calibration batches are the tokenizer's dicts, with a key the sim was not captured with
     sim.compute_encodings([_tok(4, 6, s, pad=s) for s in range(3)], show_progress=False)
     out = sim.run(_tok(3, 6, 9, pad=2))

@@ -516,3 +516,19 @@ def test_quantizer_setters_invalidate_the_weight_cache():
     q.frozen = True
     q.set_precision("int", 8)
     assert q.frozen and torch.equal(q.scale, s)
+
+
+def test_nan_weight_is_named():
+    m = ConvNet()
+    with torch.no_grad():
+        m.conv2.weight[0, 0, 0, 0] = float("nan")
+    sim = rq.QuantSim(m, torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="parameter 'conv2.weight' contains NaN"):
+        sim.calibrate_params()
+
+
+def test_conv_transpose3d_weight_is_quantized():
+    m = nn.Sequential(nn.ConvTranspose3d(2, 3, 3), nn.ReLU())
+    x = torch.randn(2, 2, 4, 4, 4)
+    sim = calibrated(m, x, batches=[x])
+    assert "0.weight" in sim.param_quantizers()

@@ -83,7 +83,6 @@ class QuantSim:
         """Number of model inputs (``input_signature`` has their names)."""
         return len(self.input_signature.names)
 
-    _n_inputs = n_inputs  # old private name, still read by other modules
 
     # ------------------------------------------------------------------ construction
     def default_bitwidths(self) -> tuple[int, int]:
@@ -405,12 +404,14 @@ class QuantSim:
             for q, p in pairs:
                 if q.frozen and q.is_initialized:
                     continue
+                if not torch.isfinite(p).all():
+                    raise ValueError(f"parameter {q.name!r} contains NaN or Inf: its weight encoding is undefined; "
+                                     "fix or exclude that layer (QuantSimConfig(exclude=...)) before quantizing")
                 q.start_calibration()
                 q.observer.update(p)
                 q.finish_calibration()
             m.clear_cache()
 
-    _calibrate_params = calibrate_params  # old private name
 
     def run(self, batch):
         """Run the sim on one batch of any structure (tensor, tuple, dict, (args, kwargs));
