@@ -170,21 +170,38 @@ def test_unfolded_bn_score_is_never_the_result(tmp_path):
     assert res.met and res.best_stage == "scheme_selection"
 
 
-@pytest.mark.parametrize("stage", ["bn_fold", "cle", "adaround_stage"])
+@pytest.mark.parametrize("stage", ["bn_fold", "cle", "adaround_stage", "amp_stage"])
 def test_a_failing_stage_changes_nothing(tmp_path, monkeypatch, stage):
     """Failure injection: the failed stage is reported, and the result, its files and its
-    score all come from the same earlier-or-later candidate."""
+    score all come from the same other candidate. AMP fails half-way through its search
+    (eval_fn raises on its third point), the others at once."""
     def boom(state):
         raise RuntimeError(f"{stage} exploded")
-    monkeypatch.setattr(AQ.pipeline, "PIPELINE", tuple(
-        s if s.run.__name__ != stage else AQ.Stage(s.name, boom, s.doc, s.skip, s.after) for s in AQ.PIPELINE))
-    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=0.005, sim=W2_PER_TENSOR,
-              adaround=rq.AdaRoundConfig(iterations=20))
-    name = {"adaround_stage": "adaround"}.get(stage, stage)
+    amp_started, calls = [], []
+
+    def eval_fn(model):
+        if amp_started and not isinstance(model, OnnxRuntimeModule):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError(f"{stage} exploded")
+        return zoo.accuracy(model)
+
+    def log(line):
+        if line.startswith("adaround:"):
+            amp_started.append(True)
+
+    if stage != "amp_stage":
+        monkeypatch.setattr(AQ.pipeline, "PIPELINE", tuple(
+            s if s.run.__name__ != stage else AQ.Stage(s.name, boom, s.doc, s.skip, s.after) for s in AQ.PIPELINE))
+    amp = {"amp_candidates": ("W2A8", "W8A8")} if stage == "amp_stage" else {}
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=0.005, sim=W2_PER_TENSOR, log=log,
+              eval_fn=eval_fn, adaround=rq.AdaRoundConfig(iterations=20), **amp)
+    name = {"adaround_stage": "adaround", "amp_stage": "amp"}.get(stage, stage)
     assert status(res)[name] == "failed" and f"{stage} exploded" in record(res, name).message
     assert res.best_stage != name and res.sim is not None
     best = record(res, res.best_stage)
-    assert res.sim_score == best.score and res.score == best.artifact_score
+    assert res.sim_score == best.score == zoo.accuracy(res.sim.model)  # the returned sim is the scored one
+    assert res.score == best.artifact_score
     deployed = zoo.accuracy(OnnxRuntimeModule(res.onnx_path, output_like=torch.zeros(1, 10)))
     assert deployed == res.score
     assert f"{stage} exploded" in open(res.report_path).read()
@@ -273,10 +290,81 @@ def test_eval_results_that_are_numbers(value):
     assert abs(AQ.evaluation.Evaluator(lambda m: value)(None, "x") - float(value)) < 1e-6
 
 
-@pytest.mark.parametrize("value", [float("nan"), True, "0.9", torch.tensor([0.9, 0.8])])
+@pytest.mark.parametrize("value", [torch.tensor([1.0, 0.0, 1.0, 1.0]), np.array([True, False, True, True]),
+                                   [1, 0, 1, 1]])
+def test_per_sample_eval_results(value):
+    score, samples = AQ.evaluation.Evaluator(lambda m: value).samples(None, "x")
+    assert score == 0.75 and samples.tolist() == [1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("value", [float("nan"), True, "0.9", torch.tensor([[0.9, 0.8]]), torch.tensor([1.0, float("nan")])])
 def test_eval_results_that_are_not(value):
     with pytest.raises(ValueError, match="one finite real number"):
         AQ.evaluation.Evaluator(lambda m: value)(None, "x")
+
+
+def per_sample_correct(model, half):
+    """1.0/0.0 per test image of one half of the digits test set."""
+    _, (x, y) = zoo.digits_splits()
+    sl = slice(0, 200) if half == 0 else slice(200, None)
+    with torch.no_grad():
+        return (model(x[sl]).argmax(1) == y[sl]).float()
+
+
+def test_held_out_verification_confirms_or_refuses(tmp_path):
+    """Search on one half of the test set, verify on the other; with per-sample scores and a
+    confidence level, 'met' needs the interval's upper end within the allowed drop."""
+    m = zoo.pretrained("digits_mobilenet")
+    res = rq.AutoQuant(m, data(1)[0], data(), lambda mm: per_sample_correct(mm, 0),
+                       rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=8, act_bw=8), num_calibration_batches=4,
+                                          allowed_drop=0.02, confidence=0.95, results_dir=str(tmp_path / "a")),
+                       show_progress=False, verify_fn=lambda mm: per_sample_correct(mm, 1)).optimize()
+    v = res.verification
+    assert v["split"] == "held-out" and v["on"] == "the exported model in onnxruntime" and v["samples"] == 197
+    deployed = OnnxRuntimeModule(res.onnx_path, output_like=torch.zeros(1, 10))
+    assert v["score"] == per_sample_correct(deployed, 1).double().mean().item()
+    assert v["fp32"] == per_sample_correct(m, 1).double().mean().item()
+    lo, hi = v["interval"]
+    assert lo <= v["drop"] <= hi
+    assert res.met == (v["drop"] <= 0.02 and hi <= 0.02) and v["met"] == res.met
+    page = open(res.report_path).read()
+    assert "Verification" in page and "held-out" in page
+
+    def worse_file(mm):  # the deployed file gets 3 of the 197 held-out images wrong in addition
+        c = per_sample_correct(mm, 1)
+        if isinstance(mm, OnnxRuntimeModule):
+            c[c.nonzero()[:3, 0]] = 0.0
+        return c
+    strict = rq.AutoQuant(m, data(1)[0], data(), lambda mm: per_sample_correct(mm, 0),
+                          rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=8, act_bw=8), num_calibration_batches=4,
+                                             allowed_drop=0.02, confidence=0.95, use_adaround=False,
+                                             results_dir=str(tmp_path / "b")),
+                          show_progress=False, verify_fn=worse_file).optimize()
+    sv = strict.verification
+    # the point estimate is within the allowed drop, the interval's upper end is not: refused
+    assert sv["drop"] <= 0.02 < sv["interval"][1] and not strict.met and not sv["met"]
+    assert "does not confirm" in strict.message
+    assert "<tr class='bad'><td>held-out</td>" in open(strict.report_path).read()
+
+
+def test_confidence_without_per_sample_scores_is_not_confirmed(tmp_path):
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=0.02, confidence=0.9, use_adaround=False)
+    assert res.verification["interval"] is None and not res.met
+    assert "per-sample scores" in res.message
+
+
+def test_bootstrap_interval_covers_the_mean_difference():
+    from rapidquant.autoquant.verify import bootstrap_drop
+    rng = np.random.default_rng(0)
+    fp = (rng.random(400) < 0.9).astype(float)
+    q = fp.copy()
+    q[:20] = 0.0  # 20 of 400 flipped to wrong, at most
+    lo, hi = bootstrap_drop(fp, q, 0.95, seed=0)
+    d = fp.mean() - q.mean()
+    assert lo <= d <= hi and 0 <= lo and hi < 2.5 * d
+    assert bootstrap_drop(fp, q, 0.95, seed=0) == (lo, hi)  # deterministic for a seed
+    with pytest.raises(ValueError, match="same samples"):
+        bootstrap_drop(fp, q[:10], 0.95, seed=0)
 
 
 def test_empty_data_and_bad_eval(tmp_path):

@@ -34,7 +34,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from rapidquant.export import OnnxRuntimeModule  # noqa: E402
-from rapidquant.export.onnx_qdq import ExportResult, Parity, _output_steps, _warn_parity, compare  # noqa: E402
+from rapidquant.export.onnx_qdq import ExportResult, Parity, output_steps, _warn_parity, compare  # noqa: E402
 
 STEP_TOL = 1.001  # a difference of k steps measures k * (1 +- float32 rounding of the step)
 
@@ -79,7 +79,7 @@ def test_model_parity_on_the_digits_test_set(tmp_path, name):
     res = sim.export(str(tmp_path), x)
     assert res.ort_ok and not res.ort_errors
     _, (xte, yte) = digits_data()
-    steps = _output_steps(onnx.load(res.onnx), sim)
+    steps = output_steps(onnx.load(res.onnx), sim)
     assert steps[0] is not None  # the logits are quantized: steps are defined
     with torch.no_grad():
         want = sim.model(xte)

@@ -17,13 +17,10 @@ from .table import Timer, row
 
 
 def _ort_accuracy(path, x, y):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    s = ort.InferenceSession(path, so)
-    name = s.get_inputs()[0].name
-    out = np.concatenate([s.run(None, {name: x[i:i + 256].numpy()})[0] for i in range(0, len(x), 256)])
+    """Accuracy of the exported file in onnxruntime with default session options (what a user runs)."""
+    from rapidquant.export import OnnxRuntimeModule
+    m = OnnxRuntimeModule(path)
+    out = np.concatenate([m(x[i:i + 256]).numpy() for i in range(0, len(x), 256)])
     return float((out.argmax(1) == y.numpy()).mean())
 
 

@@ -49,13 +49,10 @@ class Fidelity:
 
 
 def _ort_logits(path, x):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    s = ort.InferenceSession(path, so)
-    name = s.get_inputs()[0].name
-    return torch.cat([torch.from_numpy(s.run(None, {name: b.numpy()})[0]) for b in x.split(16)])
+    """Logits of the exported file in onnxruntime with default session options (what a user runs)."""
+    from rapidquant.export import OnnxRuntimeModule
+    m = OnnxRuntimeModule(path)
+    return torch.cat([m(b) for b in x.split(16)])
 
 
 def mobilenet_case(quick: bool):

@@ -6,13 +6,39 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from rapidquant.batches import call_model
 
 
+def per_sample(value, what: str):
+    """eval_fn's result as a 1-d float64 array of per-sample scores, or None when it is one
+    number. Per-sample results (a 1-d tensor, array or list of numbers) let AutoQuant put a
+    confidence interval on the drop; their mean is the score."""
+    v = value
+    if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() > 1:
+        v = v.detach().cpu().double().numpy()
+    elif isinstance(v, (list, tuple)) and len(v) > 1 and all(isinstance(e, numbers.Real) for e in v):
+        v = np.asarray(v, dtype=np.float64)
+    if isinstance(v, np.ndarray) and v.ndim == 1 and v.size > 1:
+        if v.dtype != bool and not np.issubdtype(v.dtype, np.number):
+            raise ValueError(f"eval_fn returned an array of {v.dtype} for {what}; it must return one finite real "
+                             "number, or a 1-d tensor of per-sample scores")
+        v = v.astype(np.float64)
+        if not np.isfinite(v).all():
+            raise ValueError(f"eval_fn returned per-sample results with NaN/Inf for {what}; it must return one "
+                             "finite real number, or a 1-d tensor of finite per-sample scores")
+        return v
+    return None
+
+
 def as_score(value, what: str) -> float:
-    """A finite real number from an eval_fn result (float, int, numpy scalar, 0-d tensor)."""
+    """A finite real number from an eval_fn result (float, int, numpy scalar, 0-d tensor,
+    or per-sample results: their mean)."""
+    samples = per_sample(value, what)
+    if samples is not None:
+        return float(samples.mean())
     v = value
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         v = v.item()
@@ -20,7 +46,7 @@ def as_score(value, what: str) -> float:
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
         raise ValueError(f"eval_fn returned {value!r} for {what}; it must return one finite real number "
-                         "(higher is better)")
+                         "(higher is better), or a 1-d tensor of per-sample scores")
     return float(v)
 
 

@@ -25,7 +25,9 @@ class AutoQuantConfig:
     param/act schemes. allowed_drop: absolute, in eval_fn's units. verify_artifact: score
     the exported ONNX model in onnxruntime before calling the target met (the reported
     score is the artifact's). eval_fingerprint: any string that changes when eval_fn
-    changes (it keys the stage caches).
+    changes (it keys the stage caches). confidence: with per-sample eval results, the
+    final answer is met only when the upper end of the drop's bootstrap interval at this
+    level is within allowed_drop.
     """
     sim: QuantSimConfig = field(default_factory=lambda: QuantSimConfig(param_bw=8, act_bw=8))
     allowed_drop: float = 0.01
@@ -44,6 +46,7 @@ class AutoQuantConfig:
     export: bool = True
     verify_artifact: bool = True
     eval_fingerprint: str | None = None
+    confidence: float | None = None              # e.g. 0.95: met needs the drop's interval within allowed_drop
     version: int = CONFIG_VERSION
     # version-1 fields, folded into `sim` (deprecated)
     param_bw: int | None = None
@@ -99,6 +102,8 @@ def _validate(c: AutoQuantConfig) -> None:
                 parse_candidate(cand)
             except ValueError as e:
                 bad("amp_candidates", str(e))
+    if c.confidence is not None and not 0.5 <= c.confidence < 1:
+        bad("confidence", "must be in [0.5, 1), e.g. 0.95, or None")
     if c.adaround is not None and not isinstance(c.adaround, AdaRoundConfig):
         bad("adaround", "expected a rapidquant.AdaRoundConfig or None")
     if c.version != CONFIG_VERSION:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from rapidquant.scoring import as_score
+from rapidquant.scoring import as_score, per_sample
 
 
 def _needs_second_argument(fn) -> bool:
@@ -36,6 +36,10 @@ class Evaluator:
         self.count = 0
 
     def __call__(self, model, what: str) -> float:
+        return self.samples(model, what)[0]
+
+    def samples(self, model, what: str):
+        """(score, per-sample scores or None) of one eval_fn call."""
         self.count += 1
         value = self.fn(model, None) if self._two_args else self.fn(model)
-        return as_score(value, what)
+        return as_score(value, what), per_sample(value, what)

@@ -18,25 +18,30 @@ from rapidquant.autoquant.config import AutoQuantConfig
 from rapidquant.autoquant.evaluation import Evaluator
 from rapidquant.autoquant.pipeline import STAGES, accept, prefer_checked, run_pipeline
 from rapidquant.autoquant.state import AutoQuantResult, RunState, StageRecord
+from rapidquant.autoquant.verify import verify
 
 
 class AutoQuant:
     """``aq = AutoQuant(model, dummy_input, data, eval_fn, config); result = aq.optimize()``.
 
     data: calibration batches (a DataLoader or a list; tuples pass their first elements to
-    the model, dicts are keyword inputs); eval_fn(model) -> float (or
-    eval_fn(model, num_samples=None)), higher is better. The model given to eval_fn may be
-    the exported ONNX model running in onnxruntime (a torch-callable module).
+    the model, dicts are keyword inputs). eval_fn(model) (or eval_fn(model,
+    num_samples=None)), higher is better: one number, or a 1-d tensor of per-sample scores
+    (their mean is the score; they give the drop a confidence interval). The model given
+    to eval_fn may be the exported ONNX model running in onnxruntime (a torch-callable
+    module). verify_fn: the same kind of function on held-out samples the search never
+    sees; the final answer is verified once with it, and ``met`` needs it to confirm.
     """
 
     def __init__(self, model: nn.Module, dummy_input, data, eval_fn, config: AutoQuantConfig | None = None,
-                 show_progress: bool = True, log=None):
+                 show_progress: bool = True, log=None, verify_fn=None):
         self.model = model
         self.dummy_input = dummy_input
         self.config = config or AutoQuantConfig()
         if not isinstance(self.config, AutoQuantConfig):
             raise TypeError(f"config must be a rapidquant.AutoQuantConfig, got {type(self.config).__name__}")
         self.evaluator = Evaluator(eval_fn)
+        self.verifier = Evaluator(verify_fn) if verify_fn is not None else None
         self.show_progress = show_progress
         self._log_fn = log
         n = self.config.num_calibration_batches
@@ -62,7 +67,7 @@ class AutoQuant:
 
     def _state(self) -> RunState:
         return RunState(self.model, self.dummy_input, self.batches, self.config, self.evaluator, self.log,
-                        self.show_progress, schemes=tuple(self.config.scheme_candidates[0]))
+                        self.show_progress, verifier=self.verifier, schemes=tuple(self.config.scheme_candidates[0]))
 
     def run_inference(self):
         """A plain quantized baseline: (sim, score) with the first scheme candidate."""
@@ -102,6 +107,9 @@ def finish(state: RunState) -> AutoQuantResult:
     res.artifact_check = _artifact_check_label(b.artifact)
     if rec is not None and res.met:
         rec.status = "met"
+    res.verification = _verify(state, res)
+    if res.verification:
+        res.met = res.met and res.verification["met"]
     res.message = _message(state, res)
     state.stages["export"] = _export(state, res)
     res.stages = [state.stages[n] for n in STAGES if n in state.stages]
@@ -112,6 +120,30 @@ def finish(state: RunState) -> AutoQuantResult:
         res.report_path = write_report(res, os.path.join(c.results_dir, "report.html"))
     state.log(f"done in {res.seconds:.1f} s: {res.message}; report: {res.report_path}")
     return res
+
+
+def _verify(state: RunState, res: AutoQuantResult) -> dict:
+    """Score the accepted file (or the sim, when the file could not be scored) once more:
+    with the held-out function when given, else with eval_fn when a confidence is asked."""
+    c = state.config
+    if res.sim is None or (state.verifier is None and c.confidence is None):
+        return {}
+    info = state.best.artifact or {}
+    model = res.sim.model
+    if info.get("onnx") and info.get("score") is not None:
+        from rapidquant.batches import call_model
+        from rapidquant.export import OnnxRuntimeModule
+        with torch.no_grad():
+            like = call_model(res.sim.model.eval(), state.dummy_input, res.sim.n_inputs)
+        model = OnnxRuntimeModule(info["onnx"], output_like=like)
+    fn = state.verifier or state.evaluator
+    v = verify(fn.samples, state.model, model, c.allowed_drop, c.confidence, c.seed, state.verifier is not None)
+    v["on"] = "the exported model in onnxruntime" if model is not res.sim.model else "the sim"
+    interval = "" if v["interval"] is None else \
+        f", {100 * c.confidence:.0f}% interval {v['interval'][0]:.4f}..{v['interval'][1]:.4f}"
+    state.log(f"verification on {v['split']} data: drop {v['drop']:.4f}{interval} (allowed {c.allowed_drop}): "
+              f"{'confirmed' if v['met'] else 'NOT confirmed'}{'; ' + v['why'] if v['why'] else ''}")
+    return v
 
 
 def _artifact_check_label(info) -> str:
@@ -125,6 +157,21 @@ def _artifact_check_label(info) -> str:
 
 
 def _message(state: RunState, res: AutoQuantResult) -> str:
+    v = res.verification
+    if v and state.met and not v["met"]:
+        interval = "" if v["interval"] is None else f" (interval up to {v['interval'][1]:.4f})"
+        return (f"{res.best_stage} met the target on the search data, but verification on {v['split']} data "
+                f"does not confirm it: drop {v['drop']:.4f}{interval} > allowed {state.config.allowed_drop}"
+                + (f"; {v['why']}" if v["why"] else ""))
+    msg = _outcome_message(state, res)
+    if v and v["met"]:
+        interval = "" if v["interval"] is None else \
+            f", {100 * v['confidence']:.0f}% interval {v['interval'][0]:.4f}..{v['interval'][1]:.4f}"
+        msg += f"; verified on {v['split']} data: drop {v['drop']:.4f}{interval}"
+    return msg
+
+
+def _outcome_message(state: RunState, res: AutoQuantResult) -> str:
     if state.stop_message:
         return state.stop_message
     budget = state.over_budget()

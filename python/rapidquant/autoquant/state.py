@@ -57,6 +57,7 @@ class RunState:
     log: object                    # callable(str)
     show_progress: bool = True
     cache: object = None           # autoquant.cache.StageCache
+    verifier: object = None        # Evaluator of the user's held-out verification function, or None
     fp32_score: float | None = None
     target: float | None = None
     schemes: tuple = ("minmax", "minmax")
@@ -115,3 +116,4 @@ class AutoQuantResult:
     calibrations: int = 0
     config: AutoQuantConfig | None = None
     export_check: dict = field(default_factory=dict)
+    verification: dict = field(default_factory=dict)  # autoquant.verify: held-out score, drop, interval

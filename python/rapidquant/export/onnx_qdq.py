@@ -333,7 +333,7 @@ def _add_int32_bias(model_proto, sim, embed: bool = False) -> dict:
     return out
 
 
-def _output_steps(model_proto, sim) -> list:
+def output_steps(model_proto, sim) -> list:
     """Per graph output: the scale of the quantizer that produced it (None: not quantized)."""
     producer = {o: n for n in model_proto.graph.node for o in n.output}
     out = []
@@ -375,7 +375,7 @@ def check_parity(path: str, sim, dummy_input, model_proto=None, levels=LEVELS):
     args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     with torch.no_grad():
         want = _flat_outputs(sim.model(*args))
-    steps = _output_steps(model_proto if model_proto is not None else onnx.load(path), sim)
+    steps = output_steps(model_proto if model_proto is not None else onnx.load(path), sim)
     parity, errors = {}, {}
     for level in levels:
         try:

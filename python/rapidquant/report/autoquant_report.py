@@ -7,7 +7,7 @@ import os
 from collections import Counter
 
 from rapidquant.export.onnx_qdq import PARITY_WARN_STEPS
-from rapidquant.report.plots import pyplot, fig_to_img, page, table
+from rapidquant.report.plots import fig_to_img, page, pyplot, table
 
 COLORS = {"met": "#2e9d42", "ok": "#3b78c2", "cached": "#3b78c2", "failed": "#c0392b", "skipped": "#b9b9b9",
           "pending": "#dddddd"}
@@ -170,6 +170,35 @@ def _export_section(res) -> list[str]:
     return out
 
 
+def _verification_section(res) -> list[str]:
+    v = res.verification
+    if not v:
+        return []
+    rows = [{"data": v["split"], "scored": v.get("on", ""), "FP32": _f(v["fp32"]), "result": _f(v["score"]),
+             "drop": _f(v["drop"]), "allowed drop": res.config.allowed_drop if res.config else "",
+             "interval": "" if v["interval"] is None else
+             f"{100 * v['confidence']:.0f}%: {v['interval'][0]:.4f}..{v['interval'][1]:.4f} ({v['samples']} samples)",
+             "confirmed": "yes" if v["met"] else "NO", **({} if v["met"] else {"_class": "bad"})}]
+    out = ["<h2>Verification</h2>", "<p>The accepted result scored once more" +
+           (" on held-out data the search never saw." if v["split"] == "held-out" else
+            " on the search data (no held-out function was given: the interval covers sampling noise, not the "
+            "optimism of choosing the best of many candidates on these samples).") + "</p>", table(rows)]
+    if v["why"]:
+        out.append(f"<p class='bad'>{html.escape(v['why'])}</p>")
+    if v["interval"] is not None and res.config is not None:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 1.6))
+        lo, hi = v["interval"]
+        ax.errorbar([v["drop"]], [0], xerr=[[v["drop"] - lo], [hi - v["drop"]]], fmt="o", capsize=6,
+                    color="#2e9d42" if v["met"] else "#c0392b", label="drop and its interval")
+        ax.axvline(res.config.allowed_drop, ls=":", color="red", label="allowed drop")
+        ax.set_yticks([])
+        ax.set_xlabel("FP32 score - result score")
+        ax.legend(fontsize=7, loc="upper left")
+        out.append(fig_to_img(fig))
+    return out
+
+
 def write_report(res, path: str) -> str:
     """The report of an AutoQuantResult (everything it shows is in the result)."""
     c = res.config
@@ -200,6 +229,7 @@ def write_report(res, path: str) -> str:
     amp_rec = next((s for s in res.stages if s.name == "amp" and s.artifacts.get("pareto_plot")), None)
     if amp_rec is not None and os.path.exists(amp_rec.artifacts["pareto_plot"]):
         body += ["<h2>AMP Pareto front</h2>", _img_file(amp_rec.artifacts["pareto_plot"])]
+    body += _verification_section(res)
     body += _export_section(res)
     if res.sim is not None:
         body += ["<h2>Chosen encodings</h2>", encodings_summary(res.sim)]
