@@ -194,7 +194,9 @@ def test_a_failing_stage_changes_nothing(tmp_path, monkeypatch, stage):
         monkeypatch.setattr(AQ.pipeline, "PIPELINE", tuple(
             s if s.run.__name__ != stage else AQ.Stage(s.name, boom, s.doc, s.skip, s.after) for s in AQ.PIPELINE))
     amp = {"amp_candidates": ("W2A8", "W8A8")} if stage == "amp_stage" else {}
-    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=0.005, sim=W2_PER_TENSOR, log=log,
+    # AMP needs W8A8 everywhere to meet the target (0.967 measured) to reach its search
+    drop = 0.03 if stage == "amp_stage" else 0.005
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=drop, sim=W2_PER_TENSOR, log=log,
               eval_fn=eval_fn, adaround=rq.AdaRoundConfig(iterations=20), **amp)
     name = {"adaround_stage": "adaround", "amp_stage": "amp"}.get(stage, stage)
     assert status(res)[name] == "failed" and f"{stage} exploded" in record(res, name).message

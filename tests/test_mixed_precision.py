@@ -164,3 +164,36 @@ def test_manual_precision_api(sensitive_model):
         rq.set_precision(sim, "conv2", activation="int7")
     with pytest.raises(KeyError):
         rq.set_precision(sim, "nope", activation="int8")
+
+
+def test_amp_after_adaround_uses_the_float_weights_at_other_precisions():
+    """AdaRound writes its W2 rounding into the weights; AMP moving a layer to W8 must use
+    the float weights (and their statistics), not re-round the W2 ones; FP32 is the model
+    before rounding. Measured: W8A8 everywhere 0.9395 (= a fresh W8A8 sim, = FP32) with the
+    float weights, 0.652 re-rounding the W2 weights."""
+    fp = copy.deepcopy(trained_digits_net())
+    rq.fold_batch_norms(fp)
+    x = calib_batches(1)[0]
+    r = rq.adaround(fp, x, calib_batches(), rq.AdaRoundConfig(iterations=20, param_bw=2), show_progress=False)
+    sim = rq.QuantSim(r.model, x, rq.QuantSimConfig(param_bw=2, act_bw=8))
+    r.apply_to(sim)
+    sim.compute_encodings(calib_batches(), show_progress=False)
+    rounded_score = accuracy(sim.model)
+    assert set(r.float_weights) == {n for n, q in sim.param_quantizers().items() if q.frozen}
+    scores = []
+
+    def ev(m):
+        scores.append(accuracy(m))
+        if len(scores) == 3:
+            raise RuntimeError("eval failed mid-search")
+        return scores[-1]
+    with pytest.raises(RuntimeError, match="mid-search"):
+        rq.amp(sim, ("W2A8", "W8A8"), ev, 0.5, calib_batches(), float_weights=r.float_weights, show_progress=False)
+    fp32, w8_everywhere = scores[:2]  # then the baseline W8A8 everywhere
+    assert fp32 == accuracy(fp)
+    assert w8_everywhere >= fp32 - 0.01, (w8_everywhere, fp32)  # margin: 0.01 (5 of 397 images)
+    # the failed search put back the rounded weights and their frozen encodings exactly
+    assert accuracy(sim.model) == rounded_score
+    params = sim.parameters_quantized()
+    for n in r.float_weights:
+        assert torch.equal(params[n], r.model.get_parameter(n)) and sim.quantizer(n).frozen

@@ -516,6 +516,16 @@ def test_quantizer_setters_invalidate_the_weight_cache():
     q.frozen = True
     q.set_precision("int", 8)
     assert q.frozen and torch.equal(q.scale, s)
+    # a frozen encoding (AdaRound's) is never reused for another bitwidth: recomputed, or refused
+    st = q.state()
+    with pytest.raises(ValueError, match="frozen 8-bit encoding.*set_precision"):
+        q.bitwidth = 4
+    q.set_precision("int", 4)
+    assert q.bitwidth == 4 and not torch.equal(q.scale, s) and q.frozen
+    q.enabled = False
+    q.restore(st)
+    assert q.enabled and q.frozen and q.bitwidth == 8 and torch.equal(q.scale, s)
+    assert torch.equal(run(x), ref)
 
 
 def test_nan_weight_is_named():

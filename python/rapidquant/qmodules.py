@@ -43,6 +43,10 @@ class QuantizedModule(nn.Module):
     def param(self, name: str) -> torch.Tensor:
         return self.module.get_parameter(name)
 
+    def param_name(self, key: str) -> str:
+        """The parameter's name in ``module`` for a ``param_quantizers`` key."""
+        return self._param_names[key]
+
     def quantized_param(self, key: str) -> torch.Tensor:
         """The parameter after its quantizer; reused while neither weight nor encoding changes."""
         q = self.param_quantizers[key]

@@ -1,6 +1,8 @@
 """The Quantizer module: one tensor's encoding, its calibration, and its forward."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -18,6 +20,22 @@ FLOAT_FORMATS = {
 def min_scale(num_steps: int) -> float:
     """Smallest scale an encoding may have (AIMET's rule): keeps zero ranges valid."""
     return min(torch.finfo(torch.float32).eps, 0.01 / num_steps)
+
+
+@dataclass(frozen=True)
+class QuantizerState:
+    """What a quantizer computes: precision, encoding (copies) and flags. ``Quantizer.state()``
+    takes one, ``Quantizer.restore(state)`` puts it back exactly."""
+    enabled: bool
+    dtype: str
+    bitwidth: int
+    float_format: str | None
+    scale: torch.Tensor | None
+    zero_point: torch.Tensor | None
+    frozen: bool
+
+    def precision(self) -> tuple:
+        return self.dtype, self.bitwidth, self.float_format
 
 
 class Quantizer(nn.Module):
@@ -65,6 +83,10 @@ class Quantizer(nn.Module):
 
     @bitwidth.setter
     def bitwidth(self, bw: int) -> None:
+        if getattr(self, "_frozen", False) and self.scale is not None and int(bw) != self._bitwidth:
+            raise ValueError(f"quantizer '{self.name}' holds a frozen {self._bitwidth}-bit encoding (e.g. AdaRound's "
+                             f"rounding); a {bw}-bit grid needs a new one: call set_precision('{self.dtype}', {bw}) "
+                             "to recompute it from the statistics, or set frozen = False first")
         if self.dtype == "int":
             if not 2 <= int(bw) <= 16:
                 raise ValueError(f"quantizer '{self.name}': integer bitwidth must be in 2..16 (got {bw})")
@@ -144,6 +166,24 @@ class Quantizer(nn.Module):
             elif dtype == "int" and old[0] == "float":
                 self.scale = self.zero_point = None
 
+    def precision(self) -> tuple:
+        """(dtype, bitwidth, float_format), comparable with QuantizerState.precision()."""
+        return self.dtype, self.bitwidth, self.float_format
+
+    def state(self) -> QuantizerState:
+        return QuantizerState(self.enabled, self.dtype, self.bitwidth, self.float_format,
+                              None if self.scale is None else self.scale.detach().clone(),
+                              None if self.zero_point is None else self.zero_point.detach().clone(), self.frozen)
+
+    def restore(self, state: QuantizerState) -> None:
+        """Put back a state taken by ``state()`` (the encoding bit for bit)."""
+        self.enabled = state.enabled
+        if state.scale is not None:
+            self.set_precision(*state.precision(), encoding=(state.scale, state.zero_point))
+        else:
+            self.set_precision(*state.precision())
+        self.frozen = state.frozen
+
     def set_precision(self, dtype: str, bitwidth: int, float_format: str | None = None, *,
                       encoding=None, keep_frozen: bool = True) -> None:
         """Put the quantizer at (dtype, bitwidth, float_format).
@@ -154,6 +194,7 @@ class Quantizer(nn.Module):
         quantizer unfrozen afterwards); an unchanged grid keeps its encoding.
         """
         if encoding is not None:
+            self.frozen = False  # the caller decides whether the given encoding is frozen
             self.dtype, self.float_format = dtype, float_format
             self.bitwidth = bitwidth  # validates
             self.set_encoding(*encoding)

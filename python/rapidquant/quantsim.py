@@ -278,6 +278,17 @@ class QuantSim:
                 out[m.quantizer.name] = m.quantizer
         return out
 
+    def parameters_quantized(self) -> "OrderedDict[str, torch.nn.Parameter]":
+        """The float master parameter each parameter quantizer reads, by quantizer name."""
+        out = OrderedDict()
+        for m in self.model.modules():
+            if isinstance(m, QuantizedModule):
+                for key, q in m.param_quantizers.items():
+                    out[q.name] = m.param(m.param_name(key))
+            elif isinstance(m, QuantizedParameter):
+                out[m.quantizer.name] = self.model.get_parameter(m.source)
+        return out
+
     def activation_quantizers(self) -> "OrderedDict[str, Quantizer]":
         params = self.param_quantizers()
         return OrderedDict((n, q) for n, q in self.quantizers().items() if n not in params)

@@ -104,6 +104,7 @@ def run_stage(state: RunState, stage: Stage) -> StageRecord:
         rec.status, rec.message = "skipped", why
         state.log(f"{stage.name}: skipped ({why})")
         return rec
+    t0, ev0, cal0 = time.perf_counter(), state.evaluator.count, state.calibrations
     cached = state.cache.record(stage.name) if stage.cached else None
     if cached is not None:
         out = state.cache.restore(cached, state, lambda m, art: S.build_sim(state, m, art.get("chosen")))
@@ -112,7 +113,6 @@ def run_stage(state: RunState, stage: Stage) -> StageRecord:
         state.stages[stage.name] = rec
         state.log(f"{stage.name}: {_fmt(rec.score)} (cached)")
     else:
-        t0, ev0, cal0 = time.perf_counter(), state.evaluator.count, state.calibrations
         try:
             out = stage.run(state)
         except Exception as e:  # noqa: BLE001 - a failing stage is an outcome; the state is untouched
@@ -131,7 +131,10 @@ def run_stage(state: RunState, stage: Stage) -> StageRecord:
     if stage.after is not None:
         stage.after(state, out)
     if out.candidate and out.sim is not None and out.score is not None:
-        consider(state, rec, out)
+        consider(state, rec, out)  # may export the candidate and score the file: part of the stage's cost
+        if cached is None:
+            rec.seconds = time.perf_counter() - t0
+            rec.evaluations, rec.calibrations = state.evaluator.count - ev0, state.calibrations - cal0
     if cached is None and stage.cached:
         state.cache.save(rec, out)
     return rec

@@ -94,6 +94,7 @@ class AutoQuant:
 def finish(state: RunState) -> AutoQuantResult:
     """Accept the best candidate on its artifact (if no stage did), export, report."""
     c = state.config
+    t0, ev0 = time.perf_counter(), state.evaluator.count  # the export record carries this step's cost
     if state.best.sim is not None and state.best.artifact is None and (c.export or c.verify_artifact):
         accept(state, state.stages[state.best.stage], state.outputs[state.best.stage])
         prefer_checked(state)
@@ -111,7 +112,8 @@ def finish(state: RunState) -> AutoQuantResult:
     if res.verification:
         res.met = res.met and res.verification["met"]
     res.message = _message(state, res)
-    state.stages["export"] = _export(state, res)
+    state.stages["export"] = export_rec = _export(state, res)
+    export_rec.seconds, export_rec.evaluations = time.perf_counter() - t0, state.evaluator.count - ev0
     res.stages = [state.stages[n] for n in STAGES if n in state.stages]
     res.evaluations, res.calibrations = state.evaluator.count, state.calibrations
     res.seconds = time.perf_counter() - state.started

@@ -9,6 +9,8 @@ import copy
 import os
 from dataclasses import asdict, replace
 
+import torch
+
 from rapidquant import distributed as D
 from rapidquant.autoquant.state import Outcome, RunState
 from rapidquant.calibration import HIST_SCHEMES
@@ -156,12 +158,33 @@ def cle(state: RunState) -> Outcome:
                    {"scaled": r.scaled, "skipped": r.skipped}, msg)
 
 
+def adaround_input(state: RunState):
+    """The model AdaRound starts from: the better of the BN-folded and equalized models."""
+    done = [o for o in (state.output("bn_fold"), state.output("cle")) if o is not None and o.score is not None]
+    return max(done, key=lambda o: o.score).model if done else state.model
+
+
+def unrounded_weights(state: RunState, sim: QuantSim) -> dict:
+    """AdaRound wrote its rounding into the weights; a layer AMP moves to another precision
+    must start from the weights before rounding (same names in AdaRound's input model)."""
+    if state.best.stage != "adaround":
+        return {}
+    before = adaround_input(state)
+    out = {}
+    for name, q in sim.param_quantizers().items():
+        if q.frozen:
+            try:
+                out[name] = before.get_parameter(name)
+            except AttributeError:
+                pass  # not a parameter of the float model under that name: keeps its rounded weights
+    return out
+
+
 def adaround_stage(state: RunState) -> Outcome:
     """AdaRound on the better of the BN-folded and equalized models (deployed models have
     their BNs folded, so the rounding is learned on folded weights)."""
     c = state.config
-    done = [o for o in (state.output("bn_fold"), state.output("cle")) if o is not None and o.score is not None]
-    start = max(done, key=lambda o: o.score).model if done else state.model
+    start = adaround_input(state)
     sim_cfg = c.sim
     cfg = replace(c.adaround or AdaRoundConfig(), param_bw=sim_cfg.param_bw or 8, per_channel=sim_cfg.per_channel,
                   hw_config=sim_cfg.hw_config, param_scheme=state.schemes[0], seed=c.seed,
@@ -182,11 +205,19 @@ def amp_stage(state: RunState) -> Outcome:
     from rapidquant.mixed_precision import amp
     c = state.config
     sim = copy.deepcopy(state.best.sim)
+    float_weights = unrounded_weights(state, sim)
     r = amp(sim, c.amp_candidates, lambda m: state.evaluator(m, "AMP point"), c.allowed_drop, state.batches,
             num_proxy_batches=c.num_proxy_batches, results_dir=os.path.join(c.results_dir, "amp"),
-            fp32_score=state.fp32_score, show_progress=state.show_progress, eval_fingerprint=c.eval_fingerprint)
+            fp32_score=state.fp32_score, show_progress=state.show_progress, eval_fingerprint=c.eval_fingerprint,
+            float_weights=float_weights)
     state.calibrations += r.calibration_passes
     artifacts = {"pareto_plot": r.plot_path, "pareto_front": [asdict(p) for p in r.pareto_front],
                  "chosen": asdict(r.chosen) if r.chosen else None, "proxy_evaluations": r.proxy_evaluations}
     score = r.chosen.score if r.chosen else None
-    return Outcome(score, state.best.model, sim, artifacts, r.message)
+    model = state.best.model
+    if float_weights:  # the model the sim now reads: float weights where AMP left AdaRound's precision
+        model, params = copy.deepcopy(model), sim.parameters_quantized()
+        with torch.no_grad():
+            for name in float_weights:
+                model.get_parameter(name).copy_(params[name])
+    return Outcome(score, model, sim, artifacts, r.message)

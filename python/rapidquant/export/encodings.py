@@ -212,6 +212,7 @@ def _shaped(q, values) -> torch.Tensor:
 
 def _apply_record(q, rec: dict, freeze: bool) -> None:
     q.enabled = rec.get("enabled", True)
+    q.frozen = False  # the record's encoding replaces whatever was frozen
     if rec.get("dtype", "int") != q.dtype or rec.get("bitwidth") != q.bitwidth:
         q.set_dtype(rec.get("dtype", "int"), rec["bitwidth"], rec.get("format"))
     if "symmetric" in rec:

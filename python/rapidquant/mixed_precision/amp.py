@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rapidquant import distributed as D
-from rapidquant.fingerprint import data_hash, model_hash, obj_hash
+from rapidquant.fingerprint import data_hash, hash_tensors, model_hash, obj_hash
 from rapidquant.mixed_precision.groups import (
-    Candidate, apply_candidate, bitops, find_groups, parse_candidate, restore, snapshot,
+    Candidate, apply_candidate, bitops, find_groups, parse_candidate, restore, snapshot, sync_weights, weight_swaps,
 )
 from rapidquant.progress import progress
 from rapidquant.scoring import as_score, model_outputs, output_sqnr, sqnr_db  # noqa: F401 (sqnr_db re-exported)
@@ -62,21 +62,20 @@ def _start_key(snap: dict) -> str:
     are re-derived from the statistics, so a rerun on a sim that an earlier AMP run left
     at its chosen mix hits the same cache."""
     import hashlib
-    from rapidquant.fingerprint import hash_tensors
     h = hashlib.sha256()
     for name in sorted(snap):
-        enabled, dtype, bits, fmt, scale, zp, frozen = snap[name]
-        h.update(f"{name}|{enabled}|{frozen}".encode())
-        if frozen:
-            h.update(f"{dtype}|{bits}|{fmt}".encode())
-            hash_tensors([scale, zp], h)
+        st = snap[name]
+        h.update(f"{name}|{st.enabled}|{st.frozen}".encode())
+        if st.frozen:
+            h.update(repr(st.precision()).encode())
+            hash_tensors([st.scale, st.zero_point], h)
     return h.hexdigest()[:16]
 
 
 def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_proxy_batches: int = 4,
         baseline=None, search: str = "binary", results_dir: str | None = None, clean_start: bool = False,
         fp32_score: float | None = None, show_progress: bool = True,
-        eval_fingerprint: str | None = None) -> AMPResult:
+        eval_fingerprint: str | None = None, float_weights: dict | None = None) -> AMPResult:
     """Choose per-group precisions for ``sim`` (modified in place, left calibrated).
 
     candidates: at least two of ((act_bw, dtype), (param_bw, dtype)) or names ("W8A8",
@@ -89,21 +88,26 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
     The cache key covers the weights, the proxy data, the sim configuration, the enabled
     quantizers and frozen encodings at the start, the candidates and
     ``eval_fingerprint`` (any string that changes when your eval_fn does).
+    float_weights: {parameter quantizer name: weights before rounding} for frozen encodings
+    whose rounding was written into the weights (AdaRound's AdaRoundResult.float_weights):
+    at any other precision those layers use the float weights, not re-rounded ones.
     If the search raises, the sim is restored to the state it started in.
     The binary search assumes scores fall as more groups move to lower precision
     (cumulative prefixes of the phase-1 order); ``search="brute_force"`` evaluates every prefix.
     """
     start = snapshot(sim)
+    swaps = weight_swaps(sim, float_weights, start)
     try:
         return _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, baseline, search,
-                       results_dir, clean_start, fp32_score, show_progress, eval_fingerprint, start)
+                       results_dir, clean_start, fp32_score, show_progress, eval_fingerprint, start, swaps)
     except BaseException:
         restore(sim, start)
+        sync_weights(sim, swaps, start)
         raise
 
 
 def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, baseline, search, results_dir,
-            clean_start, fp32_score, show_progress, eval_fingerprint, start) -> AMPResult:
+            clean_start, fp32_score, show_progress, eval_fingerprint, start, swaps) -> AMPResult:
     t_start = time.perf_counter()
     cands = [parse_candidate(c) for c in candidates]
     if len(set(cands)) < 2:
@@ -155,11 +159,13 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
     def set_all(c):
         for g in groups:
             apply_candidate(sim, g, c, snap)
+        sync_weights(sim, swaps, snap)
 
     cache = _Cache(results_dir, clean_start, {
         "model": model_hash(sim.model), "data": data_hash(proxy),
         "groups": [asdict(g) for g in groups], "candidates": [c.name for c in cands], "baseline": base.name,
-        "sim_config": asdict(sim.config), "start": _start_key(start), "eval": eval_fingerprint})
+        "sim_config": asdict(sim.config), "start": _start_key(start), "eval": eval_fingerprint,
+        "float_weights": hash_tensors([x for n in sorted(swaps) for x in (n, swaps[n][2])]).hexdigest()[:16]})
 
     def user_eval(key, what):
         if key in cache.scores:
@@ -171,6 +177,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
         return s
 
     with sim.disabled():
+        sync_weights(sim, swaps, snap)  # FP32 is the model before any rounding
         res.fp32_score = fp32_score if fp32_score is not None else user_eval("fp32", "the FP32 model")
         ref_outs = model_outputs(sim.model, proxy, sim.n_inputs)
     res.target = None if allowed_drop is None else res.fp32_score - allowed_drop
@@ -204,6 +211,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
                                 enabled=show_progress and D.is_main()):
             set_all(None)
             apply_candidate(sim, g, c, snap)
+            sync_weights(sim, swaps, snap)
             cache.phase1[f"{g.name}|{c.name}"] = output_sqnr(sim.model, proxy, ref_outs, sim.n_inputs)
             res.proxy_evaluations += 1
             cache.save()
@@ -239,6 +247,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
         key = "p2:" + obj_hash({k: v.name for k, v in cfg.items()})
         for g in groups:
             apply_candidate(sim, g, cfg[g.name], snap)
+        sync_weights(sim, swaps, snap)
         s = user_eval(key, f"Pareto point {i}")
         return ParetoPoint(bitops(groups, cfg) / base_bits, s, {k: v.name for k, v in cfg.items()}, i)
 
@@ -273,6 +282,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
         res.message = f"chose {best.rel_bitops:.3f}x baseline BitOps at score {best.score:.4f}"
     for g in groups:
         apply_candidate(sim, g, parse_candidate(chosen.config[g.name]), snap)
+    sync_weights(sim, swaps, snap)
     res.chosen = chosen
     return _finish(res, cache, t_start)
 

@@ -190,33 +190,64 @@ def bitops(groups: list[QuantizerGroup], assignment: dict[str, Candidate]) -> fl
 
 
 def snapshot(sim) -> dict:
-    """Each quantizer's precision and encoding, to restore exactly later."""
-    snap = {}
-    for n, q in sim.quantizers().items():
-        snap[n] = (q.enabled, q.dtype, q.bitwidth, q.float_format,
-                   None if q.scale is None else q.scale.detach().clone(),
-                   None if q.zero_point is None else q.zero_point.detach().clone(), q.frozen)
-    return snap
+    """Each quantizer's state (Quantizer.state()), to restore exactly later."""
+    return {n: q.state() for n, q in sim.quantizers().items()}
 
 
 def restore(sim, snap: dict) -> None:
     for n, q in sim.quantizers().items():
-        en, dt, bw, fmt, s, z, fr = snap[n]
-        set_quantizer(q, en, dt, bw, fmt, snap_entry=snap[n])
+        q.restore(snap[n])
 
 
-def set_quantizer(q, enabled, dt, bw, fmt, snap_entry=None) -> None:
-    """Put q at (dt, bw); reuse the snapshot's encoding when it is for that precision
+def set_quantizer(q, enabled, dt, bw, fmt, start=None) -> None:
+    """Put q at (dt, bw); reuse the start state's encoding when it is for that precision
     (keeps frozen encodings such as AdaRound's), else derive one from the statistics."""
     q.enabled = enabled
     if not enabled:
         return
-    same = snap_entry is not None and snap_entry[1] == dt and snap_entry[2] == bw and snap_entry[3] == fmt
-    if same and snap_entry[4] is not None:
-        q.set_precision(dt, bw, fmt, encoding=(snap_entry[4], snap_entry[5]))
-        q.frozen = snap_entry[6]
+    same = start is not None and start.precision() == (dt, bw, fmt)
+    if same and start.scale is not None:
+        q.set_precision(dt, bw, fmt, encoding=(start.scale, start.zero_point))
+        q.frozen = start.frozen
     else:
         q.set_precision(dt, bw, fmt, keep_frozen=same)
+
+
+def weight_swaps(sim, float_weights: dict | None, snap: dict) -> dict:
+    """For parameter quantizers whose start encoding is frozen over weights already rounded
+    onto its grid (AdaRound writes them into the model): (parameter, rounded copy, float
+    weights). At any other precision the rounded weights would only be re-rounded; the
+    float ones are the true model there."""
+    if not float_weights:
+        return {}
+    params = sim.parameters_quantized()
+    out = {}
+    for n, w in float_weights.items():
+        p = params.get(n)
+        if p is not None and snap[n].frozen and tuple(p.shape) == tuple(w.shape):
+            out[n] = [p, p.detach().clone(), w.detach().to(p.device, p.dtype), False]
+    return out
+
+
+def sync_weights(sim, swaps: dict, snap: dict) -> None:
+    """Give each swapped parameter the weights its quantizer's current precision needs.
+    The first time a quantizer reads the float weights its statistics are taken from them
+    (those of the rounded weights give a wrong encoding); later precisions derive from them."""
+    qs = sim.quantizers()
+    with torch.no_grad():
+        for n, entry in swaps.items():
+            p, rounded, float_w, calibrated = entry
+            q = qs[n]
+            keep = q.enabled and q.frozen and q.precision() == snap[n].precision()
+            want = rounded if keep else float_w
+            if not torch.equal(p, want):
+                p.copy_(want)
+            if not keep and q.enabled and not calibrated:
+                q.frozen = False
+                q.start_calibration()
+                q.observer.update(p)
+                q.finish_calibration()
+                entry[3] = True
 
 
 def apply_candidate(sim, group: QuantizerGroup, c: Candidate | None, snap: dict | None = None) -> None:

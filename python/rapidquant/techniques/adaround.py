@@ -72,6 +72,9 @@ class AdaRoundResult:
     seconds: float = 0.0
     spilled_bytes: int = 0
     skipped: list = field(default_factory=list)  # (layer name, reason): kept nearest rounding
+    # weights before rounding, by weight quantizer name: what a layer moved to another
+    # precision (mixed precision) must start from, not the rounded weights
+    float_weights: dict = field(default_factory=dict)
 
     def apply_to(self, sim) -> None:
         """Load and freeze the weight encodings in a sim built on ``self.model``."""
@@ -222,6 +225,7 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
             else:
                 targets[name] = m
     skipped += untreated_weights(sim, SUPPORTED, "AdaRound", set(targets))
+    float_weights = {m.param_quantizers["weight"].name: m.module.weight.detach().clone() for m in targets.values()}
     device = next(model.parameters()).device
     batches = collect_batches(data, config.num_batches, sim.n_inputs, device, shard=D.active(),
                               dtype=dtype)
@@ -260,4 +264,5 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     doc["quantizers"] = {k: v for k, v in doc["quantizers"].items() if k in sim.param_quantizers()}
     doc["adaround"] = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
                                   if not isinstance(v, dict)}}
-    return AdaRoundResult(out, doc, reports, time.perf_counter() - t0, stats["spilled_bytes"], skipped)
+    return AdaRoundResult(out, doc, reports, time.perf_counter() - t0, stats["spilled_bytes"], skipped,
+                          float_weights)
