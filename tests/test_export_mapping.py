@@ -17,6 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto as T, numpy_helper  # noqa: E402
 
 from rapidquant.export.onnx_qdq import ROLE, TAG, param_of  # noqa: E402
+from rapidquant.qmodules import QuantizedModule  # noqa: E402
 
 UNSIGNED = {T.UINT8: 128, T.UINT16: 32768}  # container -> shift of a signed grid
 CONTAINER = {T.INT8: (-128, 127), T.UINT8: (0, 255), T.INT16: (-32768, 32767), T.UINT16: (0, 65535)}
@@ -320,16 +321,20 @@ def test_mixed_precision_frozen_weights_and_int32_bias(tmp_path):
     w.set_encoding(w.scale * 1.5, w.zero_point)
     w.frozen = True
     sim.quantizer(names[-2]).set_dtype("float", 16, "fp16")
-    res, found = export_and_walk(tmp_path / "m", sim, x, export_int32_bias="onnx")
+    res, found = export_and_walk(tmp_path / "m", sim, x)
     assert len({q.bitwidth for q in sim.quantizers().values()}) >= 3
     g = Graph(res.onnx)
     q_node = [n for n in g.nodes if meta(n).get(TAG) == "stem.0.weight" and n.op_type == "QuantizeLinear"][0]
     np.testing.assert_array_equal(g.const(q_node.input[1]).reshape(-1), w.scale.reshape(-1).numpy())
     bias = json.load(open(res.encodings))["int32_bias"]
-    assert bias
-    for t, rec in bias.items():  # the int32 DQ in the graph uses the recorded scale
-        dq = [n for n in g.nodes if n.op_type == "DequantizeLinear" and n.output[0] == t + "_dq"][0]
-        np.testing.assert_array_equal(g.const(dq.input[1]).reshape(-1), np.float32(rec["scale"]))
+    embedded = {n.output[0][:-len("_dq")]: n for n in g.nodes
+                if n.op_type == "DequantizeLinear" and g.init_type.get(n.input[0]) == T.INT32}
+    # every layer whose bias the sim runs as int32 has it in the graph, listed in the file
+    want = {f"{name}.module.bias" for name, m in sim.model.named_modules()
+            if isinstance(m, QuantizedModule) and m.bias_grid() is not None}
+    assert want and set(embedded) == want and want <= set(bias)
+    for t, dq in embedded.items():  # the int32 DQ in the graph uses the recorded scale
+        np.testing.assert_array_equal(g.const(dq.input[1]).reshape(-1), np.float32(bias[t]["scale"]))
     check_files(tmp_path, sim, x, found)
 
 

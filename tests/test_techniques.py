@@ -248,11 +248,13 @@ def test_fold_into_sim_for_qat_keeps_quantized_function():
     assert len(res.folded) == 2
     with torch.no_grad():
         after = sim.model(x)
-    # measured: bit-equal outputs (1 and 2 threads). Folded weights are rounded in another
-    # order, so allow one step of the quantized output on at most 1% of the outputs
+    # Folded, each conv's bias runs on its own int32 grid (s_in * s_w * gamma / sigma, as the
+    # deployed model does), where before the BN added a float bias after the conv: measured
+    # 1.9% of the outputs one step apart (bit-equal when the sim kept biases in float).
+    # Bound: one step, on at most 3% of the outputs.
     step = float(sim.quantizer("fc.output").scale)
     assert (after - before).abs().max() <= step * 1.0001
-    assert (after != before).float().mean() <= 0.01
+    assert (after != before).float().mean() <= 0.03
 
 
 def test_bad_input_is_reported_not_crashed():

@@ -1,6 +1,8 @@
 """Modules QuantSim puts into the traced graph: quantized module wrappers and functional ops."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,27 @@ from torch.func import functional_call
 from rapidquant.quantizer import Quantizer
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+_SIMULATE_INT32_BIAS = [True]
+INT32_BIAS_LIMIT = 2 ** 31 - 128  # the largest float32 below 2**31: it casts to int32 exactly
+
+
+@contextmanager
+def float_biases():
+    """Trace Conv/Linear wrappers with their float bias: the ONNX export writes the int32
+    bias into the graph itself (an initializer behind a DequantizeLinear, the form
+    onnxruntime fuses), instead of tracing the rounding arithmetic."""
+    _SIMULATE_INT32_BIAS.append(False)
+    try:
+        yield
+    finally:
+        _SIMULATE_INT32_BIAS.pop()
+
+
+def _int_grid(q: Quantizer | None) -> bool:
+    """q quantizes now (enabled, calibrated, not observing) on an integer grid."""
+    return q is not None and q.enabled and q.dtype == "int" and q.scale is not None and q.observer is None
 
 
 def _fresh(out, args) -> bool:
@@ -39,6 +62,9 @@ class QuantizedModule(nn.Module):
         self._param_names = {k.replace(".", "__"): k for k in param_quantizers}
         self.output_quantizer = output_quantizer
         self._cache: dict[str, tuple] = {}
+        # the quantizer whose output is this layer's input (set by QuantSim; a tuple so it is
+        # not registered twice as a submodule): the bias is simulated on its int32 grid
+        self.bias_input: tuple[Quantizer, ...] = ()
 
     def param(self, name: str) -> torch.Tensor:
         return self.module.get_parameter(name)
@@ -65,14 +91,39 @@ class QuantizedModule(nn.Module):
         self._cache[key] = (key_now, qp)
         return qp
 
+    def bias_grid(self) -> torch.Tensor | None:
+        """The int32 bias step (s_input * s_weight, per output channel or one) when this
+        Conv/Linear's bias runs as int32 in the deployed model, else None.
+
+        onnxruntime quantizes the float bias of every Conv/Gemm whose input and weight come
+        from DequantizeLinear nodes (its BiasQuantization pass, at the default optimization
+        level), and integer targets do the same; the export writes that int32 bias into the
+        file. Not for per-block weights or a per-channel input (onnxruntime leaves those)."""
+        m, src = self.module, self.bias_input[0] if self.bias_input else None
+        qw = self.param_quantizers["weight"] if "weight" in self.param_quantizers else None
+        if getattr(m, "bias", None) is None or "bias" in self.param_quantizers \
+                or not (_int_grid(src) and _int_grid(qw)) or qw.block_size is not None or src.scale.numel() != 1:
+            return None
+        return src.scale.detach().reshape(()) * qw.scale.detach().reshape(-1)  # float32, as onnxruntime's Mul
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias as the deployed model adds it: round(b / step) * step in float32, the
+        arithmetic of onnxruntime's Div, Round (half to even) and DequantizeLinear."""
+        b = self.module.bias
+        step = self.bias_grid() if _SIMULATE_INT32_BIAS[-1] else None
+        if step is None:
+            return b
+        bq = torch.round(b.detach().float() / step).clamp_(-INT32_BIAS_LIMIT, INT32_BIAS_LIMIT) * step
+        return b + (bq.to(b.dtype) - b).detach()  # straight-through for training
+
     def forward(self, *args, **kwargs):
         m = self.module
         if not self.param_quantizers:
             out = m(*args, **kwargs)
         elif type(m) in _CONV and set(self.param_quantizers) <= {"weight"} and not kwargs:
-            out = m._conv_forward(args[0], self.quantized_param("weight"), m.bias)
+            out = m._conv_forward(args[0], self.quantized_param("weight"), self.quantized_bias())
         elif type(m) is nn.Linear and set(self.param_quantizers) <= {"weight"} and not kwargs:
-            out = F.linear(args[0], self.quantized_param("weight"), m.bias)
+            out = F.linear(args[0], self.quantized_param("weight"), self.quantized_bias())
         else:
             params = {self._param_names[k]: self.quantized_param(k) for k in self.param_quantizers}
             out = functional_call(m, params, args, kwargs)

@@ -195,6 +195,7 @@ class QuantSim:
                 node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
         g.lint()
         gm.recompile()
+        _link_bias_inputs(gm)
 
     def _check_float_leaves(self, infos) -> None:
         """Modules with no quantized version stay whole in float (output quantized): one
@@ -468,9 +469,10 @@ class QuantSim:
                dynamic_batch: bool = True):
         """Write ``<filename>.onnx`` (QuantizeLinear/DequantizeLinear) and ``<filename>.encodings.json``.
 
-        int32 bias encodings go to the encodings file; ``export_int32_bias="onnx"`` also
-        quantizes the biases inside the graph (not simulated by the sim). The batch
-        dimension is exported as symbolic when the model allows (``dynamic_batch``)."""
+        The graph carries the int32 biases the sim simulates (Conv/Linear layers whose
+        input and weight are quantized, as onnxruntime and integer targets run them);
+        ``export_int32_bias`` also lists them in the encodings file. The batch dimension is
+        exported as symbolic when the model allows (``dynamic_batch``)."""
         from rapidquant.export.onnx_qdq import export_sim
         return export_sim(self, out_dir, self.positional(dummy_input), filename, encoding_format=encoding_format,
                           export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset,
@@ -495,6 +497,43 @@ class QuantSim:
         extra = f", {len(self.float_leaves)} float leaves" if self.float_leaves else ""
         return (f"QuantSim({len(qs)} quantizers, {on} enabled, captured with {self.capture_method}{extra}, "
                 f"config={self.config})")
+
+
+# ops that move values without changing them: onnxruntime carries a DequantizeLinear's
+# scale across their ONNX forms (MaxPool, Reshape, Transpose, Squeeze, Unsqueeze)
+_VALUE_MOVING = {"flatten", "reshape", "view", "_unsafe_view", "squeeze", "unsqueeze", "permute", "transpose",
+                 "contiguous", "max_pool1d", "max_pool2d", "max_pool3d", "dropout"}  # dropout: gone in eval
+_VALUE_MOVING_MODULES = (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Identity, nn.Dropout,
+                         nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _link_bias_inputs(gm: fx.GraphModule) -> None:
+    """Tell each Conv/Linear wrapper which quantizer produces its input (through ops that
+    only move values), so that it simulates the int32 bias the deployed model uses."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        layer = gm.get_submodule(node.target)
+        if not isinstance(layer, QuantizedModule) or type(layer.module) not in (
+                nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+            continue
+        n = node.args[0]
+        while isinstance(n, fx.Node):
+            if n.op == "call_module":
+                mod = gm.get_submodule(n.target)
+                q = getattr(mod, "output_quantizer", None)
+                if isinstance(q, Quantizer):
+                    layer.bias_input = (q,)
+                    break
+                if not isinstance(mod, _VALUE_MOVING_MODULES):
+                    break
+            elif n.op in ("call_function", "call_method"):
+                name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+                if name.split(".")[0] not in _VALUE_MOVING:
+                    break
+            else:
+                break
+            n = n.args[0] if n.args else None
 
 
 def _model_device(model: nn.Module):

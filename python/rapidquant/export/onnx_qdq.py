@@ -292,43 +292,56 @@ def _quantizer_of(tensor: str, producer: dict, sim):
     return q if q.dtype == "int" and q.scale is not None else None
 
 
-def _add_int32_bias(model_proto, sim, embed: bool = False) -> dict:
-    """int32 encodings of Conv/Gemm biases, scale = s_input * s_weight (from the quantizers
-    stamped on the DQ nodes feeding the layer). With ``embed`` the biases also become int32
-    initializers behind a DequantizeLinear in the graph."""
-    from onnx import numpy_helper, helper
+def _add_int32_bias(model_proto, sim) -> dict:
+    """int32 bias encodings (scale = s_input * s_weight). The biases the sim runs as int32
+    (QuantizedModule.bias_grid) go into the graph as int32 initializers behind a
+    DequantizeLinear, with the sim's values: onnxruntime then adds exactly those at every
+    optimization level (it would quantize a float bias itself from its Conv/Gemm's input
+    and weight scales, but only where it sees them). Other Conv/Gemm biases whose input and
+    weight are quantized get an encoding only."""
+    from onnx import helper, numpy_helper
+
+    from rapidquant.qmodules import INT32_BIAS_LIMIT, QuantizedModule
     g = model_proto.graph
     inits = {i.name: i for i in g.initializer}
+    out, new_nodes, saturated = {}, [], []
+    for name, m in sim.model.named_modules():
+        step = m.bias_grid() if isinstance(m, QuantizedModule) else None
+        init = f"{name}.module.bias"
+        if step is None or init not in inits:
+            continue
+        b = m.module.bias.detach().float().cpu()
+        step = step.float().cpu()
+        if (b / step).abs().max() > INT32_BIAS_LIMIT:
+            saturated.append(name)
+        q = torch.round(b / step).clamp(-INT32_BIAS_LIMIT, INT32_BIAS_LIMIT).to(torch.int32).numpy()
+        sb = step.numpy().astype(np.float32)
+        qname, sname, dqname = init + "_int32", init + "_int32_scale", init + "_dq"
+        g.initializer.extend([numpy_helper.from_array(q, qname), numpy_helper.from_array(sb, sname)])
+        axis = {"axis": 0} if sb.ndim == 1 and sb.size > 1 else {}
+        new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dqname],
+                                          name=init + "_DequantizeLinear", **axis))
+        for node in g.node:
+            for i, t in enumerate(node.input):
+                if t == init:
+                    node.input[i] = dqname
+        out[init] = {"scale": sb.reshape(-1).tolist(), "bitwidth": 32}
+    if saturated:
+        warnings.warn(f"int32 bias saturates in {', '.join(saturated)}: the bias needs more than 31 bits on the "
+                      "grid s_input * s_weight, so the sim and every integer runtime clip it; use fewer bits for "
+                      "that layer's input or weight (e.g. 8 instead of 16) or exclude the layer", stacklevel=3)
     producer = {o: n for n in g.node for o in n.output}
-    out = {}
-    new_nodes = []
-    for node in g.node:
+    for node in g.node:  # encodings only
         if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.input) < 3 or node.input[2] not in inits:
             continue
         qx, qw = _quantizer_of(node.input[0], producer, sim), _quantizer_of(node.input[1], producer, sim)
         if qx is None or qw is None or qx.scale.numel() != 1:
             continue
-        sx = qx.scale.detach().double().reshape(-1).numpy()
-        sw = qw.scale.detach().double().reshape(-1).numpy()
-        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-        sb = sx[0] * sw
-        if sb.size == 1:
-            sb = np.full(b.shape, sb[0])
-        if sb.shape != b.shape:
-            continue
-        sb = np.maximum(sb, np.finfo(np.float32).tiny).astype(np.float32)
-        q = np.clip(np.rint(b / sb.astype(np.float64)), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
-        name = node.input[2]
-        out[name] = {"scale": sb.tolist(), "bitwidth": 32}
-        if not embed:
-            continue
-        qname, sname, dqname = name + "_int32", name + "_int32_scale", name + "_dq"
-        g.initializer.extend([numpy_helper.from_array(q, qname), numpy_helper.from_array(sb, sname)])
-        new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dqname], axis=0,
-                                          name=name + "_DequantizeLinear"))
-        node.input[2] = dqname
-    # DequantizeLinear nodes must come before their users: put them first
-    for n in reversed(new_nodes):
+        sb = (qx.scale.detach().float().reshape(()) * qw.scale.detach().float().reshape(-1)).cpu().numpy()
+        nb = numpy_helper.to_array(inits[node.input[2]]).size
+        if sb.size in (1, nb):
+            out[node.input[2]] = {"scale": np.broadcast_to(sb, (nb,)).tolist(), "bitwidth": 32}
+    for n in reversed(new_nodes):  # DequantizeLinear nodes must come before their users
         g.node.insert(0, n)
     return out
 
@@ -390,10 +403,8 @@ def check_parity(path: str, sim, dummy_input, model_proto=None, levels=LEVELS):
 def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
                export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None,
                dynamic_batch: bool = True) -> ExportResult:
-    """export_int32_bias: True writes int32 bias encodings (scale = s_in * s_w) to the
-    encodings file; "onnx" also puts the quantized biases in the graph. The sim does not
-    simulate bias quantization, so only the default keeps onnxruntime bit-faithful to it
-    (embedding shifts each pre-activation by up to half a bias step).
+    """export_int32_bias: write int32 bias encodings (scale = s_in * s_w) to the encodings
+    file. The graph always carries the int32 biases the sim simulates (see _add_int32_bias).
 
     The result's ``parity`` holds sim vs onnxruntime on the dummy input with default session
     options and with ORT_DISABLE_ALL; a difference above PARITY_WARN_STEPS output steps, or
@@ -411,10 +422,14 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     check_writable(enc_path, overwrite)
     args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     seen: list = []
-    proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
-                          opset or OPSET, dynamic_batch)
+    from rapidquant.qmodules import float_biases
+    with float_biases():  # the int32 biases are written into the graph below
+        proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
+                              opset or OPSET, dynamic_batch)
     first, every, unmapped, folded, merged = _map_quantizers(proto, sim, seen)
-    bias = _add_int32_bias(proto, sim, embed=export_int32_bias == "onnx") if export_int32_bias else {}
+    bias = _add_int32_bias(proto, sim)
+    if not export_int32_bias:
+        bias = {}  # the graph keeps the int32 biases the sim runs; the encodings file omits them
     tmp = onnx_path + ".tmp"
     onnx.save(proto, tmp)
     os.replace(tmp, onnx_path)
