@@ -27,17 +27,20 @@ import rapidquant as rq  # noqa: E402
 from rapidquant import zoo  # noqa: E402
 from rapidquant.export import OnnxRuntimeModule, check_parity  # noqa: E402
 
-CONFIGS = [  # (label, QuantSimConfig kwargs, CLE first)
-    ("W8A8 per-tensor", dict(param_bw=8, act_bw=8, per_channel=False), False),
-    ("W8A8 per-channel", dict(param_bw=8, act_bw=8, per_channel=True), False),
-    ("W4A8 per-channel", dict(param_bw=4, act_bw=8, per_channel=True), False),
-    ("W4A4 per-tensor after CLE", dict(param_bw=4, act_bw=4, per_channel=False), True),
+CONFIGS = [  # (label, QuantSimConfig kwargs, what is done to the float model first)
+    ("W8A8 per-tensor, BNs unfolded", dict(param_bw=8, act_bw=8, per_channel=False), None),
+    ("W8A8 per-tensor", dict(param_bw=8, act_bw=8, per_channel=False), "fold"),
+    ("W8A8 per-channel", dict(param_bw=8, act_bw=8, per_channel=True), "fold"),
+    ("W4A8 per-channel", dict(param_bw=4, act_bw=8, per_channel=True), "fold"),
+    ("W4A4 per-tensor after CLE", dict(param_bw=4, act_bw=4, per_channel=False), "cle"),
 ]
 
 
-def case(model, label, kw, cle, calib, x_eval, score):
+def case(model, label, kw, prep, calib, x_eval, score):
     m = copy.deepcopy(model).eval()
-    if cle:
+    if prep == "fold":  # as deployed: BNs folded into the convs (what AutoQuant's candidates are)
+        rq.fold_batch_norms(m)
+    elif prep == "cle":  # folds BNs, then equalizes
         rq.equalize(m, calib[0])
     sim = rq.QuantSim(m, calib[0], rq.QuantSimConfig(**kw))
     sim.compute_encodings(calib, show_progress=False)
@@ -77,8 +80,8 @@ def main():
     _, (x_test, _) = zoo.digits_splits()
     calib = zoo.calibration_batches(8)
     for name in ("digits_mobilenet", "digits_resnet"):
-        for label, kw, cle in CONFIGS:
-            add(name, label, *case(zoo.pretrained(name), label, kw, cle, calib, x_test, zoo.accuracy))
+        for label, kw, prep in CONFIGS:
+            add(name, label, *case(zoo.pretrained(name), label, kw, prep, calib, x_test, zoo.accuracy))
 
     if not args.no_mobilenet:
         from rapidquant.zoo import imagenet as I
@@ -86,8 +89,8 @@ def main():
         fp = I.pretrained_mobilenet_v2()
         fid = Fidelity(fp, I.fidelity_crops(256, "evaluation"))
         mcal = list(I.fidelity_crops(64, "calibration").split(16))
-        for label, kw, cle in CONFIGS[:2] + CONFIGS[3:]:
-            add("mobilenet_v2 (ImageNet)", label, *case(fp, label, kw, cle, mcal, fid.x, fid.score))
+        for label, kw, prep in CONFIGS:
+            add("mobilenet_v2 (ImageNet)", label, *case(fp, label, kw, prep, mcal, fid.x, fid.score))
 
     d = tempfile.mkdtemp(prefix="aq-parity-")
     data = zoo.calibration_batches(16)

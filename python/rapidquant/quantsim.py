@@ -408,7 +408,7 @@ class QuantSim:
         """Parameter encodings from the current weights (no data needed; frozen ones kept)."""
         for m in self.model.modules():
             if isinstance(m, QuantizedModule):
-                pairs = [(q, m.param(m._param_names[k])) for k, q in m.param_quantizers.items()]
+                pairs = [(q, m.param(m.param_name(k))) for k, q in m.param_quantizers.items()]
             elif isinstance(m, QuantizedParameter):
                 pairs = [(m.quantizer, self.model.get_parameter(m.source))]
             else:
