@@ -7,7 +7,9 @@ Models: a ResNet-style and a MobileNetV2-style CNN trained here on scikit-learn'
 AdaRound using rapidquant's defaults (fused kernel, lr 2e-2, <= 500 iterations per layer
 with early stop), and with AIMET's defaults (10k iterations per layer, 32-row batches,
 Adam lr 1e-3, no early stop) computed with torch autograd. Activations at 8 bits; weights
-per channel. BN folded first, as AutoQuant does.
+per channel. BN folded first, as AutoQuant does. Each result is checked before it is
+reported: some weights rounded away from nearest, and all rounded weights on the grid of
+the frozen encodings (SystemExit otherwise).
 """
 from __future__ import annotations
 
@@ -26,13 +28,52 @@ import rapidquant as rq  # noqa: E402
 from rapidquant import zoo  # noqa: E402
 
 
-def quantized_accuracy(model, bits, encodings=None):
+def quantized_sim(model, bits, encodings=None):
     x = zoo.calibration_batches(1)[0]
     sim = rq.QuantSim(model, x, rq.QuantSimConfig(param_bw=bits, act_bw=8, per_channel=True))
     if encodings is not None:
         encodings.apply_to(sim)
     sim.compute_encodings(zoo.calibration_batches(), show_progress=False)
-    return zoo.accuracy(sim.model)
+    return sim
+
+
+def quantized_accuracy(model, bits, encodings=None):
+    return zoo.accuracy(quantized_sim(model, bits, encodings).model)
+
+
+def _differs(a, w):
+    """Mask of the elements where a differs from the weights w (beyond float rounding)."""
+    return (a - w).abs() > 1e-5 * w.abs().max()
+
+
+def check_weights_on_grid(label, r, sim):
+    """SystemExit unless every weight AdaRound rounded is, in r.model, a dequantized value of
+    the encoding r froze (sim: built on r.model with r applied)."""
+    # the accuracy row scores r.model in a sim; weights off the frozen grid would be re-rounded there
+    params = sim.parameters_quantized()
+    for name in r.float_weights:
+        q, w = sim.quantizer(name), params[name].detach()
+        if not q.frozen or q.encoding["scale"] != r.encodings["quantizers"][name]["scale"]:
+            raise SystemExit(f"{label}: {name}: the sim does not hold AdaRound's frozen encoding")
+        off = int(_differs(q(w), w).sum())  # quantize-dequantize moves only weights off the grid
+        if off:
+            raise SystemExit(f"{label}: {name}: {off} of {w.numel()} weights of the "
+                             f"returned model are not on the grid of the frozen encoding")
+
+
+def check_rounding_changed(label, r, sim):
+    """SystemExit unless some rounded weight of r.model differs from round-to-nearest of the
+    float weights on the same frozen grid (sim: built on r.model with r applied)."""
+    # no flip at all means AdaRound learned nothing and its time buys nothing
+    params = sim.parameters_quantized()
+    flipped = total = 0
+    for name, w_float in r.float_weights.items():
+        q, w = sim.quantizer(name), params[name].detach()
+        flipped += int(_differs(q(w_float), w).sum())  # q(w_float): round-to-nearest
+        total += w.numel()
+    if not r.float_weights or flipped == 0:
+        raise SystemExit(f"{label}: AdaRound changed no rounding ({flipped} of {total} weights differ from "
+                         f"nearest over {len(r.float_weights)} layers)")
 
 
 def main():
@@ -66,7 +107,10 @@ def main():
             r = rq.adaround(model, x, data, cfg, show_progress=False)
             dt = time.perf_counter() - t0
             res[label] = dt
-            acc = quantized_accuracy(r.model, args.bits, r)
+            sim = quantized_sim(r.model, args.bits, r)
+            check_rounding_changed(f"{name}, {label}", r, sim)  # before reporting its time
+            check_weights_on_grid(f"{name}, {label}", r, sim)
+            acc = zoo.accuracy(sim.model)
             rows.append({"model": name, "method": f"W{args.bits}A8 AdaRound, {label}", "accuracy": f"{acc:.4f}",
                          "AdaRound time": f"{dt:.1f} s", "iterations": str(sum(l.iterations for l in r.layers)),
                          "speed-up": ""})

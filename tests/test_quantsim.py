@@ -187,15 +187,39 @@ def test_percentile_scheme_matches_quantiles():
     assert hi == pytest.approx(float(torch.quantile(x, 0.99)), abs=0.005)
 
 
-def test_entropy_scheme_clips_heavy_tails():
-    torch.manual_seed(0)
-    x = torch.cat([torch.randn(50000), torch.randn(50) * 40])
+def _entropy_hi(x):
     q = rq.Quantizer(bitwidth=8, symmetric=True, scheme="entropy")
     q.start_calibration()
     q(x)
     q.finish_calibration()
-    lo, hi = q.get_range()
-    assert 2.0 < float(hi) < float(x.abs().max()) * 0.8
+    return float(q.get_range()[1])
+
+
+def test_entropy_scheme_clips_heavy_tails_only():
+    """TensorRT-style KL calibration. Measured: a unit Gaussian keeps 3.80 sigma (max 4.56);
+    with 0.1% outliers at 40 sigma the range is 20.1 (max 80.5): the tails are clipped, the
+    core kept. The broken version (KL computed on the clipped histogram against itself, 0
+    for any narrow range) kept 1/8 of the range: 0.57 sigma."""
+    torch.manual_seed(0)
+    g = torch.randn(50000)
+    assert 3.0 < _entropy_hi(g) <= float(g.abs().max()) * 1.001
+    x = torch.cat([g, torch.randn(50) * 40])
+    assert 3.0 < _entropy_hi(x) < float(x.abs().max()) * 0.5
+
+
+def test_entropy_scheme_keeps_a_trained_net_working():
+    """digits ResNet, W8A8 with entropy-calibrated activations: measured accuracy 0.9950 (as
+    minmax) and output SQNR 17.2 dB (minmax 35.2 dB: entropy clips the logits' tails); the
+    broken version scored 0.086 at -0.3 dB. Bounds: accuracy within 1 point, SQNR > 12 dB."""
+    from rapidquant import zoo
+    m, cal = zoo.pretrained("digits_resnet"), zoo.calibration_batches(8)
+    _, (xt, _) = zoo.digits_splits()
+    sim = rq.QuantSim(m, cal[0], rq.QuantSimConfig(act_scheme="entropy"))
+    sim.compute_encodings(cal, show_progress=False)
+    with torch.no_grad():
+        yf, ys = m(xt), sim.model(xt)
+    assert float(10 * torch.log10(yf.pow(2).sum() / (yf - ys).pow(2).sum())) > 12
+    assert zoo.accuracy(sim.model) >= zoo.accuracy(m) - 0.01
 
 
 def test_statistics_do_not_depend_on_bitwidth():

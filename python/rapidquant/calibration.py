@@ -219,8 +219,12 @@ def _search_range(stats: Stats, qmin, qmax, symmetric, gamma):
     return (qmin - z) * s, (qmax - z) * s
 
 
-def _entropy_range(stats: Stats, qmin, qmax, symmetric, num_candidates: int = 48, bins: int = 512):
-    """KL-divergence calibration (TensorRT-style) over clipped ranges, all groups at once."""
+def _entropy_range(stats: Stats, qmin, qmax, symmetric, num_candidates: int = 48, bins: int = 2048):
+    """KL-divergence calibration (TensorRT-style) over clipped ranges, all groups at once.
+
+    A candidate must span at least as many histogram bins as the grid has levels (as in
+    TensorRT): a narrower one keeps one level per bin, its quantized histogram equals the
+    clipped one, and its KL is 0 however much it clips (that chose 1/48 of the range)."""
     n_levels = qmax - qmin + 1
     if n_levels > 4096:
         return stats.min.reshape(-1), stats.max.reshape(-1)  # 16-bit grids: clipping never pays
@@ -253,13 +257,16 @@ def _entropy_range(stats: Stats, qmin, qmax, symmetric, num_candidates: int = 48
         p = torch.where(below | above, torch.zeros_like(p), p)
         p.scatter_add_(1, first[:, None], (h * below).sum(1, keepdim=True))
         p.scatter_add_(1, last[:, None], (h * above).sum(1, keepdim=True))
-        # candidate: each level's mass spread evenly over its non-empty bins
+        # candidate: the mass inside the range (not the clipped outliers: their absence at the
+        # edges is what clipping costs) per level, spread evenly over the level's non-empty bins
         nz = (p > 0).double()
-        mass = torch.zeros(G, n_levels, dtype=torch.float64, device=h.device).scatter_add_(1, lvl, p)
+        mass = torch.zeros(G, n_levels, dtype=torch.float64, device=h.device).scatter_add_(1, lvl, h * inside)
         cnt = torch.zeros(G, n_levels, dtype=torch.float64, device=h.device).scatter_add_(1, lvl, nz)
         q = (mass / cnt.clamp_min(1)).gather(1, lvl) * nz
+        q = q + 1e-4 * nz * q.sum(1, keepdim=True).clamp_min(1e-300) / B  # smoothed: no empty bin where p has mass
         ps, qs = p / p.sum(1, keepdim=True).clamp_min(1e-300), q / q.sum(1, keepdim=True).clamp_min(1e-300)
         kl = torch.where(ps > 0, ps * torch.log(ps / qs.clamp_min(1e-300)), torch.zeros_like(ps)).sum(1)
+        kl = torch.where(inside.sum(1) >= n_levels, kl, torch.full_like(kl, math.inf))
         better = kl < best_kl
         best_kl = torch.where(better, kl, best_kl)
         best_lo = torch.where(better, clo, best_lo)
