@@ -99,6 +99,10 @@ def test_met_means_the_exported_file_meets_it(tmp_path):
     assert rec.status == "met" and rec.artifact_score == deployed and rec.score is not None
     page = open(res.report_path).read()
     assert "ONNX score" in page and "The exported file" in page and "data:image/png;base64" in page
+    # peak memory per stage: the process's peak so far, so it never falls from stage to stage
+    peaks = [s.peak_rss_mb for s in res.stages if s.status != "skipped"]
+    assert all(p is not None and p > 50 for p in peaks) and peaks == sorted(peaks)
+    assert "peak memory (MB)" in page
 
 
 def test_sim_meets_but_file_misses_goes_on(tmp_path):

@@ -9,6 +9,7 @@ file's score can end the run.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -96,7 +97,23 @@ def run_pipeline(state: RunState) -> None:
             raise RuntimeError(f"AutoQuant cannot go on: the {stage.name} stage failed: {rec.message}")
 
 
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (MB); None where the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 def run_stage(state: RunState, stage: Stage) -> StageRecord:
+    rec = _run_stage(state, stage)
+    rec.peak_rss_mb = peak_rss_mb()  # monotonic over the run: a stage that raises it shows its peak
+    return rec
+
+
+def _run_stage(state: RunState, stage: Stage) -> StageRecord:
     rec = StageRecord(stage.name)
     state.stages[stage.name] = rec
     why = stage.skip(state) or (None if stage.essential else state.over_budget())

@@ -16,7 +16,7 @@ from rapidquant.autoquant import stages as S
 from rapidquant.autoquant.cache import StageCache, cache_key
 from rapidquant.autoquant.config import AutoQuantConfig
 from rapidquant.autoquant.evaluation import Evaluator
-from rapidquant.autoquant.pipeline import STAGES, accept, prefer_checked, run_pipeline
+from rapidquant.autoquant.pipeline import STAGES, accept, peak_rss_mb, prefer_checked, run_pipeline
 from rapidquant.autoquant.state import AutoQuantResult, RunState, StageRecord
 from rapidquant.autoquant.verify import verify
 
@@ -114,6 +114,7 @@ def finish(state: RunState) -> AutoQuantResult:
     res.message = _message(state, res)
     state.stages["export"] = export_rec = _export(state, res)
     export_rec.seconds, export_rec.evaluations = time.perf_counter() - t0, state.evaluator.count - ev0
+    export_rec.peak_rss_mb = peak_rss_mb()
     res.stages = [state.stages[n] for n in STAGES if n in state.stages]
     res.evaluations, res.calibrations = state.evaluator.count, state.calibrations
     res.seconds = time.perf_counter() - state.started
