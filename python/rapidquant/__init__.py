@@ -10,16 +10,16 @@ from rapidquant.quantizer import Quantizer
 from rapidquant.quantsim import QuantSim, UnsupportedModuleError
 from rapidquant.mixed_precision import AMPResult, SensitivityResult, amp, analyze, lite_mp, set_precision
 from rapidquant.techniques import (
-    AdaRoundConfig, BiasCorrectionConfig, CLEConfig, SeqMSEConfig, adaround, correct_bias, equalize,
-    fold_batch_norms, fold_batch_norms_to_scale, reestimate_bn_stats, seq_mse,
+    AdaRoundConfig, BiasCorrectionConfig, BlockReconConfig, CLEConfig, SeqMSEConfig, adaround, correct_bias,
+    equalize, fold_batch_norms, fold_batch_norms_to_scale, reconstruct_blocks, reestimate_bn_stats, seq_mse,
 )
 
 __version__ = build_info()["version"]
 __all__ = [
     "AutoQuant", "AutoQuantConfig", "AutoQuantResult",
     "AMPResult", "SensitivityResult", "amp", "analyze", "lite_mp", "set_precision",
-    "AdaRoundConfig", "BiasCorrectionConfig", "CLEConfig", "SeqMSEConfig", "adaround", "correct_bias",
-    "equalize", "fold_batch_norms", "fold_batch_norms_to_scale", "reestimate_bn_stats", "seq_mse",
+    "AdaRoundConfig", "BiasCorrectionConfig", "BlockReconConfig", "CLEConfig", "SeqMSEConfig", "adaround",
+    "correct_bias", "reconstruct_blocks", "equalize", "fold_batch_norms", "fold_batch_norms_to_scale", "reestimate_bn_stats", "seq_mse",
     "QuantSim", "QuantSimConfig", "Quantizer", "UnsupportedModuleError", "build_info", "ops",
     "register_function", "register_module", "__version__",
 ]

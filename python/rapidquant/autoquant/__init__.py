@@ -10,6 +10,7 @@ The pipeline (``PIPELINE``, in order; each stage is a function in ``stages.py``)
   bn_fold           fold BatchNorms
   cle               cross-layer equalization on the BN-folded model
   adaround          learn the weight rounding
+  block_reconstruction  learn rounding and activation steps per block (when still missed)
   amp               mixed precision over the AMP candidates
   export            the accepted candidate's ONNX + encodings into results_dir
 

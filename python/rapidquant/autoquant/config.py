@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 from rapidquant.calibration import SCHEMES
 from rapidquant.config import QuantSimConfig
-from rapidquant.techniques import AdaRoundConfig
+from rapidquant.techniques import AdaRoundConfig, BlockReconConfig
 
 CONFIG_VERSION = 2
 DEFAULT_SCHEMES = (("minmax", "minmax"), ("mse", "sqnr"), ("mse", "percentile"), ("mse", "mse"))
@@ -37,6 +37,8 @@ class AutoQuantConfig:
     num_proxy_batches: int = 4
     use_adaround: bool = True
     adaround: AdaRoundConfig | None = None       # None: defaults at the sim's weight bitwidth
+    use_block_reconstruction: bool = True        # after AdaRound, when the target is still missed
+    block_reconstruction: BlockReconConfig | None = None  # None: defaults at the sim's weight bitwidth
     amp_candidates: tuple | None = None          # e.g. ("W8A8", "W8A16", "W16A16")
     results_dir: str = "rapidquant-results"
     time_budget_s: float | None = None
@@ -106,6 +108,8 @@ def _validate(c: AutoQuantConfig) -> None:
         bad("confidence", "must be in [0.5, 1), e.g. 0.95, or None")
     if c.adaround is not None and not isinstance(c.adaround, AdaRoundConfig):
         bad("adaround", "expected a rapidquant.AdaRoundConfig or None")
+    if c.block_reconstruction is not None and not isinstance(c.block_reconstruction, BlockReconConfig):
+        bad("block_reconstruction", "expected a rapidquant.BlockReconConfig or None")
     if c.version != CONFIG_VERSION:
         bad("version", f"this rapidquant reads version {CONFIG_VERSION}")
 

@@ -59,6 +59,14 @@ def _adaround_skip(state: RunState) -> str | None:
     return None
 
 
+def _reconstruction_skip(state: RunState) -> str | None:
+    if not state.config.use_block_reconstruction:
+        return "disabled in the config"
+    if _w32_failed(state):
+        return "W32 check failed: weight rounding cannot recover activation error"
+    return None
+
+
 def _amp_skip(state: RunState) -> str | None:
     if not state.config.amp_candidates:
         return "no AMP candidates given"
@@ -79,6 +87,9 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("bn_fold", S.bn_fold, "fold BatchNorms into neighbouring layers"),
     Stage("cle", S.cle, "cross-layer equalization (and high-bias folding) on the BN-folded model"),
     Stage("adaround", S.adaround_stage, "learn the weight rounding layer by layer", skip=_adaround_skip),
+    Stage("block_reconstruction", S.block_reconstruction_stage,
+          "learn the rounding and activation steps of each residual/transformer block jointly (BRECQ/QDrop)",
+          skip=_reconstruction_skip),
     Stage("amp", S.amp_stage, "mixed precision over the AMP candidates, from the best result so far",
           skip=_amp_skip, cached=False),
 )

@@ -165,9 +165,10 @@ def adaround_input(state: RunState):
 
 
 def unrounded_weights(state: RunState, sim: QuantSim) -> dict:
-    """AdaRound wrote its rounding into the weights; a layer AMP moves to another precision
-    must start from the weights before rounding (same names in AdaRound's input model)."""
-    if state.best.stage != "adaround":
+    """AdaRound (and block reconstruction) wrote their rounding into the weights; a layer AMP
+    moves to another precision must start from the weights before rounding (same names in
+    their input model)."""
+    if state.best.stage not in ("adaround", "block_reconstruction"):
         return {}
     before = adaround_input(state)
     out = {}
@@ -197,6 +198,32 @@ def adaround_stage(state: RunState) -> Outcome:
         msg += f"; left {len(r.skipped)} layers with nearest rounding (see artifacts)"
     return Outcome(state.evaluator(sim.model, "AdaRound model"), r.model, sim,
                    {"layers": layers, "skipped": [list(s) for s in r.skipped]}, msg)
+
+
+def block_reconstruction_stage(state: RunState) -> Outcome:
+    """Block reconstruction (rounding and activation steps learned per residual/transformer
+    block) on the model AdaRound starts from. The sim keeps the learned activation steps:
+    they are loaded, frozen, after calibration (which still collects every statistic AMP
+    may need to re-derive an encoding at another bitwidth)."""
+    from rapidquant.techniques.block_reconstruction import BlockReconConfig, reconstruct_blocks
+    c = state.config
+    sim_cfg = c.sim
+    cfg = replace(c.block_reconstruction or BlockReconConfig(), param_bw=sim_cfg.param_bw or 8,
+                  per_channel=sim_cfg.per_channel, hw_config=sim_cfg.hw_config, param_scheme=state.schemes[0],
+                  seed=c.seed, block_size=sim_cfg.block_size)
+    r = reconstruct_blocks(adaround_input(state), state.dummy_input, state.batches, cfg,
+                           show_progress=state.show_progress, sim_config=replace(sim_cfg, act_scheme=state.schemes[1]))
+    sim = build_sim(state, r.model)
+    sim.compute_encodings(state.batches, show_progress=state.show_progress and D.is_main())
+    state.calibrations += 1
+    r.apply_to(sim)
+    blocks = [asdict(b) for b in r.blocks]
+    msg = (f"reconstructed {len(blocks)} blocks ({sum(len(b['layers']) for b in blocks)} layers) in "
+           f"{sum(b['iterations'] for b in blocks)} iterations")
+    if r.skipped:
+        msg += f"; left {len(r.skipped)} layers with nearest rounding (see artifacts)"
+    return Outcome(state.evaluator(sim.model, "block-reconstructed model"), r.model, sim,
+                   {"blocks": blocks, "skipped": [list(s) for s in r.skipped]}, msg)
 
 
 def amp_stage(state: RunState) -> Outcome:

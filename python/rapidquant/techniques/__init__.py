@@ -1,6 +1,8 @@
 """Post-training techniques: functions over an nn.Module (or a QuantSim) with a frozen
 config dataclass and a small result object. AutoQuant calls only these functions."""
 from rapidquant.techniques.adaround import AdaRoundConfig, AdaRoundResult, adaround
+from rapidquant.techniques.block_reconstruction import (BlockReconConfig, BlockReconResult, find_blocks,
+                                                        reconstruct_blocks)
 from rapidquant.techniques.bias_correction import BiasCorrectionConfig, BiasCorrectionResult, correct_bias
 from rapidquant.techniques.bn_fold import BNFoldResult, fold_batch_norms, fold_batch_norms_to_scale
 from rapidquant.techniques.bn_reestimation import BNRestoreHandle, reestimate_bn_stats
@@ -9,7 +11,7 @@ from rapidquant.techniques.seq_mse import SeqMSEConfig, SeqMSEResult, seq_mse
 
 __all__ = [
     "AdaRoundConfig", "AdaRoundResult", "BNFoldResult", "BNRestoreHandle", "BiasCorrectionConfig",
-    "BiasCorrectionResult", "CLEConfig", "CLEResult", "SeqMSEConfig", "SeqMSEResult", "adaround",
-    "correct_bias", "equalize", "fold_batch_norms", "fold_batch_norms_to_scale", "reestimate_bn_stats",
+    "BiasCorrectionResult", "BlockReconConfig", "BlockReconResult", "CLEConfig", "CLEResult", "SeqMSEConfig", "SeqMSEResult", "adaround",
+    "correct_bias", "equalize", "fold_batch_norms", "find_blocks", "fold_batch_norms_to_scale", "reconstruct_blocks", "reestimate_bn_stats",
     "seq_mse",
 ]

@@ -115,14 +115,14 @@ def _grid(w, s, z, axis, block):
     return spec, s.reshape(ps), z.reshape(ps), R.expand_param(s.reshape(ps).float(), w.shape, spec)
 
 
-def _init_v(w, s, z, axis, block=None):
-    """V with h(V) equal to the fractional part of w / s (round-to-nearest start)."""
+def init_rounding(w, s, z, axis, block=None):
+    """AdaRound's V with h(V) equal to the fractional part of w / s (round-to-nearest start)."""
     sf = _grid(w, s, z, axis, block)[3]
     frac = (w / sf - torch.floor(w / sf)).clamp(0.01, 0.99)
     return -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
 
 
-def _reference_soft(w, V, s, z, qmin, qmax, axis, beta, block=None, hard=False):
+def reference_soft_weight(w, V, s, z, qmin, qmax, axis, beta, block=None, hard=False):
     """Soft (or hard) rounding in plain torch: benchmarks, and per-block grids, which the
     fused kernel does not take."""
     from rapidquant import reference as R
@@ -130,7 +130,40 @@ def _reference_soft(w, V, s, z, qmin, qmax, axis, beta, block=None, hard=False):
     return R.adaround_weight(w, V, sp, zp, qmin, qmax, spec, beta, hard=hard)
 
 
-def _recon(out, target, act):
+def anneal(it: int, cfg) -> tuple[float, float]:
+    """(beta, regularizer weight) at iteration it: no regularizer during the warm start,
+    then beta falls from beta_range[0] to beta_range[1] on a cosine (AdaRound's schedule)."""
+    warm = int(cfg.warm_start * cfg.iterations)
+    b0, b1 = cfg.beta_range
+    if it < warm:
+        return b0, 0.0
+    t = (it - warm) / max(1, cfg.iterations - warm)
+    return b1 + 0.5 * (b0 - b1) * (1 + math.cos(math.pi * t)), cfg.reg_param
+
+
+def soft_weight(w, V, s, z, qrange, axis, beta, block=None, reference=False):
+    """(soft-rounded weight, regularizer): the fused kernel, or plain torch for per-block
+    grids (which the kernel does not take) and benchmarks."""
+    if reference or block is not None:
+        return reference_soft_weight(w, V, s, z, *qrange, axis, beta, block)
+    return ops.adaround_weight(w, V, s, z, *qrange, axis=axis, beta=beta)
+
+
+def hard_weight(w, V, s, z, qrange, axis, block=None):
+    """The weight with the learned rounding decided (h = V >= 0)."""
+    if block is None:
+        return ops.adaround_weight(w, V, s, z, *qrange, axis=axis, hard=True)[0]
+    return reference_soft_weight(w, V, s, z, *qrange, axis, 0.0, block, hard=True)
+
+
+@torch.no_grad()
+def undecided(V: torch.Tensor) -> float:
+    """Fraction of weights whose rounding is not yet 0 or 1 (early stop when small)."""
+    h = torch.clamp(torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    return ((h > 1e-3) & (h < 1 - 1e-3)).float().mean().item()
+
+
+def reconstruction_loss(out, target, act):
     if act is not None:
         out, target = act(out), act(target)
     d = (out - target).pow(2)
@@ -145,25 +178,17 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
     qmin, qmax = q.qrange
     axis = q.axis
     block = q.block_size
-    V = _init_v(w, s, z, axis, block).requires_grad_()
+    V = init_rounding(w, s, z, axis, block).requires_grad_()
     opt = torch.optim.Adam([V], lr=cfg.lr)
     n = xq.shape[0]
     warm = int(cfg.warm_start * cfg.iterations)
-    b0, b1 = cfg.beta_range
     it = 0
     for it in range(cfg.iterations):
         idx = torch.randint(0, n, (min(cfg.batch_rows, n),), generator=gen)
         x, target = xq[idx].float(), y[idx].float()
-        if it < warm:
-            beta, lam = b0, 0.0
-        else:
-            t = (it - warm) / max(1, cfg.iterations - warm)
-            beta, lam = b1 + 0.5 * (b0 - b1) * (1 + math.cos(math.pi * t)), cfg.reg_param
-        if cfg.use_reference_math or block is not None:
-            wt, reg = _reference_soft(w, V, s, z, qmin, qmax, axis, beta, block)
-        else:
-            wt, reg = ops.adaround_weight(w, V, s, z, qmin, qmax, axis=axis, beta=beta)
-        loss = _recon(_layer_forward(layer, x, wt), target, act)
+        beta, lam = anneal(it, cfg)
+        wt, reg = soft_weight(w, V, s, z, (qmin, qmax), axis, beta, block, cfg.use_reference_math)
+        loss = reconstruction_loss(_layer_forward(layer, x, wt), target, act)
         if lam:
             loss = loss + lam * reg
         opt.zero_grad(set_to_none=True)
@@ -172,21 +197,15 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
             D.all_reduce(V.grad)
             V.grad /= D.world()
         opt.step()
-        if cfg.early_stop and it >= warm and (it - warm) % 50 == 49:
-            with torch.no_grad():
-                h = torch.clamp(torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
-                if ((h > 1e-3) & (h < 1 - 1e-3)).float().mean().item() < cfg.settled_fraction:
-                    break
+        if cfg.early_stop and it >= warm and (it - warm) % 50 == 49 and undecided(V) < cfg.settled_fraction:
+            break
     with torch.no_grad():
-        if block is None:
-            hard, _ = ops.adaround_weight(w, V, s, z, qmin, qmax, axis=axis, hard=True)
-        else:
-            hard, _ = _reference_soft(w, V, s, z, qmin, qmax, axis, 0.0, block, hard=True)
+        hard = hard_weight(w, V, s, z, (qmin, qmax), axis, block)
         nearest = ops.quantize_dequantize(w, s, z, qmin, qmax, axis=axis, block_size=block)
         m = min(n, 256)
         x, target = xq[:m].float(), y[:m].float()
-        e_near = _recon(_layer_forward(layer, x, nearest), target, act).item()
-        e_ada = _recon(_layer_forward(layer, x, hard), target, act).item()
+        e_near = reconstruction_loss(_layer_forward(layer, x, nearest), target, act).item()
+        e_ada = reconstruction_loss(_layer_forward(layer, x, hard), target, act).item()
         flipped = (hard != nearest).float().mean().item()
         layer.weight.copy_(hard)
     return LayerReport("", it + 1, e_near, e_ada, flipped, time.perf_counter() - t0)

@@ -165,7 +165,7 @@ def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *
                         on_layer(node.target, q_mods[node.target], [args_of("q", b) for b in range(n_b)],
                                  [args_of("f", b) for b in range(n_b)], node)
                     for path, mods, owner in (("q", q_mods, gm), ("f", fp_mods, fp)):
-                        outs = [_run_node(node, mods, owner, args_of(path, b),
+                        outs = [run_node(node, mods, owner, args_of(path, b),
                                           fx.node.map_arg(node.kwargs, lambda a, b=b: load[path][a][b]))
                                 for b in range(n_b)]
                         store.put((path, node), outs)
@@ -186,7 +186,8 @@ class _null:
         return False
 
 
-def _run_node(node, mods, gm, args, kwargs):
+def run_node(node, mods, gm, args, kwargs):
+    """Run one fx node (module, function, method or attribute) on the given arguments."""
     if node.op == "call_module":
         return mods[node.target](*args, **kwargs)
     if node.op == "call_function":

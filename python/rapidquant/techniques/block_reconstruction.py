@@ -1,0 +1,450 @@
+"""Block reconstruction (BRECQ, Li et al. 2021) with QDrop (Wei et al. 2022).
+
+AdaRound learns each layer's rounding against that layer's float output. Here the
+rounding of every weight in a *block* (a residual block, an attention or MLP sub-block,
+a short chain) is learned jointly against the block's float output, together with the
+step sizes of the activation quantizers inside it, and, as in QDrop, each quantized
+activation is randomly replaced by its float value during learning (probability
+``drop_prob``) so the learned rounding tolerates the activation noise it will meet.
+
+Blocks come from the captured graph: a cut falls wherever one value that depends on
+weights is live (the input of a residual block, the hidden state between transformer
+sub-blocks); values computed from the inputs alone (an attention mask) do not count.
+Segments between cuts are merged until a block holds ``min_block_layers`` layers.
+
+Blocks run in order over cached batches, in lockstep with a float twin of the sim:
+each block learns on the quantized path's input after all earlier blocks were learned.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import fx, nn
+
+from rapidquant import distributed as D
+from rapidquant.config import QuantSimConfig
+from rapidquant.progress import progress
+from rapidquant.quantizer import Quantizer
+from rapidquant.techniques.adaround import (SUPPORTED, anneal, hard_weight, init_rounding, soft_weight, undecided)
+from rapidquant.techniques.layerwise import (ActivationStore, cast_floats, check_finite_weights, collect_batches,
+                                             model_float_dtype, run_node, untreated_weights)
+
+
+@dataclass(frozen=True)
+class BlockReconConfig:
+    """Block reconstruction settings. Weight settings as AdaRoundConfig; activations as
+    the sim config given to ``reconstruct_blocks`` (its act_bw)."""
+    param_bw: int = 4
+    per_channel: bool | None = None       # None: the hardware config decides
+    block_size: int | None = None         # per-block weight grids (blocks along the input dim)
+    param_scheme: str = "mse"
+    hw_config: str | dict = "default_per_channel"
+    num_batches: int | None = 16          # cached calibration batches
+    iterations: int = 500                 # per block, upper bound (early stop may end sooner)
+    batch_rows: int = 32                  # rows (samples) per optimization step
+    lr: float = 2e-2                      # rounding variables (Adam)
+    learn_act_steps: bool = True          # learn the activation step sizes inside each block (LSQ)
+    act_lr: float = 2e-3                  # on log(step): a relative change per step, scale-free
+    drop_prob: float = 0.5                # QDrop: chance that an activation stays float while learning
+    reg_param: float = 0.01               # rounding regularizer weight (lambda)
+    beta_range: tuple = (20.0, 2.0)
+    warm_start: float = 0.2               # fraction of iterations without the regularizer
+    early_stop: bool = True               # stop once the rounding has settled ...
+    settled_fraction: float = 1e-2        # ... fewer weights than this undecided
+    min_block_layers: int = 1             # merge graph segments until a block has this many layers
+    cache_fp16: bool = False              # store cached block inputs/targets in fp16
+    memory_budget_mb: float | None = None  # spill cached activations to disk beyond this
+    seed: int = 0
+    skip: tuple = ()                      # layer names left with round-to-nearest
+
+    def __post_init__(self):
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1) (got {self.drop_prob}); 0 turns QDrop off")
+        if self.iterations < 1 or self.min_block_layers < 1:
+            raise ValueError("iterations and min_block_layers must be at least 1")
+
+
+@dataclass
+class BlockReport:
+    name: str                 # first..last layer of the block
+    layers: list
+    activation_quantizers: int
+    iterations: int
+    mse_nearest: float        # block output error: nearest rounding, calibrated steps
+    mse_reconstructed: float  # with the learned rounding and steps
+    flipped: float            # fraction of the block's weights rounded differently from nearest
+    seconds: float
+
+
+@dataclass
+class BlockReconResult:
+    model: nn.Module          # a copy of the input model with the learned (rounded) weights
+    encodings: dict           # weight and activation encodings (rapidquant format) to freeze in a sim
+    blocks: list = field(default_factory=list)
+    seconds: float = 0.0
+    spilled_bytes: int = 0
+    skipped: list = field(default_factory=list)      # (layer name, reason): kept nearest rounding
+    float_weights: dict = field(default_factory=dict)  # unrounded weights by weight quantizer name
+
+    def apply_to(self, sim) -> None:
+        """Load and freeze the learned encodings in a sim built on ``self.model``."""
+        sim.load_encodings(self.encodings, freeze=True, strict=False)
+
+
+@dataclass
+class Block:
+    nodes: list               # fx nodes, in execution order
+    layers: list              # the target layers (module names) among them
+
+
+# ---------------------------------------------------------------- finding blocks
+def find_blocks(gm: fx.GraphModule, targets: set, min_layers: int = 1) -> list[Block]:
+    """Partition the graph's nodes into consecutive blocks (see the module docstring).
+    Every node belongs to one block; blocks without target layers are only run."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    pos = {n: i for i, n in enumerate(nodes)}
+    weighted = {}
+    for n in gm.graph.nodes:
+        own = n.op == "get_attr" or (n.op == "call_module" and any(True for _ in gm.get_submodule(n.target)
+                                                                      .parameters()))
+        weighted[n] = own or any(weighted.get(a, False) for a in n.all_input_nodes)
+    live = [0] * (len(nodes) + 1)
+    for n in nodes:
+        if weighted[n]:
+            end = max((pos.get(u, len(nodes)) for u in n.users), default=pos[n] + 1)
+            live[pos[n]] += 1
+            live[end] -= 1
+    segments, cur, count = [], [], 0
+    for i, n in enumerate(nodes):
+        count += live[i]
+        cur.append(n)
+        if count <= 1:
+            segments.append(cur)
+            cur = []
+    if cur:
+        segments.append(cur)
+    blocks, acc = [], []
+    for seg in segments:
+        acc += seg
+        if sum(n.op == "call_module" and n.target in targets for n in acc) >= min_layers:
+            blocks.append(acc)
+            acc = []
+    if acc:  # the tail: joins the last block when it has too few layers of its own
+        if blocks and any(n.op == "call_module" and n.target in targets for n in acc):
+            blocks[-1] += acc
+        else:
+            blocks.append(acc)
+    return [Block(b, [n.target for n in b if n.op == "call_module" and n.target in targets]) for b in blocks]
+
+
+# ---------------------------------------------------------------- learned quantizers
+class SoftRounding(nn.Module):
+    """Stands in for a weight quantizer while its block learns: the weight on the same
+    grid with AdaRound's soft rounding (V). Mirrors the attributes the wrapper reads."""
+
+    def __init__(self, q: Quantizer, w: torch.Tensor, use_reference_math: bool = False):
+        super().__init__()
+        self.base = (q,)  # a tuple: not registered as a submodule
+        self.enabled, self.dtype, self.observer, self.name = True, "int", None, q.name
+        self.scale, self.zero_point = q.scale.detach(), q.zero_point.detach()
+        self.axis, self.block_size, self.qrange = q.axis, q.block_size, q.qrange
+        self.V = nn.Parameter(init_rounding(w.detach().float(), self.scale, self.zero_point, q.axis, q.block_size))
+        self.beta, self.reg, self.reference = 20.0, None, use_reference_math
+
+    def forward(self, p):
+        wt, self.reg = soft_weight(p.detach().float(), self.V, self.scale, self.zero_point, self.qrange, self.axis,
+                                   self.beta, self.block_size, self.reference)
+        return wt.to(p.dtype)
+
+    @torch.no_grad()
+    def hard(self, p):
+        return hard_weight(p.float(), self.V, self.scale, self.zero_point, self.qrange, self.axis,
+                           self.block_size).to(p.dtype)
+
+
+class _Learning:
+    """The state of one block while it learns: soft weights in place of the weight
+    quantizers, log-step offsets for the activation quantizers, QDrop hooks. ``close``
+    writes the learned rounding and steps back and restores the wrappers."""
+
+    def __init__(self, wrappers: dict, acts: list, cfg: BlockReconConfig, gen):
+        self.wrappers, self.acts, self.cfg, self.gen = wrappers, acts, cfg, gen
+        self.soft = {}
+        for name, w in wrappers.items():
+            q = w.param_quantizers["weight"]
+            self.soft[name] = SoftRounding(q, w.module.weight)
+            w.param_quantizers["weight"] = self.soft[name]
+            w.module.weight.requires_grad_(False)
+            w.clear_cache()
+        self.steps = {q: (q.scale.detach().clone(), torch.zeros_like(q.scale, requires_grad=cfg.learn_act_steps))
+                      for q in acts}
+        self.hooks = []
+        if cfg.drop_prob > 0:
+            self.hooks = [q.register_forward_hook(self._drop) for q in acts]
+        groups = [{"params": [s.V for s in self.soft.values()], "lr": cfg.lr}]
+        if cfg.learn_act_steps and acts:
+            groups.append({"params": [u for _, u in self.steps.values()], "lr": cfg.act_lr})
+        self.opt = torch.optim.Adam(groups)
+        self.dropping = True
+
+    def _drop(self, q, inp, out):
+        x = inp[0]
+        if not self.dropping or not isinstance(out, torch.Tensor) or out is x or not out.is_floating_point():
+            return None
+        keep_float = torch.rand(out.shape, generator=self.gen).to(out.device) < self.cfg.drop_prob
+        return torch.where(keep_float, x, out)
+
+    def set_steps(self) -> None:
+        for q, (s0, u) in self.steps.items():
+            q.scale = s0 * torch.exp(u)  # a differentiable step for this forward pass
+
+    def set_beta(self, beta: float) -> None:
+        for s in self.soft.values():
+            s.beta = beta
+
+    def regularizer(self):
+        return sum(s.reg for s in self.soft.values() if s.reg is not None)
+
+    def step(self, loss) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if D.active():  # data-parallel: every rank applies the same averaged update
+            for g in self.opt.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        D.all_reduce(p.grad)
+                        p.grad /= D.world()
+        self.opt.step()
+
+    def undecided(self) -> float:
+        fr = [undecided(s.V) for s in self.soft.values()]
+        return max(fr) if fr else 0.0
+
+    def close(self) -> float:
+        """Write back; returns the fraction of weights rounded differently from nearest."""
+        for h in self.hooks:
+            h.remove()
+        flipped = total = 0
+        with torch.no_grad():
+            for name, w in self.wrappers.items():
+                soft, p = self.soft[name], w.module.weight
+                q = soft.base[0]
+                w.param_quantizers["weight"] = q
+                hard = soft.hard(p)
+                flipped += int((hard != q(p)).sum())
+                total += p.numel()
+                p.copy_(hard)
+                p.requires_grad_(True)
+                q.frozen = True
+                w.clear_cache()
+            for q, (s0, u) in self.steps.items():
+                q.scale = s0  # back to a plain buffer before the encoding is set
+                q.set_encoding(s0 * torch.exp(u.detach()), q.zero_point.detach())
+                q.frozen = True
+        return flipped / max(1, total)
+
+
+# ---------------------------------------------------------------- running blocks
+def _run(nodes, mods, owner, env: dict) -> dict:
+    """Run nodes in order over env (node -> value); returns env with their values."""
+    for node in nodes:
+        args = fx.node.map_arg(node.args, lambda a: env[a])
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+        env[node] = run_node(node, mods, owner, args, kwargs)
+    return env
+
+
+def _boundary(block: Block, later_uses: set) -> tuple[list, list]:
+    """(inputs, outputs) of a block: values it reads from before it, values read after it."""
+    inside = set(block.nodes)
+    ins = []
+    for n in block.nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in ins:
+                ins.append(a)
+    outs = [n for n in block.nodes if any(u not in inside for u in n.users) or n in later_uses]
+    return ins, outs
+
+
+def _rows(values: list, n_rows: int, idx):
+    """Take rows idx of every value whose first dim is the batch (others unchanged)."""
+    return [v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_rows else v for v in values]
+
+
+def _error(outs, targets) -> torch.Tensor:
+    total = 0.0
+    for o, t in zip(outs, targets):
+        if isinstance(o, torch.Tensor) and o.is_floating_point():
+            d = (o.float() - t.float()).pow(2)
+            total = total + (d.sum(1).mean() if d.dim() > 1 else d.mean())
+    return total
+
+
+def _learn_block(block, ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, gen) -> int:
+    """Optimize one block; returns the number of iterations run."""
+    n_b = len(q_in[0]) if q_in else 1
+    warm = int(cfg.warm_start * cfg.iterations)
+    it = 0
+    for it in range(cfg.iterations):
+        b = int(torch.randint(0, n_b, (1,), generator=gen))
+        xq, xf, tgt = [v[b] for v in q_in], [v[b] for v in f_in], [v[b] for v in f_out]
+        lead = next((v for v in xq if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if lead is not None and lead.shape[0] > cfg.batch_rows:
+            n = lead.shape[0]
+            idx = torch.randperm(n, generator=gen)[: cfg.batch_rows]
+            xq, xf, tgt = _rows(xq, n, idx), _rows(xf, n, idx), _rows(tgt, n, idx)
+        if cfg.drop_prob > 0:  # QDrop on the block input too
+            xq = [torch.where(torch.rand(q.shape, generator=gen).to(q.device) < cfg.drop_prob, f, q)
+                  if isinstance(q, torch.Tensor) and q.is_floating_point() and isinstance(f, torch.Tensor)
+                  and f.shape == q.shape else q for q, f in zip(xq, xf)]
+        beta, lam = anneal(it, cfg)
+        learning.set_beta(beta)
+        learning.set_steps()
+        xq = [x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.float16 and cfg.cache_fp16 else x
+              for x in xq]
+        loss = _error(run_q(ins, xq, outs), tgt)
+        if lam:
+            loss = loss + lam * learning.regularizer()
+        learning.step(loss)
+        if cfg.early_stop and it >= warm and (it - warm) % 50 == 49 and learning.undecided() < cfg.settled_fraction:
+            break
+    return it + 1
+
+
+@torch.no_grad()
+def _block_error(ins, outs, q_in, f_out, run_q) -> float:
+    """Output error on the first cached batch (no drop): before and after learning."""
+    return float(_error(run_q(ins, [v[0] for v in q_in], outs), [v[0] for v in f_out]))
+
+
+def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconConfig = BlockReconConfig(),
+                       show_progress: bool = True, sim_config: QuantSimConfig | None = None) -> BlockReconResult:
+    """Learn the weight rounding and activation step sizes block by block.
+
+    Returns a copy of the model with rounded weights and the encodings (weights and
+    activations) to freeze in a QuantSim built on that copy with the same sim config
+    (``result.apply_to(sim)``). The input model is not modified. Deterministic for a
+    given ``config.seed`` and thread count. sim_config: the sim the result goes into
+    (activation bitwidth, exclusions, formats); the weight settings of ``config`` override it.
+    """
+    from rapidquant.qmodules import QuantizedModule
+    from rapidquant.quantsim import QuantSim
+    t0 = time.perf_counter()
+    check_finite_weights(model)
+    dtype = model_float_dtype(model)
+    weights = dict(param_bw=config.param_bw, per_channel=config.per_channel, param_scheme=config.param_scheme,
+                   hw_config=config.hw_config, block_size=config.block_size)
+    sim_cfg = replace(sim_config, **weights) if sim_config is not None else QuantSimConfig(**weights)
+    sim = QuantSim(model, cast_floats(dummy_input, dtype), sim_cfg)
+    device = next(model.parameters()).device
+    batches = collect_batches(data, config.num_batches, sim.n_inputs, device, shard=D.active(), dtype=dtype)
+    sim.compute_encodings(batches, show_progress=False, shard=False)  # batches are this rank's already
+    targets, skipped = {}, []
+    for name, m in sim.model.named_modules():
+        if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED) and "weight" in m.param_quantizers:
+            q = m.param_quantizers["weight"]
+            if name in config.skip:
+                skipped.append((name, "listed in BlockReconConfig.skip"))
+            elif q.dtype != "int" or not q.enabled:
+                skipped.append((name, "weight quantizer disabled or on a float grid: nothing to round"))
+            else:
+                targets[name] = m
+    skipped += untreated_weights(sim, SUPPORTED, "block reconstruction", set(targets))
+    float_weights = {m.param_quantizers["weight"].name: m.module.weight.detach().clone() for m in targets.values()}
+
+    gm = sim.model
+    fp = copy.deepcopy(gm)
+    for q in fp.modules():
+        if isinstance(q, Quantizer):
+            q.enabled = False
+    q_mods, fp_mods = dict(gm.named_modules()), dict(fp.named_modules())
+    blocks = find_blocks(gm, set(targets), config.min_block_layers)
+    output_uses = set(next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes)
+    store = ActivationStore(None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2 ** 20))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, ph in enumerate(placeholders):
+        vals = [b[i] if i < len(b) else None for b in batches]
+        store.put(("q", ph), vals)
+        store.put(("f", ph), vals)
+    later = {}  # node -> index of the last block that reads it
+    for k, blk in enumerate(blocks):
+        for n in blk.nodes:
+            for a in n.all_input_nodes:
+                later[a] = k
+    gen = torch.Generator().manual_seed(config.seed + 7919 * D.rank())
+    store_dtype = torch.float16 if config.cache_fp16 else None
+
+    def run_path(path, blk, ins, values, outs):
+        mods, owner = (q_mods, gm) if path == "q" else (fp_mods, fp)
+        env = _run(blk.nodes, mods, owner, dict(zip(ins, values)))
+        return [env[o] for o in outs]
+
+    def store_outs(path, outs, per_batch):
+        for j, o in enumerate(outs):
+            vals = [r[j] for r in per_batch]
+            if store_dtype is not None and path == "q":
+                vals = [v.to(store_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                        for v in vals]
+            store.put((path, o), vals)
+
+    reports = []
+    n_learn = sum(1 for b in blocks if b.layers)
+    bar = progress(range(n_learn), total=n_learn, desc="block reconstruction",
+                   enabled=show_progress and D.is_main())
+    bar_iter = iter(bar)
+    try:
+        for k, blk in enumerate(blocks):
+            ins, outs = _boundary(blk, output_uses)
+            q_in = [store.get(("q", a)) for a in ins]
+            f_in = [store.get(("f", a)) for a in ins]
+            n_b = len(batches)
+            with torch.no_grad():
+                f_res = [run_path("f", blk, ins, [v[b] for v in f_in], outs) for b in range(n_b)]
+            f_out = [[r[j] for r in f_res] for j in range(len(outs))]
+            if blk.layers:
+                t1 = time.perf_counter()
+                wrappers = {n: targets[n] for n in blk.layers}
+                acts = [m.output_quantizer for n in blk.nodes if n.op == "call_module"
+                        for m in [q_mods[n.target]] if isinstance(getattr(m, "output_quantizer", None), Quantizer)
+                        and m.output_quantizer.enabled and m.output_quantizer.dtype == "int"
+                        and m.output_quantizer.scale is not None]
+                q_in_f = [[v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float16 and store_dtype
+                           else v for v in vals] for vals in q_in]
+
+                def run_q(ins_, values, outs_, blk=blk):
+                    return run_path("q", blk, ins_, values, outs_)
+
+                e0 = _block_error(ins, outs, q_in_f, f_out, run_q)
+                learning = _Learning(wrappers, acts, config, gen)
+                with torch.enable_grad():
+                    its = _learn_block(blk, ins, outs, q_in_f, f_in, f_out, learning, run_q, config, gen)
+                learning.dropping = False
+                flipped = learning.close()
+                e1 = _block_error(ins, outs, q_in_f, f_out, run_q)
+                name = blk.layers[0] if len(blk.layers) == 1 else f"{blk.layers[0]}..{blk.layers[-1]}"
+                reports.append(BlockReport(name, list(blk.layers), len(acts), its, e0, e1, flipped,
+                                           time.perf_counter() - t1))
+                next(bar_iter, None)
+            with torch.no_grad():
+                q_res = [run_path("q", blk, ins, [v[b] for v in q_in], outs) for b in range(n_b)]
+            store_outs("q", outs, q_res)
+            store_outs("f", outs, f_res)
+            for a in ins:  # free what no later block reads
+                if later.get(a, -1) <= k and a not in output_uses:
+                    store.drop(("q", a))
+                    store.drop(("f", a))
+    finally:
+        store.close()
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, wrapper in targets.items():
+            out.get_submodule(name).weight.copy_(wrapper.module.weight)
+    from rapidquant.export.encodings import rapidquant_doc
+    doc = rapidquant_doc(sim)
+    doc["block_reconstruction"] = {"config": {k: (list(v) if isinstance(v, tuple) else v)
+                                              for k, v in asdict(config).items() if not isinstance(v, dict)}}
+    return BlockReconResult(out, doc, reports, time.perf_counter() - t0, store.spilled_bytes, skipped,
+                            float_weights)
