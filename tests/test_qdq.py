@@ -319,3 +319,79 @@ def test_inplace_variant_matches_and_reuses_storage(device):
     xt = torch.randn(33, 64, device=device).t()  # non-contiguous: falls back to out of place
     assert torch.equal(ops.quantize_dequantize_(xt, s, z, -128, 127, axis=1),
                        ops.quantize_dequantize(xt, s, z, -128, 127, axis=1))
+
+
+# ------------------------------------------------------------------ QDrop
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_drop_matches_reference_forward_and_backward(device, dtype, axis):
+    """Kernel vs reference (hash computed in numpy): forward bit-exact, the same elements
+    kept float, dx exact, scale/zero-point gradients from the quantized elements only."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 33, 5, device=device) * 2).to(dtype).requires_grad_()
+    C = 1 if axis is None else x.shape[1]
+    scale = (torch.rand(C, device=device) * 0.05 + 0.02).requires_grad_()
+    zp = torch.randint(-3, 3, (C,), device=device).float().requires_grad_()
+    s_in, z_in = (scale[0], zp[0]) if axis is None else (scale, zp)
+    # p = 0.3: with 0.5 only the hash's top bit decides, which hides most hash errors
+    y = ops.quantize_dequantize_drop(x, s_in, z_in, -8, 7, 0.3, seed=1234, axis=axis)
+    spec = U.block_spec(x.shape, axis, None)
+    ps = U.param_shape(x.shape, spec)
+    yr = R.quantize_dequantize_drop(x, s_in.reshape(ps), z_in.reshape(ps), -8, 7, spec, 1234,
+                                    ops.qdq.drop_threshold(0.3))
+    assert_bitexact(y, yr)
+    keep = R.keeps_float(x.numel(), 1234, ops.qdq.drop_threshold(0.3)).reshape(x.shape).to(device)
+    assert abs(keep.float().mean().item() - 0.3) < 0.025  # 10560 draws: sigma 0.0045
+    assert torch.equal(y[keep], x[keep]) and not torch.equal(y[~keep], x[~keep])
+    g = torch.randn_like(y)
+    dx, ds, dz = torch.autograd.grad(y, (x, scale, zp), g)
+    rx, rs, rz = torch.autograd.grad(yr, (x, scale, zp), g)
+    assert torch.equal(dx == 0, rx == 0) and torch.equal(dx[keep], g[keep])  # the mask is exact
+    torch.testing.assert_close(dx, rx, rtol=1e-6, atol=0)  # autograd computes (g * s) / s
+    torch.testing.assert_close(ds, rs, rtol=1e-3, atol=1e-4)  # sums reordered (fp16 inputs: rtol 1e-3)
+    torch.testing.assert_close(dz, rz, rtol=1e-3, atol=1e-4)
+
+
+def test_drop_edges_and_thread_independence():
+    x, s, z = torch.randn(1000, 37), torch.tensor(0.05), torch.tensor(0.0)
+    plain = ops.quantize_dequantize(x, s, z, -8, 7)
+    assert torch.equal(ops.quantize_dequantize_drop(x, s, z, -8, 7, 0.0, seed=5), plain)
+    assert (ops.quantize_dequantize_drop(x, s, z, -8, 7, 1.0, seed=5) == x).float().mean() > 0.999999
+    a = ops.quantize_dequantize_drop(x, s, z, -8, 7, 0.3, seed=5)
+    b = ops.quantize_dequantize_drop(x, s, z, -8, 7, 0.3, seed=6)
+    assert not torch.equal(a, b)  # a new seed, a new choice
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.quantize_dequantize_drop(x, s, z, -8, 7, 0.3, seed=5)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a, one)
+    kept = (a == x) & (plain != x)
+    assert abs(kept.float().sum().item() / (plain != x).float().sum().item() - 0.3) < 0.01
+    with pytest.raises(ValueError, match="drop probability"):
+        ops.quantize_dequantize_drop(x, s, z, -8, 7, 1.5, seed=5)
+    with pytest.raises(ValueError, match="seed"):
+        ops.quantize_dequantize_drop(x, s, z, -8, 7, 0.5, seed=-1)
+
+
+def test_drop_opcheck(device):
+    x = torch.randn(6, 5, device=device, requires_grad=True)
+    s = torch.rand(1, 5, device=device).add(0.01).requires_grad_()
+    z = torch.zeros(1, 5, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.rapidquant.quantize_dequantize_drop.default,
+                          (x, s, z, -8, 7, [0, 1], 77, 2 ** 31))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_select_matches_reference(device, dtype):
+    a = torch.randn(300, 17, device=device).to(dtype)
+    b = torch.randn(300, 17, device=device).to(dtype)
+    out = ops.drop_select(a, b, 0.3, seed=99)
+    thr = ops.qdq.drop_threshold(0.3)
+    assert torch.equal(out, R.drop_select(a, b, 99, thr))
+    # the same choice as the fused quantize-dequantize makes for the same seed
+    kept = R.keeps_float(a.numel(), 99, thr).reshape(a.shape).to(device)
+    assert torch.equal(out == b, kept | (a == b)) and 0.27 < kept.float().mean().item() < 0.33
+    with pytest.raises(ValueError, match="one shape"):
+        ops.drop_select(a, b[:10], 0.3, seed=1)

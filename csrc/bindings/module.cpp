@@ -87,6 +87,23 @@ PYBIND11_MODULE(_C, m) {
                          layout_of(shape, block), P<const float>(s), P<const float>(z), qmin,
                          qmax, P<float>(ds), P<float>(dz), nt);
   }, RQ_NOGIL);
+  m.def("qdq_drop_cpu", [](uintptr_t x, uintptr_t y, int dt, const Shape& shape, const Shape& block,
+                           uintptr_t s, uintptr_t z, int qmin, int qmax, uint64_t seed, uint32_t thr, int nt) {
+    rq::qdq_drop_cpu(P<const void>(x), P<void>(y), (DType)dt, layout_of(shape, block),
+                     P<const float>(s), P<const float>(z), qmin, qmax, seed, thr, nt);
+  }, RQ_NOGIL);
+  m.def("qdq_drop_backward_cpu", [](uintptr_t x, uintptr_t dy, uintptr_t dx, int dt, const Shape& shape,
+                                    const Shape& block, uintptr_t s, uintptr_t z, int qmin, int qmax,
+                                    uint64_t seed, uint32_t thr, uintptr_t ds, uintptr_t dz, int nt) {
+    rq::qdq_drop_backward_cpu(P<const void>(x), P<const void>(dy), P<void>(dx), (DType)dt,
+                              layout_of(shape, block), P<const float>(s), P<const float>(z), qmin,
+                              qmax, seed, thr, P<float>(ds), P<float>(dz), nt);
+  }, RQ_NOGIL);
+  m.def("drop_select_cpu", [](uintptr_t a, uintptr_t b, uintptr_t out, int dt, const Shape& shape,
+                              uint64_t seed, uint32_t thr, int nt) {
+    rq::drop_select_cpu(P<const void>(a), P<const void>(b), P<void>(out), (DType)dt,
+                        layout_of(shape, Shape(shape.size(), 0)), seed, thr, nt);
+  }, RQ_NOGIL);
   m.def("float_qdq_cpu", [](uintptr_t x, uintptr_t y, int dt, const Shape& shape,
                             const Shape& block, uintptr_t s, int fmt, int nt) {
     rq::float_qdq_cpu(P<const void>(x), P<void>(y), (DType)dt, layout_of(shape, block),
@@ -150,6 +167,25 @@ PYBIND11_MODULE(_C, m) {
     rq::qdq_backward_cuda(P<const void>(x), P<const void>(dy), P<void>(dx), (DType)dt,
                           layout_of(shape, block), P<const float>(s), P<const float>(z), qmin,
                           qmax, P<float>(ds), P<float>(dz), st);
+  }, RQ_NOGIL);
+  m.def("qdq_drop_cuda", [](uintptr_t x, uintptr_t y, int dt, const Shape& shape, const Shape& block,
+                            uintptr_t s, uintptr_t z, int qmin, int qmax, uint64_t seed, uint32_t thr,
+                            uintptr_t stream) {
+    rq::qdq_drop_cuda(P<const void>(x), P<void>(y), (DType)dt, layout_of(shape, block),
+                      P<const float>(s), P<const float>(z), qmin, qmax, seed, thr, stream);
+  }, RQ_NOGIL);
+  m.def("qdq_drop_backward_cuda", [](uintptr_t x, uintptr_t dy, uintptr_t dx, int dt,
+                                     const Shape& shape, const Shape& block, uintptr_t s, uintptr_t z,
+                                     int qmin, int qmax, uint64_t seed, uint32_t thr, uintptr_t ds,
+                                     uintptr_t dz, uintptr_t stream) {
+    rq::qdq_drop_backward_cuda(P<const void>(x), P<const void>(dy), P<void>(dx), (DType)dt,
+                               layout_of(shape, block), P<const float>(s), P<const float>(z), qmin,
+                               qmax, seed, thr, P<float>(ds), P<float>(dz), stream);
+  }, RQ_NOGIL);
+  m.def("drop_select_cuda", [](uintptr_t a, uintptr_t b, uintptr_t out, int dt, const Shape& shape,
+                               uint64_t seed, uint32_t thr, uintptr_t stream) {
+    rq::drop_select_cuda(P<const void>(a), P<const void>(b), P<void>(out), (DType)dt,
+                         layout_of(shape, Shape(shape.size(), 0)), seed, thr, stream);
   }, RQ_NOGIL);
   m.def("float_qdq_cuda", [](uintptr_t x, uintptr_t y, int dt, const Shape& shape,
                              const Shape& block, uintptr_t s, int fmt, uintptr_t st) {

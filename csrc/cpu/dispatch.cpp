@@ -112,6 +112,19 @@ void qdq_backward_cpu(const void* x, const void* dy, void* dx, DType dt, const L
                       int nt) {
   RQ_DISPATCH(qdq_backward_cpu(x, dy, dx, dt, L, s, z, qmin, qmax, ds, dz, nt))
 }
+void qdq_drop_cpu(const void* x, void* y, DType dt, const Layout& L, const float* s, const float* z,
+                  int qmin, int qmax, uint64_t seed, uint32_t thr, int nt) {
+  RQ_DISPATCH(qdq_drop_cpu(x, y, dt, L, s, z, qmin, qmax, seed, thr, nt))
+}
+void qdq_drop_backward_cpu(const void* x, const void* dy, void* dx, DType dt, const Layout& L,
+                           const float* s, const float* z, int qmin, int qmax, uint64_t seed,
+                           uint32_t thr, float* ds, float* dz, int nt) {
+  RQ_DISPATCH(qdq_drop_backward_cpu(x, dy, dx, dt, L, s, z, qmin, qmax, seed, thr, ds, dz, nt))
+}
+void drop_select_cpu(const void* a, const void* b, void* out, DType dt, const Layout& L, uint64_t seed,
+                     uint32_t thr, int nt) {
+  RQ_DISPATCH(drop_select_cpu(a, b, out, dt, L, seed, thr, nt))
+}
 void float_qdq_cpu(const void* x, void* y, DType dt, const Layout& L, const float* s,
                    FloatFormat fmt, int nt) {
   RQ_DISPATCH(float_qdq_cpu(x, y, dt, L, s, fmt, nt))

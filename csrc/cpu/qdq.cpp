@@ -1,6 +1,7 @@
 // Affine quantize-dequantize, quantize-only, dequantize-only and the QDQ backward.
 #include <cmath>
 #include "elementwise.h"
+#include "rapidquant/drop.h"
 #include "rapidquant/kernels.h"
 
 namespace rq {
@@ -22,30 +23,54 @@ void check_encoding(const float* s, const float* z, int64_t n, int qmin, int qma
 
 // y = rint(clamp(x / s, qmin - zp, qmax - zp)) * s, identical to
 // (clamp(rint(x / s) + zp, qmin, qmax) - zp) * s because the bounds are integers.
-template <class T>
+// Drop (QDrop): elements whose hash keeps them float pass through unchanged.
+template <class T, bool Drop = false>
 struct QdqOp : NoAccum {
   const T* x;
   T* y;
   const float *s, *z;
   float qmin, qmax;
+  DropSpec drop;
+  // a select, not a branch: the choice is random, a branch would be mispredicted half the time
+  inline bool keep(int64_t i) const {
+    if constexpr (Drop) return keeps_float(drop, i);
+    return false;
+  }
   template <bool PE>
   void run(int64_t i0, int64_t n, int64_t p) {
     if constexpr (!PE) {
       const float sc = s[p], lo = qmin - z[p], hi = qmax - z[p];
       for (int64_t k = 0; k < n; ++k) {
-        float v = IO<T>::load(x, i0 + k) / sc;
+        const float xv = IO<T>::load(x, i0 + k);
+        float v = xv / sc;
         v = lo > v ? lo : v;
         v = hi < v ? hi : v;
-        IO<T>::store(y, i0 + k, rint_small(v) * sc);
+        IO<T>::store(y, i0 + k, keep(i0 + k) ? xv : rint_small(v) * sc);
       }
     } else {
       for (int64_t k = 0; k < n; ++k) {
         const float sc = s[p + k], lo = qmin - z[p + k], hi = qmax - z[p + k];
-        float v = IO<T>::load(x, i0 + k) / sc;
+        const float xv = IO<T>::load(x, i0 + k);
+        float v = xv / sc;
         v = lo > v ? lo : v;
         v = hi < v ? hi : v;
-        IO<T>::store(y, i0 + k, rint_small(v) * sc);
+        IO<T>::store(y, i0 + k, keep(i0 + k) ? xv : rint_small(v) * sc);
       }
+    }
+  }
+};
+
+// QDrop on a block's input: out = keeps_float(i) ? b : a (a: quantized path, b: float path).
+template <class T>
+struct DropSelectOp : NoAccum {
+  const T *a, *b;
+  T* out;
+  DropSpec drop;
+  template <bool PE>
+  void run(int64_t i0, int64_t n, int64_t) {
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = i0 + k;
+      out[i] = keeps_float(drop, i) ? b[i] : a[i];
     }
   }
 };
@@ -84,12 +109,14 @@ struct DequantizeOp : NoAccum {
 // dx = dy inside the range, 0 outside (mask recomputed, never stored).
 // dscale += dy * (inside ? rint(v) - v : (below ? qmin - zp : qmax - zp))
 // dzp    += dy * (inside ? 0 : -s)
-template <class T>
+// Drop: an element kept float has dx = dy and adds nothing to dscale / dzp.
+template <class T, bool Drop = false>
 struct QdqBackwardOp {
   const T *x, *dy;
   T* dx;
   const float *s, *z;
   float qmin, qmax;
+  DropSpec drop;
   bool want_s, want_z;
   std::vector<double>* acc_s_store = nullptr;
   std::vector<double>* acc_z_store = nullptr;
@@ -114,9 +141,11 @@ struct QdqBackwardOp {
     const float rr = v != v ? v : r;  // keep NaN visible in dscale
     const bool inside = rr >= lo && rr <= hi;
     const float g = IO<T>::load(dy, i);
-    IO<T>::store(dx, i, inside ? g : 0.f);
-    ds = g * (inside ? rr - v : (rr < lo ? lo : (rr > hi ? hi : rr)));
-    dz = inside ? 0.f : -g * sc;
+    bool keep = false;  // selects, not an early return: a random branch would be mispredicted half the time
+    if constexpr (Drop) keep = keeps_float(drop, i);
+    IO<T>::store(dx, i, inside || keep ? g : 0.f);
+    ds = keep ? 0.f : g * (inside ? rr - v : (rr < lo ? lo : (rr > hi ? hi : rr)));
+    dz = inside || keep ? 0.f : -g * sc;
   }
 
   template <bool PE>
@@ -162,6 +191,26 @@ void qdq_cpu(const void* x, void* y, DType dt, const Layout& L, const float* sca
   });
 }
 
+void qdq_drop_cpu(const void* x, void* y, DType dt, const Layout& L, const float* scale,
+                  const float* zp, int qmin, int qmax, uint64_t seed, uint32_t threshold, int nthreads) {
+  check_encoding(scale, zp, L.nparam, qmin, qmax);
+  RQ_DISPATCH_DTYPE(dt, T, {
+    QdqOp<T, true> op;
+    op.x = (const T*)x; op.y = (T*)y; op.s = scale; op.z = zp;
+    op.qmin = (float)qmin; op.qmax = (float)qmax; op.drop = DropSpec{seed, threshold};
+    walk(L, nthreads, op);
+  });
+}
+
+void drop_select_cpu(const void* a, const void* b, void* out, DType dt, const Layout& L, uint64_t seed,
+                     uint32_t threshold, int nthreads) {
+  RQ_DISPATCH_DTYPE(dt, T, {
+    DropSelectOp<T> op;
+    op.a = (const T*)a; op.b = (const T*)b; op.out = (T*)out; op.drop = DropSpec{seed, threshold};
+    walk(L, nthreads, op);
+  });
+}
+
 void quantize_cpu(const void* x, DType dt, void* q, IType qt, const Layout& L,
                   const float* scale, const float* zp, int qmin, int qmax, int nthreads) {
   check_encoding(scale, zp, L.nparam, qmin, qmax);
@@ -188,23 +237,37 @@ void dequantize_cpu(const void* q, IType qt, void* y, DType dt, const Layout& L,
   });
 }
 
-void qdq_backward_cpu(const void* x, const void* dy, void* dx, DType dt, const Layout& L,
-                      const float* scale, const float* zp, int qmin, int qmax, float* dscale,
-                      float* dzp, int nthreads) {
+template <bool Drop>
+void qdq_backward_impl(const void* x, const void* dy, void* dx, DType dt, const Layout& L,
+                       const float* scale, const float* zp, int qmin, int qmax, DropSpec drop,
+                       float* dscale, float* dzp, int nthreads) {
   check_encoding(scale, zp, L.nparam, qmin, qmax);
   RQ_CHECK(dx != nullptr, "qdq_backward_cpu needs an output for dx");
   std::vector<double> acc_s, acc_z;
   const int nt = pick_threads(L.numel, nthreads);
   RQ_DISPATCH_DTYPE(dt, T, {
-    QdqBackwardOp<T> op;
+    QdqBackwardOp<T, Drop> op;
     op.x = (const T*)x; op.dy = (const T*)dy; op.dx = (T*)dx; op.s = scale; op.z = zp;
-    op.qmin = (float)qmin; op.qmax = (float)qmax;
+    op.qmin = (float)qmin; op.qmax = (float)qmax; op.drop = drop;
     op.want_s = dscale != nullptr; op.want_z = dzp != nullptr;
     op.acc_s_store = &acc_s; op.acc_z_store = &acc_z; op.nparam = L.nparam;
     walk(L, nt, op);
   });
   if (dscale) reduce_privates(acc_s, nt, L.nparam, dscale);
   if (dzp) reduce_privates(acc_z, nt, L.nparam, dzp);
+}
+
+void qdq_backward_cpu(const void* x, const void* dy, void* dx, DType dt, const Layout& L,
+                      const float* scale, const float* zp, int qmin, int qmax, float* dscale,
+                      float* dzp, int nthreads) {
+  qdq_backward_impl<false>(x, dy, dx, dt, L, scale, zp, qmin, qmax, DropSpec{}, dscale, dzp, nthreads);
+}
+
+void qdq_drop_backward_cpu(const void* x, const void* dy, void* dx, DType dt, const Layout& L,
+                           const float* scale, const float* zp, int qmin, int qmax, uint64_t seed,
+                           uint32_t threshold, float* dscale, float* dzp, int nthreads) {
+  qdq_backward_impl<true>(x, dy, dx, dt, L, scale, zp, qmin, qmax, DropSpec{seed, threshold}, dscale, dzp,
+                          nthreads);
 }
 
 }  // namespace RQ_ISA

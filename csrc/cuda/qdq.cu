@@ -1,5 +1,6 @@
 // CUDA affine QDQ, quantize, dequantize, QDQ backward and float-format QDQ.
 #include "common.cuh"
+#include "rapidquant/drop.h"
 #include "rapidquant/float_format.h"
 #include "rapidquant/kernels.h"
 
@@ -7,7 +8,7 @@ namespace rq {
 namespace cu {
 namespace {
 
-template <class T>
+template <class T, bool Drop = false>
 struct QdqOp {
   static constexpr bool kReduces = false;
   using Acc = NoAcc;
@@ -15,7 +16,11 @@ struct QdqOp {
   T* y;
   const float *s, *z;
   float qmin, qmax;
+  DropSpec drop;
   __device__ void elem(int64_t i, int64_t p, Acc&) const {
+    if constexpr (Drop) {
+      if (keeps_float(drop, i)) { DIO<T>::store(y, i, DIO<T>::load(x, i)); return; }
+    }
     const float sc = s[p], lo = qmin - z[p], hi = qmax - z[p];
     float v = DIO<T>::load(x, i) / sc;
     v = lo > v ? lo : v;  // NaN passes through both selects
@@ -61,7 +66,7 @@ struct GradAcc {
   }
 };
 
-template <class T>
+template <class T, bool Drop = false>
 struct QdqBackwardOp {
   static constexpr bool kReduces = true;
   using Acc = GradAcc;
@@ -70,12 +75,19 @@ struct QdqBackwardOp {
   const float *s, *z;
   float qmin, qmax;
   float *dscale, *dzp;
+  DropSpec drop;
   __device__ void flush(const Acc& a) const {
     if (a.key < 0) return;
     if (dscale) atomicAdd(dscale + a.key, a.ds);
     if (dzp) atomicAdd(dzp + a.key, a.dz);
   }
   __device__ void elem(int64_t i, int64_t p, Acc& acc) const {
+    if constexpr (Drop) {
+      if (keeps_float(drop, i)) {  // passed through float: dy flows on, no encoding gradient
+        if (dx) DIO<T>::store(dx, i, DIO<T>::load(dy, i));
+        return;
+      }
+    }
     const float sc = s[p], lo = qmin - z[p], hi = qmax - z[p];
     const float v = DIO<T>::load(x, i) / sc;
     const float r = rintf(v);
@@ -90,6 +102,16 @@ struct QdqBackwardOp {
     acc.ds += g * (inside ? r - v : (r < lo ? lo : (r > hi ? hi : r)));
     acc.dz += inside ? 0.f : -g * sc;
   }
+};
+
+template <class T>
+struct DropSelectOp {
+  static constexpr bool kReduces = false;
+  using Acc = NoAcc;
+  const T *a, *b;
+  T* out;
+  DropSpec drop;
+  __device__ void elem(int64_t i, int64_t, Acc&) const { out[i] = keeps_float(drop, i) ? b[i] : a[i]; }
 };
 
 template <class T>
@@ -116,7 +138,16 @@ struct FloatQdqOp {
 void qdq_cuda(const void* x, void* y, DType dt, const Layout& L, const float* scale,
               const float* zp, int qmin, int qmax, uintptr_t stream) {
   RQ_CUDA_DISPATCH_DTYPE(dt, T, {
-    cu::QdqOp<T> op{(const T*)x, (T*)y, scale, zp, (float)qmin, (float)qmax};
+    cu::QdqOp<T> op{(const T*)x, (T*)y, scale, zp, (float)qmin, (float)qmax, {}};
+    cu::launch(L, op, cu::as_stream(stream));
+  });
+}
+
+void qdq_drop_cuda(const void* x, void* y, DType dt, const Layout& L, const float* scale,
+                   const float* zp, int qmin, int qmax, uint64_t seed, uint32_t threshold,
+                   uintptr_t stream) {
+  RQ_CUDA_DISPATCH_DTYPE(dt, T, {
+    cu::QdqOp<T, true> op{(const T*)x, (T*)y, scale, zp, (float)qmin, (float)qmax, DropSpec{seed, threshold}};
     cu::launch(L, op, cu::as_stream(stream));
   });
 }
@@ -146,7 +177,25 @@ void qdq_backward_cuda(const void* x, const void* dy, void* dx, DType dt, const 
                        float* dzp, uintptr_t stream) {
   RQ_CUDA_DISPATCH_DTYPE(dt, T, {
     cu::QdqBackwardOp<T> op{(const T*)x, (const T*)dy, (T*)dx, scale, zp,
-                            (float)qmin, (float)qmax, dscale, dzp};
+                            (float)qmin, (float)qmax, dscale, dzp, {}};
+    cu::launch(L, op, cu::as_stream(stream));
+  });
+}
+
+void qdq_drop_backward_cuda(const void* x, const void* dy, void* dx, DType dt, const Layout& L,
+                            const float* scale, const float* zp, int qmin, int qmax, uint64_t seed,
+                            uint32_t threshold, float* dscale, float* dzp, uintptr_t stream) {
+  RQ_CUDA_DISPATCH_DTYPE(dt, T, {
+    cu::QdqBackwardOp<T, true> op{(const T*)x, (const T*)dy, (T*)dx, scale, zp, (float)qmin, (float)qmax,
+                                  dscale, dzp, DropSpec{seed, threshold}};
+    cu::launch(L, op, cu::as_stream(stream));
+  });
+}
+
+void drop_select_cuda(const void* a, const void* b, void* out, DType dt, const Layout& L, uint64_t seed,
+                      uint32_t threshold, uintptr_t stream) {
+  RQ_CUDA_DISPATCH_DTYPE(dt, T, {
+    cu::DropSelectOp<T> op{(const T*)a, (const T*)b, (T*)out, DropSpec{seed, threshold}};
     cu::launch(L, op, cu::as_stream(stream));
   });
 }

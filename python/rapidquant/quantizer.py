@@ -70,6 +70,9 @@ class Quantizer(nn.Module):
         self.frozen = False
         self.observer: Observer | None = None
         self.stats: Stats | None = None
+        # (probability, seed) while block reconstruction learns (QDrop): each element keeps
+        # its float value with that probability; None otherwise
+        self.qdrop: tuple[float, int] | None = None
         self.dtype = dtype
         self.float_format = float_format
         self.bitwidth = bitwidth
@@ -347,6 +350,10 @@ class Quantizer(nn.Module):
             zp = torch.clamp(round_ste(zp), qmin, qmax)
         if named.active():  # ONNX export: the traced op carries this quantizer's name
             return named.quantize_dequantize(x, scale, zp, qmin, qmax, self.axis, self.block_size, name=self.name)
+        if self.qdrop is not None:
+            p, seed = self.qdrop
+            return ops.quantize_dequantize_drop(x, scale, zp, qmin, qmax, p, seed, axis=self.axis,
+                                                block_size=self.block_size)
         if inplace:
             return ops.quantize_dequantize_(x, scale, zp, qmin, qmax, axis=self.axis, block_size=self.block_size)
         return ops.quantize_dequantize(x, scale, zp, qmin, qmax, axis=self.axis, block_size=self.block_size)

@@ -13,6 +13,11 @@ namespace rq {
 // dequantize_cpu   y = (q - zp) * s.
 // qdq_backward_cpu straight-through dx (0 outside the range) and LSQ-style dscale/dzp
 //                  reduced per parameter; dx/dscale/dzp may be null when not needed.
+// qdq_drop_cpu     QDrop: qdq_cpu, except that elements kept float by keeps_float(seed, i)
+//                  (rapidquant/drop.h; probability threshold / 2^32) pass through unchanged.
+// qdq_drop_backward_cpu  qdq_backward_cpu with the same elements passing dy through and
+//                  adding nothing to dscale/dzp.
+// drop_select_cpu  out = keeps_float(seed, i) ? b : a (QDrop's mix of quantized and float inputs).
 // float_qdq_cpu    y = round_fmt(clamp(x / s, -max, max)) * s (RNE, saturating); s may be null.
 // minmax_cpu       min/max per parameter group; NaN propagates (like torch.aminmax).
 // histogram_cpu    counts[p * bins + b] += #{x of group p in bin b of [lo[p], hi[p]]};
@@ -31,6 +36,9 @@ namespace rq {
   void quantize_cpu(const void* x, DType dt, void* q, IType qt, const Layout& L, const float* scale, const float* zp, int qmin, int qmax, int nthreads); \
   void dequantize_cpu(const void* q, IType qt, void* y, DType dt, const Layout& L, const float* scale, const float* zp, int nthreads); \
   void qdq_backward_cpu(const void* x, const void* dy, void* dx, DType dt, const Layout& L, const float* scale, const float* zp, int qmin, int qmax, float* dscale, float* dzp, int nthreads); \
+  void qdq_drop_cpu(const void* x, void* y, DType dt, const Layout& L, const float* scale, const float* zp, int qmin, int qmax, uint64_t seed, uint32_t threshold, int nthreads); \
+  void qdq_drop_backward_cpu(const void* x, const void* dy, void* dx, DType dt, const Layout& L, const float* scale, const float* zp, int qmin, int qmax, uint64_t seed, uint32_t threshold, float* dscale, float* dzp, int nthreads); \
+  void drop_select_cpu(const void* a, const void* b, void* out, DType dt, const Layout& L, uint64_t seed, uint32_t threshold, int nthreads); \
   void float_qdq_cpu(const void* x, void* y, DType dt, const Layout& L, const float* scale, FloatFormat fmt, int nthreads); \
   void minmax_cpu(const void* x, DType dt, const Layout& L, float* mn, float* mx, int nthreads); \
   void histogram_cpu(const void* x, DType dt, const Layout& L, const float* lo, const float* hi, int bins, bool clamp_outside, int64_t* counts, int nthreads); \
@@ -62,6 +70,15 @@ void dequantize_cuda(const void* q, IType qt, void* y, DType dt, const Layout& L
 void qdq_backward_cuda(const void* x, const void* dy, void* dx, DType dt, const Layout& L,
                        const float* scale, const float* zp, int qmin, int qmax, float* dscale,
                        float* dzp, uintptr_t stream);
+void qdq_drop_cuda(const void* x, void* y, DType dt, const Layout& L, const float* scale,
+                   const float* zp, int qmin, int qmax, uint64_t seed, uint32_t threshold,
+                   uintptr_t stream);
+// dscale/dzp must be zero-filled by the caller (accumulated with atomics).
+void qdq_drop_backward_cuda(const void* x, const void* dy, void* dx, DType dt, const Layout& L,
+                            const float* scale, const float* zp, int qmin, int qmax, uint64_t seed,
+                            uint32_t threshold, float* dscale, float* dzp, uintptr_t stream);
+void drop_select_cuda(const void* a, const void* b, void* out, DType dt, const Layout& L, uint64_t seed,
+                      uint32_t threshold, uintptr_t stream);
 void float_qdq_cuda(const void* x, void* y, DType dt, const Layout& L, const float* scale,
                     FloatFormat fmt, uintptr_t stream);
 // mn/mx must be pre-filled with +inf/-inf and nanflag with 0 by the caller.

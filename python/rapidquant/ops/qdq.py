@@ -14,6 +14,15 @@ QDQ_BWD = define(
     "quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int qmin, "
     "int qmax, int[] block, bool need_scale, bool need_zero_point) -> (Tensor, Tensor, Tensor)"
 )
+QDQ_DROP = define(
+    "quantize_dequantize_drop(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int[] block, "
+    "int seed, int threshold) -> Tensor"
+)
+QDQ_DROP_BWD = define(
+    "quantize_dequantize_drop_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int qmin, "
+    "int qmax, int[] block, int seed, int threshold, bool need_scale, bool need_zero_point) -> (Tensor, Tensor, Tensor)"
+)
+DROP_SELECT = define("drop_select(Tensor a, Tensor b, int seed, int threshold) -> Tensor")
 QUANTIZE = define(
     "quantize(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int[] block, ScalarType dtype) -> Tensor"
 )
@@ -59,6 +68,55 @@ def _qdq_bwd_impl(device):
     return impl
 
 
+def _qdq_drop_impl(device):
+    def impl(x, scale, zero_point, qmin, qmax, block, seed, threshold):
+        xc = x.contiguous()
+        y = torch.empty_like(xc)
+        s, z = scale.contiguous(), zero_point.contiguous()
+        args = (xc.data_ptr(), y.data_ptr(), U.dtype_code(xc), list(xc.shape), list(block),
+                s.data_ptr(), z.data_ptr(), qmin, qmax, seed, threshold)
+        if device == "cpu":
+            _C.qdq_drop_cpu(*args, U.nthreads())
+        else:
+            U.check_encoding(s, z, qmin, qmax)
+            cfn("qdq_drop_cuda")(*args, U.stream(xc))
+        return y
+    return impl
+
+
+def _qdq_drop_bwd_impl(device):
+    def impl(grad, x, scale, zero_point, qmin, qmax, block, seed, threshold, need_scale, need_zero_point):
+        xc, g = x.contiguous(), grad.contiguous().to(x.dtype)
+        s, z = scale.contiguous(), zero_point.contiguous()
+        dx = torch.empty_like(xc)
+        mk = torch.empty if device == "cpu" else torch.zeros  # CUDA accumulates atomically
+        ds = mk(s.shape, dtype=torch.float32, device=x.device) if need_scale else s.new_empty(0)
+        dz = mk(z.shape, dtype=torch.float32, device=x.device) if need_zero_point else z.new_empty(0)
+        args = (xc.data_ptr(), g.data_ptr(), dx.data_ptr(), U.dtype_code(xc), list(xc.shape),
+                list(block), s.data_ptr(), z.data_ptr(), qmin, qmax, seed, threshold,
+                ds.data_ptr() if need_scale else 0, dz.data_ptr() if need_zero_point else 0)
+        if device == "cpu":
+            _C.qdq_drop_backward_cpu(*args, U.nthreads())
+        else:
+            U.check_encoding(s, z, qmin, qmax)
+            cfn("qdq_drop_backward_cuda")(*args, U.stream(xc))
+        return dx, ds, dz
+    return impl
+
+
+def _drop_select_impl(device):
+    def impl(a, b, seed, threshold):
+        ac, bc = a.contiguous(), b.contiguous()
+        out = torch.empty_like(ac)
+        args = (ac.data_ptr(), bc.data_ptr(), out.data_ptr(), U.dtype_code(ac), list(ac.shape), seed, threshold)
+        if device == "cpu":
+            _C.drop_select_cpu(*args, U.nthreads())
+        else:
+            cfn("drop_select_cuda")(*args, U.stream(ac))
+        return out
+    return impl
+
+
 def _quantize_impl(device):
     def impl(x, scale, zero_point, qmin, qmax, block, dtype):
         xc = x.contiguous()
@@ -93,8 +151,8 @@ def _dequantize_impl(device):
 
 _QDQ_CPU = _qdq_impl("cpu")
 
-for _name, _make in ((QDQ, _qdq_impl), (QDQ_BWD, _qdq_bwd_impl), (QUANTIZE, _quantize_impl),
-                     (DEQUANTIZE, _dequantize_impl)):
+for _name, _make in ((QDQ, _qdq_impl), (QDQ_BWD, _qdq_bwd_impl), (QDQ_DROP, _qdq_drop_impl),
+                     (QDQ_DROP_BWD, _qdq_drop_bwd_impl), (DROP_SELECT, _drop_select_impl), (QUANTIZE, _quantize_impl), (DEQUANTIZE, _dequantize_impl)):
     register(_name, _make("cpu"), _make("cuda"))
 
 
@@ -110,6 +168,24 @@ def _(grad, x, scale, zero_point, qmin, qmax, block, need_scale, need_zero_point
     ds = scale.new_empty(scale.shape if need_scale else (0,))
     dz = zero_point.new_empty(zero_point.shape if need_zero_point else (0,))
     return dx, ds, dz
+
+
+@torch.library.register_fake(QDQ_DROP)
+def _(x, scale, zero_point, qmin, qmax, block, seed, threshold):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(QDQ_DROP_BWD)
+def _(grad, x, scale, zero_point, qmin, qmax, block, seed, threshold, need_scale, need_zero_point):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    ds = scale.new_empty(scale.shape if need_scale else (0,))
+    dz = zero_point.new_empty(zero_point.shape if need_zero_point else (0,))
+    return dx, ds, dz
+
+
+@torch.library.register_fake(DROP_SELECT)
+def _(a, b, seed, threshold):
+    return torch.empty_like(a, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(QUANTIZE)
@@ -140,6 +216,23 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd(QDQ, _backward, setup_context=_setup)
+
+
+def _drop_setup(ctx, inputs, output):
+    x, scale, zero_point, qmin, qmax, block, seed, threshold = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.args = (qmin, qmax, block, seed, threshold)
+
+
+def _drop_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    need_x, need_s, need_z = ctx.needs_input_grad[:3]
+    dx, ds, dz = torch.ops.rapidquant.quantize_dequantize_drop_backward(
+        grad, x, scale, zero_point, *ctx.args, need_s, need_z)
+    return (dx if need_x else None, ds if need_s else None, dz if need_z else None) + (None,) * 5
+
+
+torch.library.register_autograd(QDQ_DROP, _drop_backward, setup_context=_drop_setup)
 
 
 # ---------------------------------------------------------------- public API
@@ -202,6 +295,47 @@ def quantize_dequantize_(x, scale, zero_point, qmin: int, qmax: int, axis=None, 
         U.check_encoding(sc, zc, int(qmin), int(qmax))
         cfn("qdq_cuda")(*args, U.stream(x))
     return x
+
+
+def drop_threshold(p: float) -> int:
+    """The keep-float probability as the kernels' 32-bit threshold."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"drop probability must be in [0, 1] (got {p})")
+    return min(int(round(p * 2 ** 32)), 2 ** 32 - 1)
+
+
+def quantize_dequantize_drop(x, scale, zero_point, qmin: int, qmax: int, p: float, seed: int, axis=None,
+                             block_size=None):
+    """QDrop's quantize-dequantize: each element keeps its float value with probability p,
+    the others are quantize-dequantized as :func:`quantize_dequantize`.
+
+    The choice is a hash of (seed, flat element index) (rapidquant/drop.h): reproducible,
+    independent of threads and device, recomputed in the backward instead of stored.
+    Gradients: dx = dy for kept elements (straight-through inside the range for the
+    others); scale and zero point (LSQ-style) only from the quantized elements.
+    Change ``seed`` every step for a fresh choice (0 <= seed < 2**63).
+    """
+    spec, s, z = prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size)
+    if not 0 <= int(seed) < 2 ** 63:
+        raise ValueError(f"seed must be in [0, 2**63) (got {seed})")
+    return torch.ops.rapidquant.quantize_dequantize_drop(x, s, z, int(qmin), int(qmax), spec, int(seed),
+                                                         drop_threshold(p))
+
+
+def drop_select(quantized, float_, p: float, seed: int):
+    """QDrop on a block's input: each element is ``float_``'s with probability p, else
+    ``quantized``'s, chosen by the same hash as :func:`quantize_dequantize_drop`. Same
+    shape and dtype; no gradient (cached inputs)."""
+    if not (isinstance(quantized, torch.Tensor) and isinstance(float_, torch.Tensor)):
+        raise TypeError("drop_select takes two tensors")
+    if quantized.shape != float_.shape or quantized.dtype != float_.dtype or quantized.device != float_.device:
+        raise ValueError(f"drop_select needs tensors of one shape, dtype and device (got {tuple(quantized.shape)} "
+                         f"{quantized.dtype} {quantized.device} and {tuple(float_.shape)} {float_.dtype} "
+                         f"{float_.device})")
+    if not 0 <= int(seed) < 2 ** 63:
+        raise ValueError(f"seed must be in [0, 2**63) (got {seed})")
+    U.dtype_code(quantized)
+    return torch.ops.rapidquant.drop_select(quantized, float_, int(seed), drop_threshold(p))
 
 
 def _int_dtype(qmin: int, qmax: int) -> torch.dtype:

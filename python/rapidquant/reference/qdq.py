@@ -45,6 +45,29 @@ def quantize_dequantize(x, scale, zero_point, qmin, qmax, spec):
     return ((torch.clamp(u, qmin, qmax) - z) * s).to(x.dtype)
 
 
+def keeps_float(numel: int, seed: int, threshold: int) -> torch.Tensor:
+    """QDrop's choice per flat index (rapidquant/drop.h): splitmix64's finalizer of
+    seed + i * golden ratio, upper 32 bits below threshold. numpy's uint64 wraps like C++."""
+    import numpy as np
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + np.arange(numel, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return torch.from_numpy((z >> np.uint64(32)) < np.uint64(threshold))
+
+
+def quantize_dequantize_drop(x, scale, zero_point, qmin, qmax, spec, seed, threshold):
+    """QDrop: x where keeps_float, else quantize_dequantize (autograd gives the kernel's gradients)."""
+    keep = keeps_float(x.numel(), seed, threshold).reshape(x.shape).to(x.device)
+    return torch.where(keep, x, quantize_dequantize(x, scale, zero_point, qmin, qmax, spec))
+
+
+def drop_select(a, b, seed, threshold):
+    """b where keeps_float, else a."""
+    return torch.where(keeps_float(a.numel(), seed, threshold).reshape(a.shape).to(a.device), b, a)
+
+
 def quantize(x, scale, zero_point, qmin, qmax, spec, dtype=torch.int32):
     s = expand_param(scale.float(), x.shape, spec)
     z = expand_param(zero_point.float(), x.shape, spec)

@@ -25,12 +25,16 @@ import torch
 from torch import fx, nn
 
 from rapidquant import distributed as D
+from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.quantizer import Quantizer
 from rapidquant.techniques.adaround import (SUPPORTED, anneal, hard_weight, init_rounding, soft_weight, undecided)
 from rapidquant.techniques.layerwise import (ActivationStore, cast_floats, check_finite_weights, collect_batches,
                                              model_float_dtype, run_node, untreated_weights)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,7 @@ class SoftRounding(nn.Module):
 
 class _Learning:
     """The state of one block while it learns: soft weights in place of the weight
-    quantizers, log-step offsets for the activation quantizers, QDrop hooks. ``close``
+    quantizers, log-step offsets for the activation quantizers, QDrop in them. ``close``
     writes the learned rounding and steps back and restores the wrappers."""
 
     def __init__(self, wrappers: dict, acts: list, cfg: BlockReconConfig, gen):
@@ -181,21 +185,16 @@ class _Learning:
             w.clear_cache()
         self.steps = {q: (q.scale.detach().clone(), torch.zeros_like(q.scale, requires_grad=cfg.learn_act_steps))
                       for q in acts}
-        self.hooks = []
-        if cfg.drop_prob > 0:
-            self.hooks = [q.register_forward_hook(self._drop) for q in acts]
         groups = [{"params": [s.V for s in self.soft.values()], "lr": cfg.lr}]
         if cfg.learn_act_steps and acts:
             groups.append({"params": [u for _, u in self.steps.values()], "lr": cfg.act_lr})
         self.opt = torch.optim.Adam(groups)
-        self.dropping = True
 
-    def _drop(self, q, inp, out):
-        x = inp[0]
-        if not self.dropping or not isinstance(out, torch.Tensor) or out is x or not out.is_floating_point():
-            return None
-        keep_float = torch.rand(out.shape, generator=self.gen).to(out.device) < self.cfg.drop_prob
-        return torch.where(keep_float, x, out)
+    def set_drop(self, on: bool) -> None:
+        """QDrop in the activation quantizers (the fused kernel), a fresh choice per call."""
+        on = on and self.cfg.drop_prob > 0
+        for q in self.acts:
+            q.qdrop = (self.cfg.drop_prob, int(torch.randint(0, 2 ** 62, (1,), generator=self.gen))) if on else None
 
     def set_steps(self) -> None:
         for q, (s0, u) in self.steps.items():
@@ -225,8 +224,7 @@ class _Learning:
 
     def close(self) -> float:
         """Write back; returns the fraction of weights rounded differently from nearest."""
-        for h in self.hooks:
-            h.remove()
+        self.set_drop(False)
         flipped = total = 0
         with torch.no_grad():
             for name, w in self.wrappers.items():
@@ -296,13 +294,14 @@ def _learn_block(block, ins, outs, q_in, f_in, f_out, learning: _Learning, run_q
             n = lead.shape[0]
             idx = torch.randperm(n, generator=gen)[: cfg.batch_rows]
             xq, xf, tgt = _rows(xq, n, idx), _rows(xf, n, idx), _rows(tgt, n, idx)
-        if cfg.drop_prob > 0:  # QDrop on the block input too
-            xq = [torch.where(torch.rand(q.shape, generator=gen).to(q.device) < cfg.drop_prob, f, q)
-                  if isinstance(q, torch.Tensor) and q.is_floating_point() and isinstance(f, torch.Tensor)
+        if cfg.drop_prob > 0:  # QDrop on the block input too (one fused pass per input)
+            xq = [ops.drop_select(q, f.to(q.dtype), cfg.drop_prob, int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+                  if isinstance(q, torch.Tensor) and q.dtype in _KERNEL_DTYPES and isinstance(f, torch.Tensor)
                   and f.shape == q.shape else q for q, f in zip(xq, xf)]
         beta, lam = anneal(it, cfg)
         learning.set_beta(beta)
         learning.set_steps()
+        learning.set_drop(True)
         xq = [x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.float16 and cfg.cache_fp16 else x
               for x in xq]
         loss = _error(run_q(ins, xq, outs), tgt)
@@ -421,7 +420,6 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
                 learning = _Learning(wrappers, acts, config, gen)
                 with torch.enable_grad():
                     its = _learn_block(blk, ins, outs, q_in_f, f_in, f_out, learning, run_q, config, gen)
-                learning.dropping = False
                 flipped = learning.close()
                 e1 = _block_error(ins, outs, q_in_f, f_out, run_q)
                 name = blk.layers[0] if len(blk.layers) == 1 else f"{blk.layers[0]}..{blk.layers[-1]}"
