@@ -76,7 +76,7 @@ def _scores(model, result, x_test, ref):
 
 def test_block_reconstruction_beats_adaround_at_w4a4(resnet):
     """W4A4 per-tensor, digits ResNet, test split. Measured (2 threads): nearest 6.3 dB,
-    AdaRound 12.6 dB, block reconstruction (200 iterations per block) 15.7 dB, at 1 and 2 threads; bound:
+    AdaRound 12.6 dB, block reconstruction (200 iterations per block) 16.2 dB, at 1 and 2 threads; bound:
     AdaRound + 2 dB. The learned rounding and steps must also be what the sim runs."""
     x, data = zoo.calibration_batches(1)[0], zoo.calibration_batches(16)
     (_, _), (x_test, y_test) = zoo.digits_splits()
@@ -114,10 +114,10 @@ def test_deterministic_and_knobs_matter(resnet):
                                   show_progress=False, sim_config=W4A4)
         return r.model.state_dict(), r.encodings["quantizers"]
 
-    w1, e1 = run()
-    w2, e2 = run()
+    w1, e1 = run(drop_prob=0.5)  # QDrop on: its random choices come from the seed too
+    w2, e2 = run(drop_prob=0.5)
     assert all(torch.equal(w1[k], w2[k]) for k in w1) and e1 == e2
-    w3, e3 = run(drop_prob=0.0)  # QDrop off: another optimization path
+    w3, e3 = run()  # QDrop off (the default): another optimization path
     assert not all(torch.equal(w1[k], w3[k]) for k in w1)
     _, e4 = run(learn_act_steps=False)
     sim = rq.QuantSim(resnet, x, replace(W4A4, param_scheme="mse"))  # the weight scheme reconstruction uses

@@ -84,6 +84,12 @@ def call_model(model: nn.Module, batch, n_inputs=None):
     positional inputs; with a signature, dict keys the model does not take are dropped
     (a tokenizer's ``token_type_ids`` for a sim captured without them).
     """
+    args, kwargs = model_args(batch, n_inputs)
+    return model(*args, **kwargs)
+
+
+def model_args(batch, n_inputs=None) -> tuple[tuple, dict]:
+    """The (args, kwargs) call_model passes to the model for this batch."""
     args, kwargs = split_batch(batch)
     if isinstance(n_inputs, InputSignature):
         if kwargs:
@@ -91,7 +97,7 @@ def call_model(model: nn.Module, batch, n_inputs=None):
         args = args[:max(len(n_inputs.names) - len(kwargs), 0)]
     elif n_inputs is not None and not kwargs:
         args = args[:n_inputs]
-    return model(*args, **kwargs)
+    return tuple(args), kwargs
 
 
 def forward_parameters(model: nn.Module) -> list[inspect.Parameter]:

@@ -49,6 +49,7 @@ class AutoQuantConfig:
     verify_artifact: bool = True
     eval_fingerprint: str | None = None
     confidence: float | None = None              # e.g. 0.95: met needs the drop's interval within allowed_drop
+    latency_threads: int | None = 1              # time the exported file against its float twin; None: skip
     version: int = CONFIG_VERSION
     # version-1 fields, folded into `sim` (deprecated)
     param_bw: int | None = None
@@ -104,6 +105,8 @@ def _validate(c: AutoQuantConfig) -> None:
                 parse_candidate(cand)
             except ValueError as e:
                 bad("amp_candidates", str(e))
+    if c.latency_threads is not None and (not isinstance(c.latency_threads, int) or c.latency_threads < 1):
+        bad("latency_threads", "must be a thread count >= 1, or None to skip the latency measurement")
     if c.confidence is not None and not 0.5 <= c.confidence < 1:
         bad("confidence", "must be in [0.5, 1), e.g. 0.95, or None")
     if c.adaround is not None and not isinstance(c.adaround, AdaRoundConfig):

@@ -113,6 +113,7 @@ def finish(state: RunState) -> AutoQuantResult:
         res.met = res.met and res.verification["met"]
     res.message = _message(state, res)
     state.stages["export"] = export_rec = _export(state, res)
+    res.latency = _latency(state, res)
     export_rec.seconds, export_rec.evaluations = time.perf_counter() - t0, state.evaluator.count - ev0
     export_rec.peak_rss_mb = peak_rss_mb()
     res.stages = [state.stages[n] for n in STAGES if n in state.stages]
@@ -214,6 +215,23 @@ def _export(state: RunState, res: AutoQuantResult) -> StageRecord:
                    f"dummy input = {info.get('ort_max_abs_diff')}; artifact check: {res.artifact_check}")
     rec.artifacts = {"onnx": res.onnx_path, "encodings": res.encodings_path}
     return rec
+
+
+def _latency(state: RunState, res: AutoQuantResult) -> dict:
+    """The exported file's onnxruntime latency beside its float twin's (rank 0; the
+    result says why when it could not be measured)."""
+    threads = state.config.latency_threads
+    if threads is None or not res.onnx_path or not D.is_main():
+        return {}
+    from rapidquant.export.latency import float_and_quantized
+    try:
+        lat = float_and_quantized(res.sim, state.dummy_input, res.onnx_path,
+                                  os.path.join(state.cache.dir, "artifacts", "latency"), threads=threads)
+    except Exception as e:  # noqa: BLE001 - a measurement, not the product: report and go on
+        return {"error": f"{type(e).__name__}: {e}"}
+    state.log(f"latency in onnxruntime ({threads} thread{'s' if threads > 1 else ''}): quantized "
+              f"{lat['quantized_ms']:.3f} ms, float {lat['float_ms']:.3f} ms ({lat['speedup']:.2f}x)")
+    return lat
 
 
 def _copy(src: str, dst: str) -> str:

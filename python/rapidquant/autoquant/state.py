@@ -118,3 +118,4 @@ class AutoQuantResult:
     config: AutoQuantConfig | None = None
     export_check: dict = field(default_factory=dict)
     verification: dict = field(default_factory=dict)  # autoquant.verify: held-out score, drop, interval
+    latency: dict = field(default_factory=dict)  # export.latency: quantized vs float file in onnxruntime

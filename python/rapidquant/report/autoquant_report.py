@@ -143,6 +143,38 @@ def _score_chart(res) -> str:
     return fig_to_img(fig)
 
 
+# stages whose artifacts list learned units: key, the error after learning, what a unit is
+_LEARNED = {"adaround": ("layers", "mse_adaround", "layer"), "block_reconstruction": ("blocks", "mse_reconstructed", "block")}
+
+
+def _rounding_sections(res) -> list[str]:
+    """Per layer (AdaRound) or block (block reconstruction): the output error with nearest
+    rounding and after learning, as a chart (log scale: errors span decades) and a table."""
+    out = []
+    for s in res.stages:
+        key, after, unit = _LEARNED.get(s.name, (None, None, None))
+        units = s.artifacts.get(key) if key else None
+        if not units:
+            continue
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(7, 0.28 * len(units) + 1.2))
+        y = list(range(len(units)))[::-1]
+        ax.barh([v + 0.2 for v in y], [max(u["mse_nearest"], 1e-12) for u in units], height=0.4,
+                color="#b9b9b9", label="nearest rounding")
+        ax.barh([v - 0.2 for v in y], [max(u[after], 1e-12) for u in units], height=0.4, color="#3b78c2",
+                label="learned")
+        ax.set_yticks(y)
+        ax.set_yticklabels([u["name"] for u in units], fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{unit} output error (MSE, calibration batch)")
+        ax.legend(fontsize=7, loc="lower right")
+        rows = [{unit: u["name"], "iterations": u["iterations"], "error, nearest": f"{u['mse_nearest']:.4g}",
+                 "error, learned": f"{u[after]:.4g}", "weights flipped": f"{100 * u['flipped']:.1f} %",
+                 "time (s)": f"{u['seconds']:.2f}"} for u in units]
+        out += [f"<h2>{html.escape(s.name)}: error per {unit}</h2>", fig_to_img(fig), table(rows)]
+    return out
+
+
 def _export_section(res) -> list[str]:
     ec = res.export_check
     if not ec:
@@ -162,12 +194,33 @@ def _export_section(res) -> list[str]:
                         "elements differing": f"{100 * p['frac_differing']:.2f} %", "elements": p["elements"],
                         **({"_class": "bad"} if (p.get("max_steps") or 0) > PARITY_WARN_STEPS else {})}
                        for level, p in parity.items()])]
+    out += _latency_lines(res.latency)
     if ec.get("unmapped"):
         out.append(f"<p class='bad'>Quantizers with no node in the ONNX graph: "
                    f"{html.escape(', '.join(ec['unmapped']))}</p>")
     for level, err in (ec.get("ort_errors") or {}).items():
         out.append(f"<p class='bad'>onnxruntime ({html.escape(level)}): {html.escape(str(err))}</p>")
     return out
+
+
+def _latency_lines(lat: dict) -> list[str]:
+    if not lat:
+        return []
+    if lat.get("error"):
+        return [f"<p class='bad'>Latency not measured: {html.escape(lat['error'])}</p>"]
+    faster = lat["speedup"] >= 1.0
+    verdict = (f"{lat['speedup']:.2f}x faster than" if faster else f"{1 / lat['speedup']:.2f}x slower than")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 1.4))
+    ax.barh([1, 0], [lat["float_ms"], lat["quantized_ms"]], color=["#b9b9b9", "#3b78c2"])
+    ax.set_yticks([1, 0])
+    ax.set_yticklabels(["float ONNX", "quantized ONNX"], fontsize=8)
+    ax.set_xlabel("median latency (ms)")
+    return [f"<p class='{'ok' if faster else 'bad'}'>On this machine the quantized file runs {verdict} the float "
+            f"model exported the same way: {lat['quantized_ms']:.3f} ms vs {lat['float_ms']:.3f} ms per run on the "
+            f"dummy input (onnxruntime CPU, default options, {lat['threads']} thread(s), median of "
+            f"{lat['runs']} runs in interleaved rounds). A target with integer kernels (an NPU) will differ; "
+            f"this is what onnxruntime on this CPU does with the QDQ graph.</p>", fig_to_img(fig)]
 
 
 def _verification_section(res) -> list[str]:
@@ -229,6 +282,7 @@ def write_report(res, path: str) -> str:
     amp_rec = next((s for s in res.stages if s.name == "amp" and s.artifacts.get("pareto_plot")), None)
     if amp_rec is not None and os.path.exists(amp_rec.artifacts["pareto_plot"]):
         body += ["<h2>AMP Pareto front</h2>", _img_file(amp_rec.artifacts["pareto_plot"])]
+    body += _rounding_sections(res)
     body += _verification_section(res)
     body += _export_section(res)
     if res.sim is not None:
