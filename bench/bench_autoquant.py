@@ -58,10 +58,17 @@ def main():
                          "final (ONNX in onnxruntime)": f"{res.score:.4f}", "sim": f"{res.sim_score:.4f}",
                          "scored on": res.artifact_check, "met": "yes" if res.met else "no",
                          "eval_fn calls": res.evaluations,
-                         "stopped at": res.best_stage, "total s": f"{res.seconds:.1f}", "stage times (s)": times})
+                         "stopped at": res.best_stage, "total s": f"{res.seconds:.1f}",
+                         "ONNX ms quantized / float (1 thread)": _latency(res.latency), "stage times (s)": times})
     title = f"AutoQuant on {machine_line('cpu')}; rapidquant {rq.__version__}"
     print(write_table(rows, os.path.join(args.out, "autoquant_cpu"), title))
     print(demo_time(args.threads))
+
+
+def _latency(lat: dict) -> str:
+    if not lat or lat.get("error"):
+        return (lat or {}).get("error", "not measured")
+    return f"{lat['quantized_ms']:.2f} / {lat['float_ms']:.2f}"
 
 
 def demo_time(threads: int) -> str:

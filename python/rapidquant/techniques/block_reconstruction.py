@@ -292,7 +292,7 @@ def _error(outs, targets) -> torch.Tensor:
     return total
 
 
-def _learn_block(block, ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, gen) -> int:
+def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, gen) -> int:
     """Optimize one block; returns the number of iterations run."""
     n_b = len(q_in[0]) if q_in else 1
     warm = int(cfg.warm_start * cfg.iterations)
@@ -309,6 +309,8 @@ def _learn_block(block, ins, outs, q_in, f_in, f_out, learning: _Learning, run_q
             xq = [ops.drop_select(q, f.to(q.dtype), cfg.drop_prob, int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
                   if isinstance(q, torch.Tensor) and q.dtype in _KERNEL_DTYPES and isinstance(f, torch.Tensor)
                   and f.shape == q.shape else q for q, f in zip(xq, xf)]
+        # a fresh copy of each cached input: an in-place op in the block must not change the cache
+        xq = [x.clone() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xq]
         beta, lam = anneal(it, cfg)
         learning.set_beta(beta)
         learning.set_steps()
@@ -322,6 +324,20 @@ def _learn_block(block, ins, outs, q_in, f_in, f_out, learning: _Learning, run_q
         if cfg.early_stop and it >= warm and (it - warm) % 50 == 49 and learning.undecided() < cfg.settled_fraction:
             break
     return it + 1
+
+
+def _learn_one(blk: Block, wrappers: dict, acts: list, io: tuple, cached: tuple, run_q, cfg, gen) -> BlockReport:
+    """Learn one block's rounding and steps; its report (error before/after on a batch)."""
+    t0 = time.perf_counter()
+    (ins, outs), (q_in, f_in, f_out) = io, cached
+    e0 = _block_error(ins, outs, q_in, f_out, run_q)
+    learning = _Learning(wrappers, acts, cfg, gen)
+    with torch.enable_grad():
+        its = _learn_block(ins, outs, q_in, f_in, f_out, learning, run_q, cfg, gen)
+    flipped = learning.close()
+    e1 = _block_error(ins, outs, q_in, f_out, run_q)
+    name = blk.layers[0] if len(blk.layers) == 1 else f"{blk.layers[0]}..{blk.layers[-1]}"
+    return BlockReport(name, list(blk.layers), len(acts), its, e0, e1, flipped, time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -415,25 +431,13 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
                 f_res = [run_path("f", blk, ins, [v[b] for v in f_in], outs) for b in range(n_b)]
             f_out = [[r[j] for r in f_res] for j in range(len(outs))]
             if blk.layers:
-                t1 = time.perf_counter()
-                wrappers = {n: targets[n] for n in blk.layers}
                 acts = [q for q in (getattr(q_mods[n.target], "output_quantizer", None) for n in blk.nodes
                                     if n.op == "call_module") if _learnable_step(q)]
                 q_in_f = [[v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float16 and store_dtype
                            else v for v in vals] for vals in q_in]
-
-                def run_q(ins_, values, outs_, blk=blk):
-                    return run_path("q", blk, ins_, values, outs_)
-
-                e0 = _block_error(ins, outs, q_in_f, f_out, run_q)
-                learning = _Learning(wrappers, acts, config, gen)
-                with torch.enable_grad():
-                    its = _learn_block(blk, ins, outs, q_in_f, f_in, f_out, learning, run_q, config, gen)
-                flipped = learning.close()
-                e1 = _block_error(ins, outs, q_in_f, f_out, run_q)
-                name = blk.layers[0] if len(blk.layers) == 1 else f"{blk.layers[0]}..{blk.layers[-1]}"
-                reports.append(BlockReport(name, list(blk.layers), len(acts), its, e0, e1, flipped,
-                                           time.perf_counter() - t1))
+                reports.append(_learn_one(blk, {n: targets[n] for n in blk.layers}, acts, (ins, outs),
+                                          (q_in_f, f_in, f_out), lambda i, v, o, b=blk: run_path("q", b, i, v, o),
+                                          config, gen))
                 next(bar_iter, None)
             with torch.no_grad():
                 q_res = [run_path("q", blk, ins, [v[b] for v in q_in], outs) for b in range(n_b)]
