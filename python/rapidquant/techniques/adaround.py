@@ -153,7 +153,7 @@ def hard_weight(w, V, s, z, qrange, axis, block=None):
     """The weight with the learned rounding decided (h = V >= 0)."""
     if block is None:
         return ops.adaround_weight(w, V, s, z, *qrange, axis=axis, hard=True)[0]
-    return reference_soft_weight(w, V, s, z, *qrange, axis, 0.0, block, hard=True)
+    return reference_soft_weight(w, V, s, z, *qrange, axis, 0.0, block, hard=True)[0]
 
 
 @torch.no_grad()
