@@ -7,7 +7,8 @@ W4A8 / W8A8 / W8A16 / W16A16: phase 1 scores every quantizer group at every non-
 candidate by the SQNR of the model output on 4 batches. rapidquant derives each
 candidate's encodings from one calibration pass (statistics do not depend on the
 bitwidth); the comparison recalibrates the sim before every phase-1 evaluation, as a
-flow without shared statistics must. Same proxy scores either way (checked).
+flow without shared statistics must. Proxy scores within 1 dB of each other (checked:
+recalibrating at a lower weight bitwidth shifts downstream activation statistics a little).
 """
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ from common import machine_line, write_table  # noqa: E402
 
 import rapidquant as rq  # noqa: E402
 from rapidquant import zoo  # noqa: E402
-from rapidquant.mixed_precision.amp import _outputs, sqnr_db  # noqa: E402
+from rapidquant.scoring import model_outputs, sqnr_db  # noqa: E402
 from rapidquant.mixed_precision.groups import apply_candidate, find_groups, parse_candidate, snapshot  # noqa: E402
 
 
 def phase1(sim, groups, cands, proxy, calib, recalibrate: bool):
     snap = snapshot(sim)
     with sim.disabled():
-        ref = _outputs(sim.model, proxy, 1)
+        ref = model_outputs(sim.model, proxy, 1)
     passes, scores = 0, {}
     t0 = time.perf_counter()
     for g in groups:
@@ -44,7 +45,7 @@ def phase1(sim, groups, cands, proxy, calib, recalibrate: bool):
                     q.stats = None
                 sim.compute_encodings(calib, show_progress=False)
                 passes += 1
-            outs = _outputs(sim.model, proxy, 1)
+            outs = model_outputs(sim.model, proxy, 1)
             scores[(g.name, c.name)] = sum(sqnr_db(o, r) for o, r in zip(outs, ref)) / len(outs)
     return time.perf_counter() - t0, passes, scores
 
@@ -70,6 +71,9 @@ def main():
     t_shared, p_shared, s_shared = phase1(sim, groups, cands, proxy, calib, recalibrate=False)
     t_re, p_re, s_re = phase1(sim, groups, cands, proxy, calib, recalibrate=True)
     worst = max(abs(s_shared[k] - s_re[k]) for k in s_shared)
+    if worst >= 1.0:  # recalibrating at W4 shifts downstream activation statistics a little, no more
+        raise SystemExit(f"shared statistics give proxy scores {worst:.3g} dB away from recalibrating (bench/README "
+                         "says under 1 dB): the speed-up would compare different work")
     n = len(groups) * len(cands)
     rows = [
         {"phase 1 on": f"{len(groups)} groups x {len(cands)} candidates = {n} evaluations",
