@@ -466,6 +466,7 @@ def test_cli_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "report:" in proc.stdout and (out / "model.onnx").exists() and (out / "model.encodings.json").exists()
     assert "TARGET MET" in proc.stdout and "on onnxruntime" in proc.stdout
+    assert "ms quantized vs" in proc.stdout and "ms float per run" in proc.stdout
     page = (out / "report.html").read_text()
     for stage in AQ.STAGES:
         assert stage in page, stage  # the stages table names every stage
@@ -475,3 +476,4 @@ def test_cli_demo_end_to_end(tmp_path):
     helptext = subprocess.run([sys.executable, "-m", "rapidquant.cli", "autoquant", "--help"],
                               capture_output=True, text=True, timeout=120)
     assert helptext.returncode == 0 and "--block-size" in helptext.stdout and "exit status" in helptext.stdout
+    assert "--no-block-reconstruction" in helptext.stdout

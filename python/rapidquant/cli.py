@@ -103,12 +103,15 @@ def cmd_autoquant(args) -> int:
     pbw = args.param_bw or (4 if demo else 8)
     per_channel = args.per_channel if args.per_channel is not None else (False if demo and not args.block_size else None)
     ada = rq.AdaRoundConfig(iterations=100) if args.quick else None
+    blocks = rq.BlockReconConfig(iterations=100) if args.quick else None
     try:
         cfg = rq.AutoQuantConfig(sim=_sim_config(args, pbw, per_channel),
                                  allowed_drop=args.allowed_drop if args.allowed_drop is not None else (0.005 if demo else 0.01),
                                  amp_candidates=tuple(args.amp.split(",")) if args.amp else None,
                                  results_dir=args.out, time_budget_s=args.time_budget, strict=args.strict,
-                                 adaround=ada, num_calibration_batches=4 if args.quick else 16)
+                                 adaround=ada, block_reconstruction=blocks,
+                                 use_block_reconstruction=not args.no_block_reconstruction,
+                                 num_calibration_batches=4 if args.quick else 16)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"rapidquant autoquant on {desc}: W{pbw}A{args.act_bw}, allowed drop {cfg.allowed_drop}", file=sys.stderr)
@@ -117,6 +120,10 @@ def cmd_autoquant(args) -> int:
     print(f"\n{'TARGET MET' if res.met else 'target not met'}: score {_fmt(res.score)} on {res.artifact_check} "
           f"(FP32 {_fmt(res.fp32_score)}, target {_fmt(res.target)}, best stage {res.best_stage})\n{res.message}")
     print(f"ONNX model:  {res.onnx_path}\nencodings:   {res.encodings_path}\nreport:      {res.report_path}")
+    lat = res.latency
+    if lat and not lat.get("error"):
+        print(f"latency:     {lat['quantized_ms']:.3f} ms quantized vs {lat['float_ms']:.3f} ms float per run "
+              f"(onnxruntime on this machine, {lat['threads']} thread(s); see the report)")
     return 0 if res.met else EXIT_NOT_MET
 
 
@@ -188,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--amp", help="AMP candidates, e.g. W8A8,W8A16,W16A16")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; no new stage starts after that")
     p.add_argument("--strict", action="store_true", help="a failing stage raises instead of being skipped")
+    p.add_argument("--no-block-reconstruction", action="store_true",
+                   help="skip block reconstruction (it runs after AdaRound when the target is still missed)")
     p.add_argument("--quick", action="store_true", help="fewer batches and AdaRound iterations (smoke tests)")
     p.set_defaults(fn=cmd_autoquant)
     p = sub.add_parser("analyze", help="per-layer sensitivity analysis with an HTML report")
