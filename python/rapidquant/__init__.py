@@ -19,7 +19,8 @@ __all__ = [
     "AutoQuant", "AutoQuantConfig", "AutoQuantResult",
     "AMPResult", "SensitivityResult", "amp", "analyze", "lite_mp", "set_precision",
     "AdaRoundConfig", "BiasCorrectionConfig", "BlockReconConfig", "CLEConfig", "SeqMSEConfig", "adaround",
-    "correct_bias", "reconstruct_blocks", "equalize", "fold_batch_norms", "fold_batch_norms_to_scale", "reestimate_bn_stats", "seq_mse",
+    "correct_bias", "reconstruct_blocks", "equalize", "fold_batch_norms", "fold_batch_norms_to_scale",
+    "reestimate_bn_stats", "seq_mse",
     "QuantSim", "QuantSimConfig", "Quantizer", "UnsupportedModuleError", "build_info", "ops",
     "register_function", "register_module", "__version__",
 ]

@@ -51,20 +51,15 @@ def _w32_failed(state: RunState) -> bool:
     return out is not None and out.score is not None and out.score < state.target
 
 
-def _adaround_skip(state: RunState) -> str | None:
-    if not state.config.use_adaround:
-        return "disabled in the config"
-    if _w32_failed(state):
-        return "W32 check failed: weight rounding cannot recover activation error"
-    return None
-
-
-def _reconstruction_skip(state: RunState) -> str | None:
-    if not state.config.use_block_reconstruction:
-        return "disabled in the config"
-    if _w32_failed(state):
-        return "W32 check failed: weight rounding cannot recover activation error"
-    return None
+def _rounding_skip(enabled: Callable[[RunState], bool]):
+    """The skip rule of a stage that learns weight rounding (AdaRound, block reconstruction)."""
+    def skip(state: RunState) -> str | None:
+        if not enabled(state):
+            return "disabled in the config"
+        if _w32_failed(state):
+            return "W32 check failed: weight rounding cannot recover activation error"
+        return None
+    return skip
 
 
 def _amp_skip(state: RunState) -> str | None:
@@ -86,10 +81,11 @@ PIPELINE: tuple[Stage, ...] = (
           "no weight technique can help", after=_w32_verdict),
     Stage("bn_fold", S.bn_fold, "fold BatchNorms into neighbouring layers"),
     Stage("cle", S.cle, "cross-layer equalization (and high-bias folding) on the BN-folded model"),
-    Stage("adaround", S.adaround_stage, "learn the weight rounding layer by layer", skip=_adaround_skip),
+    Stage("adaround", S.adaround_stage, "learn the weight rounding layer by layer",
+          skip=_rounding_skip(lambda s: s.config.use_adaround)),
     Stage("block_reconstruction", S.block_reconstruction_stage,
           "learn the rounding and activation steps of each residual/transformer block jointly (BRECQ/QDrop)",
-          skip=_reconstruction_skip),
+          skip=_rounding_skip(lambda s: s.config.use_block_reconstruction)),
     Stage("amp", S.amp_stage, "mixed precision over the AMP candidates, from the best result so far",
           skip=_amp_skip, cached=False),
 )

@@ -13,5 +13,6 @@ from rapidquant.ops.stats import histogram, minmax, range_search, sqnr_candidate
 
 __all__ = [
     "adaround_weight", "dequantize", "drop_select", "float_quantize_dequantize", "histogram", "minmax", "qrange",
-    "quantize", "quantize_dequantize", "quantize_dequantize_", "quantize_dequantize_drop", "range_search", "sqnr_candidates",
+    "quantize", "quantize_dequantize", "quantize_dequantize_", "quantize_dequantize_drop", "range_search",
+    "sqnr_candidates",
 ]

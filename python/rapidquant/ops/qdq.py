@@ -32,75 +32,64 @@ DEQUANTIZE = define(
 
 
 # ---------------------------------------------------------------- kernels
+def _run_qdq(kernel, device, x, scale, zero_point, qmin, qmax, block, drop=()):
+    """Forward of quantize_dequantize (drop: () or (seed, threshold) for the QDrop kernel)."""
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    s, z = scale.contiguous(), zero_point.contiguous()
+    args = (xc.data_ptr(), y.data_ptr(), U.dtype_code(xc), list(xc.shape), list(block),
+            s.data_ptr(), z.data_ptr(), qmin, qmax, *drop)
+    if device == "cpu":  # the CPU kernel checks the encoding itself
+        getattr(_C, f"{kernel}_cpu")(*args, U.nthreads())
+    else:
+        U.check_encoding(s, z, qmin, qmax)
+        cfn(f"{kernel}_cuda")(*args, U.stream(xc))
+    return y
+
+
+def _run_qdq_backward(kernel, device, grad, x, scale, zero_point, qmin, qmax, block, drop, need_scale,
+                      need_zero_point):
+    """Backward of quantize_dequantize: (dx, dscale, dzero_point); unneeded ones are empty."""
+    xc, g = x.contiguous(), grad.contiguous().to(x.dtype)
+    s, z = scale.contiguous(), zero_point.contiguous()
+    dx = torch.empty_like(xc)
+    mk = torch.empty if device == "cpu" else torch.zeros  # CUDA accumulates atomically
+    ds = mk(s.shape, dtype=torch.float32, device=x.device) if need_scale else s.new_empty(0)
+    dz = mk(z.shape, dtype=torch.float32, device=x.device) if need_zero_point else z.new_empty(0)
+    args = (xc.data_ptr(), g.data_ptr(), dx.data_ptr(), U.dtype_code(xc), list(xc.shape),
+            list(block), s.data_ptr(), z.data_ptr(), qmin, qmax, *drop,
+            ds.data_ptr() if need_scale else 0, dz.data_ptr() if need_zero_point else 0)
+    if device == "cpu":
+        getattr(_C, f"{kernel}_cpu")(*args, U.nthreads())
+    else:
+        U.check_encoding(s, z, qmin, qmax)
+        cfn(f"{kernel}_cuda")(*args, U.stream(xc))
+    return dx, ds, dz
+
+
 def _qdq_impl(device):
     def impl(x, scale, zero_point, qmin, qmax, block):
-        xc = x.contiguous()
-        y = torch.empty_like(xc)
-        s, z = scale.contiguous(), zero_point.contiguous()
-        args = (xc.data_ptr(), y.data_ptr(), U.dtype_code(xc), list(xc.shape), list(block),
-                s.data_ptr(), z.data_ptr(), qmin, qmax)
-        if device == "cpu":  # the CPU kernel checks the encoding itself
-            _C.qdq_cpu(*args, U.nthreads())
-        else:
-            U.check_encoding(s, z, qmin, qmax)
-            cfn("qdq_cuda")(*args, U.stream(xc))
-        return y
+        return _run_qdq("qdq", device, x, scale, zero_point, qmin, qmax, block)
     return impl
 
 
 def _qdq_bwd_impl(device):
     def impl(grad, x, scale, zero_point, qmin, qmax, block, need_scale, need_zero_point):
-        xc, g = x.contiguous(), grad.contiguous().to(x.dtype)
-        s, z = scale.contiguous(), zero_point.contiguous()
-        dx = torch.empty_like(xc)
-        mk = torch.empty if device == "cpu" else torch.zeros  # CUDA accumulates atomically
-        ds = mk(s.shape, dtype=torch.float32, device=x.device) if need_scale else s.new_empty(0)
-        dz = mk(z.shape, dtype=torch.float32, device=x.device) if need_zero_point else z.new_empty(0)
-        args = (xc.data_ptr(), g.data_ptr(), dx.data_ptr(), U.dtype_code(xc), list(xc.shape),
-                list(block), s.data_ptr(), z.data_ptr(), qmin, qmax,
-                ds.data_ptr() if need_scale else 0, dz.data_ptr() if need_zero_point else 0)
-        if device == "cpu":
-            _C.qdq_backward_cpu(*args, U.nthreads())
-        else:
-            U.check_encoding(s, z, qmin, qmax)
-            cfn("qdq_backward_cuda")(*args, U.stream(xc))
-        return dx, ds, dz
+        return _run_qdq_backward("qdq_backward", device, grad, x, scale, zero_point, qmin, qmax, block, (),
+                                 need_scale, need_zero_point)
     return impl
 
 
 def _qdq_drop_impl(device):
     def impl(x, scale, zero_point, qmin, qmax, block, seed, threshold):
-        xc = x.contiguous()
-        y = torch.empty_like(xc)
-        s, z = scale.contiguous(), zero_point.contiguous()
-        args = (xc.data_ptr(), y.data_ptr(), U.dtype_code(xc), list(xc.shape), list(block),
-                s.data_ptr(), z.data_ptr(), qmin, qmax, seed, threshold)
-        if device == "cpu":
-            _C.qdq_drop_cpu(*args, U.nthreads())
-        else:
-            U.check_encoding(s, z, qmin, qmax)
-            cfn("qdq_drop_cuda")(*args, U.stream(xc))
-        return y
+        return _run_qdq("qdq_drop", device, x, scale, zero_point, qmin, qmax, block, (seed, threshold))
     return impl
 
 
 def _qdq_drop_bwd_impl(device):
     def impl(grad, x, scale, zero_point, qmin, qmax, block, seed, threshold, need_scale, need_zero_point):
-        xc, g = x.contiguous(), grad.contiguous().to(x.dtype)
-        s, z = scale.contiguous(), zero_point.contiguous()
-        dx = torch.empty_like(xc)
-        mk = torch.empty if device == "cpu" else torch.zeros  # CUDA accumulates atomically
-        ds = mk(s.shape, dtype=torch.float32, device=x.device) if need_scale else s.new_empty(0)
-        dz = mk(z.shape, dtype=torch.float32, device=x.device) if need_zero_point else z.new_empty(0)
-        args = (xc.data_ptr(), g.data_ptr(), dx.data_ptr(), U.dtype_code(xc), list(xc.shape),
-                list(block), s.data_ptr(), z.data_ptr(), qmin, qmax, seed, threshold,
-                ds.data_ptr() if need_scale else 0, dz.data_ptr() if need_zero_point else 0)
-        if device == "cpu":
-            _C.qdq_drop_backward_cpu(*args, U.nthreads())
-        else:
-            U.check_encoding(s, z, qmin, qmax)
-            cfn("qdq_drop_backward_cuda")(*args, U.stream(xc))
-        return dx, ds, dz
+        return _run_qdq_backward("qdq_drop_backward", device, grad, x, scale, zero_point, qmin, qmax, block,
+                                 (seed, threshold), need_scale, need_zero_point)
     return impl
 
 
@@ -152,7 +141,8 @@ def _dequantize_impl(device):
 _QDQ_CPU = _qdq_impl("cpu")
 
 for _name, _make in ((QDQ, _qdq_impl), (QDQ_BWD, _qdq_bwd_impl), (QDQ_DROP, _qdq_drop_impl),
-                     (QDQ_DROP_BWD, _qdq_drop_bwd_impl), (DROP_SELECT, _drop_select_impl), (QUANTIZE, _quantize_impl), (DEQUANTIZE, _dequantize_impl)):
+                     (QDQ_DROP_BWD, _qdq_drop_bwd_impl), (DROP_SELECT, _drop_select_impl),
+                     (QUANTIZE, _quantize_impl), (DEQUANTIZE, _dequantize_impl)):
     register(_name, _make("cpu"), _make("cuda"))
 
 

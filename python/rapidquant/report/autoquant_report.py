@@ -144,7 +144,8 @@ def _score_chart(res) -> str:
 
 
 # stages whose artifacts list learned units: key, the error after learning, what a unit is
-_LEARNED = {"adaround": ("layers", "mse_adaround", "layer"), "block_reconstruction": ("blocks", "mse_reconstructed", "block")}
+_LEARNED = {"adaround": ("layers", "mse_adaround", "layer"),
+            "block_reconstruction": ("blocks", "mse_reconstructed", "block")}
 
 
 def _rounding_sections(res) -> list[str]:

@@ -11,7 +11,7 @@ from rapidquant.techniques.seq_mse import SeqMSEConfig, SeqMSEResult, seq_mse
 
 __all__ = [
     "AdaRoundConfig", "AdaRoundResult", "BNFoldResult", "BNRestoreHandle", "BiasCorrectionConfig",
-    "BiasCorrectionResult", "BlockReconConfig", "BlockReconResult", "CLEConfig", "CLEResult", "SeqMSEConfig", "SeqMSEResult", "adaround",
-    "correct_bias", "equalize", "fold_batch_norms", "find_blocks", "fold_batch_norms_to_scale", "reconstruct_blocks", "reestimate_bn_stats",
-    "seq_mse",
+    "BiasCorrectionResult", "BlockReconConfig", "BlockReconResult", "CLEConfig", "CLEResult", "SeqMSEConfig",
+    "SeqMSEResult", "adaround", "correct_bias", "equalize", "find_blocks", "fold_batch_norms",
+    "fold_batch_norms_to_scale", "reconstruct_blocks", "reestimate_bn_stats", "seq_mse",
 ]

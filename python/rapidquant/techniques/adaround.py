@@ -29,28 +29,34 @@ ZETA, GAMMA = 1.1, -0.1
 
 
 @dataclass(frozen=True)
-class AdaRoundConfig:
-    """AdaRound settings. Defaults are tuned to match AIMET's quality (10k iterations,
-    lr 1e-3) in a fraction of the steps: a larger learning rate, and an early stop once
-    every weight's rounding has settled."""
+class RoundingSettings:
+    """What AdaRound and block reconstruction share: the weight grid, the cached data, and
+    the optimization of the rounding (soft rounding, annealed regularizer, early stop)."""
     param_bw: int = 4
     per_channel: bool | None = None       # None: the hardware config decides
     block_size: int | None = None         # per-block weight grids (blocks along the input dim)
     param_scheme: str = "mse"
     hw_config: str | dict = "default_per_channel"
     num_batches: int | None = 16          # cached calibration batches
-    iterations: int = 500                 # per layer, upper bound (early stop may end sooner)
+    iterations: int = 500                 # per layer / block, upper bound (early stop may end sooner)
     batch_rows: int = 32                  # rows (samples) per optimization step
-    lr: float = 2e-2
+    lr: float = 2e-2                      # rounding variables (Adam)
     reg_param: float = 0.01               # lambda
     beta_range: tuple = (20.0, 2.0)
     warm_start: float = 0.2               # fraction of iterations without the regularizer
     early_stop: bool = True
     settled_fraction: float = 1e-2        # stop when fewer weights than this are undecided
-    cache_fp16: bool = False              # store cached layer inputs/targets in fp16
+    cache_fp16: bool = False              # store cached inputs/targets in fp16
     memory_budget_mb: float | None = None  # spill activations to disk beyond this
     seed: int = 0
     skip: tuple = ()                      # layer names left with round-to-nearest
+
+
+@dataclass(frozen=True)
+class AdaRoundConfig(RoundingSettings):
+    """AdaRound settings. Defaults are tuned to match AIMET's quality (10k iterations,
+    lr 1e-3) in a fraction of the steps: a larger learning rate, and an early stop once
+    every weight's rounding has settled."""
     use_reference_math: bool = False      # plain torch autograd instead of the fused kernel (benchmarks)
 
 
@@ -211,6 +217,38 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
     return LayerReport("", it + 1, e_near, e_ada, flipped, time.perf_counter() - t0)
 
 
+def rounding_sim(model: nn.Module, dummy_input, config, sim_config: QuantSimConfig | None):
+    """(uncalibrated sim, model dtype) for learning the rounding: sim_config (exclusions,
+    activations, formats) with the weight settings of config (AdaRound or block
+    reconstruction) over it."""
+    from rapidquant.quantsim import QuantSim
+    check_finite_weights(model)
+    dtype = model_float_dtype(model)  # fp32 inputs for an fp16 model are cast, like the batches
+    weights = dict(param_bw=config.param_bw, per_channel=config.per_channel, param_scheme=config.param_scheme,
+                   hw_config=config.hw_config, block_size=config.block_size)
+    sim_cfg = replace(sim_config, **weights) if sim_config is not None else QuantSimConfig(**weights)
+    return QuantSim(model, cast_floats(dummy_input, dtype), sim_cfg), dtype
+
+
+def rounding_targets(sim, skip: tuple, technique: str) -> tuple[dict, list]:
+    """({name: wrapper} whose integer weight grid can be learned, [(name, why not)] for the
+    weight-bearing layers left with nearest rounding)."""
+    from rapidquant.qmodules import QuantizedModule
+    targets, skipped = {}, []
+    for name, m in sim.model.named_modules():
+        if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED) and "weight" in m.param_quantizers:
+            q = m.param_quantizers["weight"]
+            if name in skip:
+                skipped.append((name, f"listed in the {technique} config's skip"))
+            elif q.dtype != "int":
+                skipped.append((name, f"{q.float_format} float weight quantizer: no integer grid to round on"))
+            elif not q.enabled:
+                skipped.append((name, "weight quantizer disabled"))
+            else:
+                targets[name] = m
+    return targets, skipped + untreated_weights(sim, SUPPORTED, technique, set(targets))
+
+
 def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRoundConfig(),
              show_progress: bool = True, sim_config: QuantSimConfig | None = None) -> AdaRoundResult:
     """Learn the weight rounding of Conv1d/Conv2d/ConvTranspose2d/Linear layers.
@@ -221,29 +259,10 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     the QuantSimConfig of the sim the result goes into (its exclusions, symmetry and
     formats); the weight settings of ``config`` override it.
     """
-    from rapidquant.quantsim import QuantSim
     t0 = time.perf_counter()
-    check_finite_weights(model)
-    dtype = model_float_dtype(model)  # fp32 inputs for an fp16 model are cast, like the batches
-    weights = dict(param_bw=config.param_bw, per_channel=config.per_channel, param_scheme=config.param_scheme,
-                   hw_config=config.hw_config, block_size=config.block_size)
-    sim_cfg = replace(sim_config, **weights) if sim_config is not None else QuantSimConfig(**weights)
-    sim = QuantSim(model, cast_floats(dummy_input, dtype), sim_cfg)
+    sim, dtype = rounding_sim(model, dummy_input, config, sim_config)
     sim.calibrate_params()
-    from rapidquant.qmodules import QuantizedModule
-    targets, skipped = {}, []
-    for name, m in sim.model.named_modules():
-        if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED) and "weight" in m.param_quantizers:
-            q = m.param_quantizers["weight"]
-            if name in config.skip:
-                skipped.append((name, "listed in AdaRoundConfig.skip"))
-            elif q.dtype != "int":
-                skipped.append((name, f"{q.float_format} float weight quantizer: no integer grid to round on"))
-            elif not q.enabled:
-                skipped.append((name, "weight quantizer disabled"))
-            else:
-                targets[name] = m
-    skipped += untreated_weights(sim, SUPPORTED, "AdaRound", set(targets))
+    targets, skipped = rounding_targets(sim, config.skip, "AdaRound")
     float_weights = {m.param_quantizers["weight"].name: m.module.weight.detach().clone() for m in targets.values()}
     device = next(model.parameters()).device
     batches = collect_batches(data, config.num_batches, sim.n_inputs, device, shard=D.active(),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import fx, nn
@@ -29,26 +29,19 @@ from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.quantizer import Quantizer
-from rapidquant.techniques.adaround import (SUPPORTED, anneal, hard_weight, init_rounding, soft_weight, undecided)
-from rapidquant.techniques.layerwise import (ActivationStore, cast_floats, check_finite_weights, collect_batches,
-                                             model_float_dtype, run_node, untreated_weights)
+from rapidquant.techniques.adaround import (RoundingSettings, anneal, hard_weight, init_rounding, rounding_sim,
+                                            rounding_targets, soft_weight, undecided)
+from rapidquant.techniques.layerwise import ActivationStore, collect_batches, run_node
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class BlockReconConfig:
-    """Block reconstruction settings. Weight settings as AdaRoundConfig; activations as
-    the sim config given to ``reconstruct_blocks`` (its act_bw)."""
-    param_bw: int = 4
-    per_channel: bool | None = None       # None: the hardware config decides
-    block_size: int | None = None         # per-block weight grids (blocks along the input dim)
-    param_scheme: str = "mse"
-    hw_config: str | dict = "default_per_channel"
-    num_batches: int | None = 16          # cached calibration batches
-    iterations: int = 500                 # per block, upper bound (early stop may end sooner)
-    batch_rows: int = 32                  # rows (samples) per optimization step
+class BlockReconConfig(RoundingSettings):
+    """Block reconstruction settings: the weight grid and rounding optimization as AdaRound
+    (iterations are per block); activations as the sim config given to
+    ``reconstruct_blocks`` (its act_bw)."""
     lr: float = 5e-2                      # rounding variables (Adam); measured best of 1e-2..8e-2 at 500 it
     learn_act_steps: bool = True          # learn the activation step sizes inside each block (LSQ)
     act_lr: float = 2e-3                  # on log(step): a relative change per step, scale-free
@@ -56,16 +49,7 @@ class BlockReconConfig:
     # measured on 13 configurations (bench/README.md) it lowered logit SQNR in 12 and cost
     # MobileNetV2 W4A8 2.3 points of agreement; QDrop's paper uses 0.5
     drop_prob: float = 0.0
-    reg_param: float = 0.01               # rounding regularizer weight (lambda)
-    beta_range: tuple = (20.0, 2.0)
-    warm_start: float = 0.2               # fraction of iterations without the regularizer
-    early_stop: bool = True               # stop once the rounding has settled ...
-    settled_fraction: float = 1e-2        # ... fewer weights than this undecided
     min_block_layers: int = 1             # merge graph segments until a block has this many layers
-    cache_fp16: bool = False              # store cached block inputs/targets in fp16
-    memory_budget_mb: float | None = None  # spill cached activations to disk beyond this
-    seed: int = 0
-    skip: tuple = ()                      # layer names left with round-to-nearest
 
     def __post_init__(self):
         if not 0.0 <= self.drop_prob < 1.0:
@@ -198,7 +182,7 @@ class _Learning:
         """QDrop in the activation quantizers (the fused kernel), a fresh choice per call."""
         on = on and self.cfg.drop_prob > 0
         for q in self.acts:
-            q.qdrop = (self.cfg.drop_prob, int(torch.randint(0, 2 ** 62, (1,), generator=self.gen))) if on else None
+            q.qdrop = (self.cfg.drop_prob, _seed(self.gen)) if on else None
 
     def set_steps(self) -> None:
         for q, (s0, u) in self.steps.items():
@@ -247,6 +231,11 @@ class _Learning:
                 q.set_encoding(s0 * torch.exp(u.detach()), q.zero_point.detach())
                 q.frozen = True
         return flipped / max(1, total)
+
+
+def _seed(gen) -> int:
+    """A fresh seed for one QDrop choice (the kernels hash it with the element index)."""
+    return int(torch.randint(0, 2 ** 62, (1,), generator=gen))
 
 
 def _learnable_step(q) -> bool:
@@ -299,24 +288,24 @@ def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, 
     it = 0
     for it in range(cfg.iterations):
         b = int(torch.randint(0, n_b, (1,), generator=gen))
-        xq, xf, tgt = [v[b] for v in q_in], [v[b] for v in f_in], [v[b] for v in f_out]
+        cached = [v[b] for v in q_in]
+        xq, xf, tgt = cached, [v[b] for v in f_in], [v[b] for v in f_out]
         lead = next((v for v in xq if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         if lead is not None and lead.shape[0] > cfg.batch_rows:
             n = lead.shape[0]
             idx = torch.randperm(n, generator=gen)[: cfg.batch_rows]
             xq, xf, tgt = _rows(xq, n, idx), _rows(xf, n, idx), _rows(tgt, n, idx)
         if cfg.drop_prob > 0:  # QDrop on the block input too (one fused pass per input)
-            xq = [ops.drop_select(q, f.to(q.dtype), cfg.drop_prob, int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+            xq = [ops.drop_select(q, f.to(q.dtype), cfg.drop_prob, _seed(gen))
                   if isinstance(q, torch.Tensor) and q.dtype in _KERNEL_DTYPES and isinstance(f, torch.Tensor)
                   and f.shape == q.shape else q for q, f in zip(xq, xf)]
-        # a fresh copy of each cached input: an in-place op in the block must not change the cache
-        xq = [x.clone() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xq]
+        # an in-place op in the block must not change the cache: copy what is still the cached tensor
+        xq = [x.clone() if x is c and isinstance(x, torch.Tensor) and x.is_floating_point() else x
+              for x, c in zip(xq, cached)]
         beta, lam = anneal(it, cfg)
         learning.set_beta(beta)
         learning.set_steps()
         learning.set_drop(True)
-        xq = [x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.float16 and cfg.cache_fp16 else x
-              for x in xq]
         loss = _error(run_q(ins, xq, outs), tgt)
         if lam:
             loss = loss + lam * learning.regularizer()
@@ -356,29 +345,12 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
     given ``config.seed`` and thread count. sim_config: the sim the result goes into
     (activation bitwidth, exclusions, formats); the weight settings of ``config`` override it.
     """
-    from rapidquant.qmodules import QuantizedModule
-    from rapidquant.quantsim import QuantSim
     t0 = time.perf_counter()
-    check_finite_weights(model)
-    dtype = model_float_dtype(model)
-    weights = dict(param_bw=config.param_bw, per_channel=config.per_channel, param_scheme=config.param_scheme,
-                   hw_config=config.hw_config, block_size=config.block_size)
-    sim_cfg = replace(sim_config, **weights) if sim_config is not None else QuantSimConfig(**weights)
-    sim = QuantSim(model, cast_floats(dummy_input, dtype), sim_cfg)
+    sim, dtype = rounding_sim(model, dummy_input, config, sim_config)
     device = next(model.parameters()).device
     batches = collect_batches(data, config.num_batches, sim.n_inputs, device, shard=D.active(), dtype=dtype)
     sim.compute_encodings(batches, show_progress=False, shard=False)  # batches are this rank's already
-    targets, skipped = {}, []
-    for name, m in sim.model.named_modules():
-        if isinstance(m, QuantizedModule) and isinstance(m.module, SUPPORTED) and "weight" in m.param_quantizers:
-            q = m.param_quantizers["weight"]
-            if name in config.skip:
-                skipped.append((name, "listed in BlockReconConfig.skip"))
-            elif q.dtype != "int" or not q.enabled:
-                skipped.append((name, "weight quantizer disabled or on a float grid: nothing to round"))
-            else:
-                targets[name] = m
-    skipped += untreated_weights(sim, SUPPORTED, "block reconstruction", set(targets))
+    targets, skipped = rounding_targets(sim, config.skip, "block reconstruction")
     float_weights = {m.param_quantizers["weight"].name: m.module.weight.detach().clone() for m in targets.values()}
 
     gm = sim.model
