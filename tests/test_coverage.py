@@ -170,8 +170,6 @@ def _import_onnx2torch():
             del sys.modules[name]
 
 
-@pytest.mark.xfail(strict=True, reason="onnx2torch's Resize stays a float leaf and reads its constant scales with "
-                   ".tolist(); sim.export's torch.export then fails (GuardOnDataDependentSymNode Eq(zuf0, 1.0))")
 def test_onnx2torch_converted_model(tmp_path):
     onnx2torch = _import_onnx2torch()
     m = onnx2torch.convert(_onnx_detector_head())

@@ -25,16 +25,28 @@ def tensors(x) -> list[torch.Tensor]:
     return []
 
 
+def map_tensors(x, fn):
+    """A nested batch with fn applied to every tensor (other values unchanged)."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(map_tensors(v, fn) for v in x)
+    if isinstance(x, dict):
+        return type(x)((k, map_tensors(v, fn)) for k, v in x.items()) if type(x) is not dict else \
+            {k: map_tensors(v, fn) for k, v in x.items()}
+    return x
+
+
 def to_device(x, device):
     """Move every tensor of a nested batch to device (other values unchanged)."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return type(x)((k, to_device(v, device)) for k, v in x.items()) if type(x) is not dict else \
-            {k: to_device(v, device) for k, v in x.items()}
-    return x
+    return map_tensors(x, lambda t: t.to(device))
+
+
+def unmarked(x):
+    """The same tensors as new objects. torch.export writes dynamic-dimension marks onto the
+    tensor objects it is given (``_dynamo_*_indices``) and a later export of those objects
+    inherits them: the user's tensors must not carry our capture into their next export."""
+    return map_tensors(x, torch.Tensor.detach)
 
 
 def is_args_kwargs(batch) -> bool:

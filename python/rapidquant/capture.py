@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rapidquant import graph as G
+from rapidquant.batches import unmarked
 from rapidquant.batches import forward_parameters
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -278,13 +279,13 @@ def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _register_output_dataclasses(model, args, kwargs)
-            a2, k2 = _batch_of_two(tuple(args)), _batch_of_two(dict(kwargs))
+            a2, k2 = unmarked(_batch_of_two(tuple(args))), unmarked(_batch_of_two(dict(kwargs)))
             try:
                 ep = torch.export.export(model, a2, k2, strict=False, dynamic_shapes=_dynamic_shapes(model, a2, k2))
             except Exception as e:  # noqa: BLE001
                 if "data-dependent" in str(e) or "GuardOnDataDependent" in type(e).__name__:
                     raise
-                ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)  # static shapes
+                ep = torch.export.export(model, unmarked(tuple(args)), unmarked(dict(kwargs)), strict=False)
     except Exception as e:  # noqa: BLE001
         raise _FxFailed(_Failure("torch.export", None, _user_frame(e), _why(e), e)) from e
     finally:

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 
 from rapidquant.export.encodings import aimet_doc, rapidquant_doc, check_writable, write_json, FORMATS
+from rapidquant.batches import unmarked
+from rapidquant.export.leaves import recorded_float_leaves
 from rapidquant.ops import named
 from rapidquant.ops.float_qdq import FORMAT_MAX
 
@@ -423,9 +425,10 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     seen: list = []
     from rapidquant.qmodules import float_biases
-    with float_biases():  # the int32 biases are written into the graph below
+    # the int32 biases are written into the graph below; float leaves go in as recorded graphs
+    with float_biases(), recorded_float_leaves(sim, args) as batch_baked:
         proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
-                              opset or OPSET, dynamic_batch)
+                              opset or OPSET, dynamic_batch and not batch_baked)
     first, every, unmapped, folded, merged = _map_quantizers(proto, sim, seen)
     bias = _add_int32_bias(proto, sim)
     if not export_int32_bias:
@@ -491,12 +494,12 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
             if dynamic_batch:  # batch dimension symbolic where the model allows it
                 try:
                     dims = tuple(_dynamic_dims(a) for a in args)
-                    prog = torch.onnx.export(model, args, dynamic_shapes=dims, **kw)
+                    prog = torch.onnx.export(model, unmarked(args), dynamic_shapes=dims, **kw)
                 except Exception as e:  # noqa: BLE001 - fall back to the dummy input's shapes
                     failed = e
                     prog = None
             if prog is None:
-                prog = torch.onnx.export(model, args, **kw)
+                prog = torch.onnx.export(model, unmarked(args), **kw)
     finally:
         model.train(was)
         for lg, lv in zip(quiet, levels):

@@ -1,0 +1,153 @@
+"""Float leaves made exportable: each one replaced, for the export only, by its aten graph.
+
+A float leaf is a module that graph capture could not trace (sim.float_leaves): typically it
+reads constant tensor arguments as Python values (``.tolist()``, ``.numpy()``, ``if
+torch.any(shape == 0)``), as onnx2torch's Resize, Slice, Reshape and Div do with the ONNX
+initializers they receive. torch.export fakes those constants and fails on the same lines.
+
+For the export, each leaf is recorded with ``make_fx(tracing_mode="real")`` on the inputs it
+receives when the sim runs the dummy input, its constant arguments (graph attributes) baked
+in: every such decision is taken on the real values, exactly as the leaf takes it. A recorded
+leaf is used only where it returns bit-identical outputs; one whose recorded graph changes
+with the batch size (it reads the batch as a Python int) is used too, and makes the file's
+batch fixed (the caller says so).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import fx, nn
+
+
+class _Recorded(nn.Module):
+    """Stands in for a leaf; the call site's constant arguments (baked in) are dropped."""
+
+    def __init__(self, graph: fx.GraphModule, free: list):
+        super().__init__()
+        self.graph_module = graph
+        self.free = free  # positions (int) and keywords (str) the recorded graph takes, in order
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*[args[k] if isinstance(k, int) else kwargs[k] for k in self.free])
+
+
+def _inner(model, path: str) -> str | None:
+    """The path of the float module a leaf's call runs: the module a QuantizedModule wraps (its
+    output quantizer stays outside the recording); None for a leaf whose weights are quantized."""
+    from rapidquant.qmodules import QuantizedModule
+    m = model.get_submodule(path)
+    if isinstance(m, QuantizedModule):
+        return None if m.param_quantizers else path + ".module"
+    return path
+
+
+def _call_sites(gm: fx.GraphModule, paths) -> dict:
+    """float module path -> positions/keywords of its leaf's (single) call's arguments that are
+    graph constants."""
+    sites: dict = {}
+    for node in gm.graph.nodes:
+        inner = _inner(gm, node.target) if node.op == "call_module" and node.target in paths else None
+        if inner:
+            if inner in sites:
+                sites[inner] = None  # called twice: left as it is
+                continue
+            named = {**dict(enumerate(node.args)), **node.kwargs}
+            sites[inner] = {k for k, a in named.items() if isinstance(a, fx.Node) and a.op == "get_attr"}
+    return {k: v for k, v in sites.items() if v is not None}
+
+
+def _leaf_inputs(model, sites: dict, args: tuple) -> dict:
+    """The arguments each leaf receives when the model runs ``args``: {position or keyword: value}."""
+    seen: dict = {}
+    hooks = []
+    for path in sites:
+        def pre(mod, a, kw, path=path):
+            seen.setdefault(path, {**dict(enumerate(a)), **kw})
+        hooks.append(model.get_submodule(path).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _record(leaf: nn.Module, inputs: dict, doubled: dict | None, constants: set):
+    """(recorded module, batch baked?) or None where recording fails or changes the output.
+    ``doubled``: the leaf's inputs when the model runs twice the batch (None: it cannot)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    free = [k for k in inputs if k not in constants]
+
+    def record(given: dict):
+        def call(*xs):
+            named = {**given, **dict(zip(free, xs))}
+            return leaf(*[named[k] for k in sorted(k for k in named if isinstance(k, int))],
+                        **{k: v for k, v in named.items() if isinstance(k, str)})
+        # real tensors: every value the leaf reads as a Python number is read, and baked in
+        return make_fx(call, tracing_mode="real", _error_on_data_dependent_ops=False)(*[given[k] for k in free])
+
+    values = [inputs[k] for k in free]
+    try:
+        with torch.no_grad():
+            gm = record(inputs)
+            if not _same(gm(*values), leaf(*[inputs[k] for k in sorted(k for k in inputs if isinstance(k, int))],
+                                               **{k: v for k, v in inputs.items() if isinstance(k, str)})):
+                return None
+            # a graph that differs at twice the batch read the batch size (or a shape holding it)
+            baked = doubled is None or set(doubled) != set(inputs) or record(doubled).code != gm.code
+    except Exception:  # noqa: BLE001 - a leaf that cannot be recorded stays as it is
+        return None
+    return _Recorded(gm, free), baked
+
+
+@contextlib.contextmanager
+def recorded_float_leaves(sim, args: tuple):
+    """Within the block, sim.model's float leaves are their recorded aten graphs. Yields the
+    paths whose recording fixed the batch size."""
+    model = sim.model
+    paths = set(getattr(sim, "float_leaves", {}) or {})
+    if not paths or not isinstance(model, fx.GraphModule):
+        yield []
+        return
+    sites = _call_sites(model, paths)
+    inputs = _leaf_inputs(model, sites, args)
+    batch = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
+    try:  # the same at twice the batch: which recordings hold for any batch size
+        doubled = _leaf_inputs(model, sites, tuple(
+            torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a
+            for a in args))
+    except Exception:  # noqa: BLE001 - a model that runs only at the dummy's batch size
+        doubled = {}
+    swapped, baked = {}, []
+    for path, constants in sites.items():
+        if path not in inputs:
+            continue
+        leaf = model.get_submodule(path)
+        got = _record(leaf, inputs[path], doubled.get(path), constants)
+        if got is None:
+            continue
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        swapped[path] = (owner, name, leaf)
+        setattr(owner, name, got[0])
+        if got[1]:
+            baked.append(path)
+    if baked:
+        warnings.warn(f"export: {len(baked)} float leaves read the batch size as a number ({baked[:4]}); "
+                      "the exported file has the dummy input's batch size", stacklevel=3)
+    try:
+        yield baked
+    finally:
+        for owner, name, leaf in swapped.values():
+            setattr(owner, name, leaf)
