@@ -51,10 +51,16 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("build", "calibrate", "sqnr", "export", "onnxruntime", "parity")
-# The parity stage fails when onnxruntime and the sim differ by more than this fraction of the
-# largest output on the same input: about 13 steps of an 8-bit output grid, far beyond the
-# one-step rounding ties of a faithful export, well below what a mis-translated op gives.
-PARITY_TOLERANCE = 0.05
+# The parity stage fails when the file's quality differs from the sim's: its output SQNR against
+# the float model (onnxruntime, default options, same input) more than this many dB from the
+# sim's. What it does not fail on, but reports: per element the two differ on deep 8-bit nets
+# (a float sum lands within rounding error of a grid tie, and the flip grows layer by layer;
+# bench/README.md), by single steps of the grid on the way.
+PARITY_DB = 1.0
+# Both are compared as at most 40 dB (noise 1% of the output's amplitude): single-step
+# differences of an 8-bit output grid measure about 48 dB, and onnxruntime's fused integer
+# kernels round some ops (QLinearSoftmax's table) one step apart from the float op they stand for.
+PARITY_CEILING_DB = 40.0
 
 
 # The sqnr stage fails below this: the quantization noise is then over a third of the output's
@@ -214,8 +220,9 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
         with torch.no_grad():
             ref = float_leaves(call(model, example))
             got = float_leaves(call(state["sim"].model, example))
-        state["sim_out"] = got
+        state["sim_out"], state["float_out"] = got, ref
         db = sqnr_db(ref, got)
+        state["sim_db"] = db
         if db < SQNR_FLOOR_DB:
             raise LowSQNR(f"output SQNR {db:.1f} dB against the float model, below {SQNR_FLOOR_DB:.0f} dB")
         return {"sqnr_db": round(db, 2), "message": f"{db:.1f} dB"}
@@ -247,14 +254,19 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
         got, ort = state["sim_out"], [o for o in state["ort_out"] if o.is_floating_point()]
         if len(got) != len(ort):
             raise RuntimeError(f"onnxruntime returns {len(ort)} float outputs, the sim {len(got)}")
+        if "sim_db" not in state:
+            raise RuntimeError("no float reference: the sqnr stage did not run")
         diffs = [(g.double() - o.double()).abs() for g, o in zip(got, ort)]
         mx = max(float(d.max()) if d.numel() else 0.0 for d in diffs)
         frac = sum(int((d > 0).sum()) for d in diffs) / max(1, sum(d.numel() for d in diffs))
         scale = max(float(g.abs().max()) if g.numel() else 0.0 for g in got)
-        msg = f"max |sim - onnxruntime| {mx:.3g} (outputs up to {scale:.3g}), {100 * frac:.2f}% of elements differ"
-        if mx > PARITY_TOLERANCE * scale:
-            raise ParityGap(msg + f": over {PARITY_TOLERANCE:.0%} of the output range")
-        return {"max_abs_diff": mx, "frac_differ": round(frac, 5), "output_absmax": scale, "message": msg}
+        gap_db, file_db = sqnr_db(got, ort), sqnr_db(state["float_out"], ort)
+        msg = (f"file vs float {file_db:.1f} dB (sim {state['sim_db']:.1f}); file vs sim {gap_db:.1f} dB; "
+               f"max |diff| {mx:.3g} of {scale:.3g}, {100 * frac:.2f}% of elements differ")
+        if abs(min(file_db, PARITY_CEILING_DB) - min(state["sim_db"], PARITY_CEILING_DB)) > PARITY_DB:
+            raise ParityGap(msg + f": the file's SQNR is not the sim's within {PARITY_DB:.0f} dB")
+        return {"max_abs_diff": mx, "frac_differ": round(frac, 5), "output_absmax": scale,
+                "file_vs_sim_db": round(gap_db, 2), "file_vs_float_db": round(file_db, 2), "message": msg}
 
     for name, fn in zip(STAGES, (build, calibrate, sqnr, export, onnxruntime, parity)):
         stage(name, fn)

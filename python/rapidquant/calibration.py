@@ -120,7 +120,10 @@ def _keep_sample(s: Stats, x: torch.Tensor) -> None:
 def grid_damage(sample: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> dict | None:
     """How a per-tensor grid treats a sample of its data: ``collapsed``, the share of the
     values not already on the grid that land on its most used level (a mel spectrogram
-    at 8 bits: nearly all of them on 0); ``clipped``, the share outside the grid."""
+    at 8 bits: nearly all of them on 0); ``clipped``, the share outside the grid;
+    ``rel_error``, the median over non-zero values of |q(x) - x| / |x| (a healthy 8-bit
+    grid: about 0.01; a residual stream whose outliers set the range: near 1, the typical
+    value rounds to zero)."""
     if sample is None or sample.numel() == 0 or scale.numel() != 1:
         return None
     s, z = float(scale.reshape(-1)[0]), float(zero_point.reshape(-1)[0])
@@ -128,13 +131,15 @@ def grid_damage(sample: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -
     q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
     off_grid = (q - z) * s != x
     clipped = float(((x / s + z) < qmin - 0.5).sum() + ((x / s + z) > qmax + 0.5).sum()) / x.numel()
+    nonzero = x != 0
+    rel = float((((q - z) * s - x).abs()[nonzero] / x.abs()[nonzero]).median()) if nonzero.any() else 0.0
     if not off_grid.any():
-        return {"collapsed": 0.0, "clipped": clipped, "level": 0.0}
+        return {"collapsed": 0.0, "clipped": clipped, "level": 0.0, "rel_error": rel}
     levels = (q[off_grid] - qmin).long()
     counts = torch.bincount(levels, minlength=qmax - qmin + 1)
     top = int(counts.argmax())
     return {"collapsed": float(counts[top]) / int(off_grid.sum()), "clipped": clipped,
-            "level": (top + qmin - z) * s}
+            "level": (top + qmin - z) * s, "rel_error": rel}
 
 
 def _widen(lo, hi):

@@ -47,11 +47,16 @@ class QuantSimConfig:
     exclude: tuple = field(default_factory=tuple)  # module names or types left in float
     strict: bool = False                  # modules QuantSim cannot quantize are an error, not float leaves
     capture: str = "auto"                 # "auto" (torch.fx, else torch.export), "fx" or "export"
+    # integer activation grids that destroy their calibration data are raised to this many bits
+    # after calibration (named in a warning and sim.widened); None: only warn
+    widen_destroyed: int | None = 16
 
     def __post_init__(self):
         for name in ("param_scheme", "act_scheme"):
             if getattr(self, name) not in SCHEMES:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {SCHEMES}")
+        if self.widen_destroyed is not None and self.widen_destroyed not in range(2, 17):
+            raise ValueError(f"widen_destroyed={self.widen_destroyed!r}: an integer bitwidth 2..16, or None")
         for name in ("dtype", "act_dtype"):
             v = getattr(self, name)
             if v is not None and v not in ("int", "float"):

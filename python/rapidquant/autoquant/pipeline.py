@@ -150,6 +150,8 @@ def _run_stage(state: RunState, stage: Stage) -> StageRecord:
         rec.seconds = time.perf_counter() - t0
         rec.evaluations, rec.calibrations = state.evaluator.count - ev0, state.calibrations - cal0
         rec.artifacts = dict(out.artifacts)
+        if getattr(out.sim, "widened", None):  # grids calibration raised: said with every stage that has them
+            rec.artifacts["widened"] = dict(out.sim.widened)
         state.log(f"{stage.name}: {_fmt(out.score)} in {rec.seconds:.1f} s {out.message}")
     state.outputs[stage.name] = out
     if stage.after is not None:

@@ -41,6 +41,7 @@ import torch
 from rapidquant.export.encodings import aimet_doc, rapidquant_doc, check_writable, write_json, FORMATS
 from rapidquant.batches import unmarked
 from rapidquant.export.leaves import recorded_float_leaves
+from rapidquant.export.ort_guards import widen_weight_only_matmul_containers
 from rapidquant.ops import named
 from rapidquant.ops.float_qdq import FORMAT_MAX
 
@@ -430,6 +431,7 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
         proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
                               opset or OPSET, dynamic_batch and not batch_baked)
     first, every, unmapped, folded, merged = _map_quantizers(proto, sim, seen)
+    widen_weight_only_matmul_containers(proto)
     bias = _add_int32_bias(proto, sim)
     if not export_int32_bias:
         bias = {}  # the graph keeps the int32 biases the sim runs; the encodings file omits them

@@ -1,0 +1,70 @@
+"""Representations that keep onnxruntime's default optimizer from changing the computation.
+
+onnxruntime (1.2x-1.3x, default session options) fuses DequantizeLinear(8-bit weight) ->
+MatMul/Gemm into MatMulNBits whenever the other input is not an 8-bit QDQ tensor (a 16-bit
+activation, or a float one), and runs it at ``session.qdq_matmulnbits_accuracy_level`` 4: the
+activation is quantized to int8 per block of 32 on the fly. A W8A16 transformer layer then
+differs from the sim by hundreds of output steps on nearly every element (measured: 312
+steps on 99% of the outputs of a two-layer MLP on 3-D input; 0 steps with ORT_DISABLE_ALL).
+The fusion takes only 2/4/8-bit weight types, so such weights travel in an int16 (uint16)
+container: the same codes, zero point and scale, one DequantizeLinear the optimizer leaves
+alone. Weights whose MatMul reads an 8-bit QDQ activation stay int8: onnxruntime runs those
+as exact integer kernels (MatMulIntegerToFloat, QLinearMatMul, QGemm).
+"""
+from __future__ import annotations
+
+_PASS_THROUGH = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten")  # layout ops between DQ and MatMul
+
+
+def _source(name: str, producer: dict, through=_PASS_THROUGH):
+    """The node that makes ``name``, looking through layout-only ops."""
+    node = producer.get(name)
+    while node is not None and node.op_type in through:
+        node = producer.get(node.input[0])
+    return node
+
+
+def _eight_bit(node, inits: dict) -> bool:
+    """A QuantizeLinear/DequantizeLinear whose zero point is an 8-bit initializer."""
+    from onnx import TensorProto as T
+    zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+    return zp is not None and zp.data_type in (T.INT8, T.UINT8)
+
+
+def widen_weight_only_matmul_containers(model_proto) -> list[str]:
+    """Put 8-bit weights of MatMul/Gemm nodes whose activation input is not 8-bit QDQ into
+    16-bit containers (see the module doc). Returns the weight tensors moved."""
+    from onnx import TensorProto as T
+    from onnx import numpy_helper
+    g = model_proto.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    moved = []
+    for node in g.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        act = _source(node.input[0], producer)
+        if act is not None and act.op_type == "DequantizeLinear" and _eight_bit(act, inits):
+            continue  # an integer kernel takes it
+        dq = _source(node.input[1], producer)
+        if dq is None or dq.op_type != "DequantizeLinear" or not _eight_bit(dq, inits):
+            continue
+        q = producer.get(dq.input[0])  # a narrow grid's integer Clip sits between: left as it is
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in inits or not _eight_bit(q, inits):
+            continue
+        zp = inits[dq.input[2]]
+        wide = T.INT16 if zp.data_type == T.INT8 else T.UINT16
+        new = numpy_helper.from_array(numpy_helper.to_array(zp).astype("int16" if wide == T.INT16 else "uint16"),
+                                      dq.input[2] + "_16")
+        if new.name not in inits:
+            g.initializer.append(new)
+            inits[new.name] = new
+        q.input[2] = dq.input[2] = new.name
+        for a in q.attribute:
+            if a.name == "output_dtype":
+                a.i = wide
+        for v in g.value_info:  # the codes' declared type
+            if v.name == q.output[0]:
+                v.type.tensor_type.elem_type = wide
+        moved.append(q.input[0])
+    return moved
