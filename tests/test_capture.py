@@ -229,6 +229,12 @@ def test_quantizer_that_destroys_its_input_is_named_and_raised_to_16_bits():
     assert sqnr(sim) > sqnr(kept) + 15, (sqnr(kept), sqnr(sim))
     assert all(q.bitwidth == 8 for n, q in sim.quantizers().items() if n != "input_x.output")
 
+    # a 4-bit grid is a precision the user chose: warned about, never raised
+    low = rq.QuantSim(model, mel[0], config=rq.QuantSimConfig(act_bw=4))
+    with pytest.warns(UserWarning, match="destroy most of their input"):
+        low.compute_encodings(mel, show_progress=False)
+    assert low.widened == {} and low.quantizer("input_x.output").bitwidth == 4
+
     # the same model on well-scaled data: nothing to say, nothing raised
     sim = rq.QuantSim(Spec(), mel[0])
     with warnings.catch_warnings():

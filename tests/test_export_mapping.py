@@ -84,6 +84,17 @@ def walk(res, sim, x):
     return found
 
 
+def _codes_in(g, n, qmin, qmax) -> bool:
+    """The codes a QuantizeLinear gives its constant input all lie in [qmin, qmax]."""
+    w, s, z = g.const(n.input[0]).astype(np.float64), g.const(n.input[1]).astype(np.float64), g.const(n.input[2])
+    if s.size > 1:
+        shape = [1] * w.ndim
+        shape[{a.name: a.i for a in n.attribute}.get("axis", 1) % w.ndim] = s.size
+        s, z = s.reshape(shape), z.reshape(shape)
+    codes = np.round(w / s) + z.astype(np.float64)
+    return bool(codes.min() >= qmin and codes.max() <= qmax)
+
+
 def check_q_node(g, n, q, name, is_param):
     scale = g.const(n.input[1]).astype(np.float64)
     axis = {a.name: a.i for a in n.attribute}.get("axis")
@@ -121,9 +132,10 @@ def check_q_node(g, n, q, name, is_param):
         if narrow and ztype in (T.INT8, T.UINT8):
             assert len(clamps) == 1
             assert int(g.const(clamps[0].input[1])) == qmin + off and int(g.const(clamps[0].input[2])) == qmax + off
-        elif narrow and is_param:  # 16-bit container: a float clamp after DQ (torch.onnx may rename it)
-            users = g.consumers.get(dq.output[0], [])
-            assert users and all(u.op_type in ("Clip", "Max", "Min") for u in users), \
+        elif narrow and is_param:  # 16-bit container: a float clamp after DQ (torch.onnx may rename it),
+            users = g.consumers.get(dq.output[0], [])  # or constant codes that all fit the grid
+            fits = n.input[0] in g.inits and _codes_in(g, n, qmin, qmax)
+            assert fits or (users and all(u.op_type in ("Clip", "Max", "Min") for u in users)), \
                 f"{name}: a {qmin}..{qmax} grid in a 16-bit container needs a clamp after DQ"
         elif narrow:  # activation, 16-bit container: a float clamp in front of Q
             assert g.producer[n.input[0]].op_type in ("Clip", "Min"), f"{name}: no clamp in front of Q"

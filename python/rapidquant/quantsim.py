@@ -34,8 +34,16 @@ COLLAPSE_WARN = 0.9  # share of (not exactly representable) calibration values o
 CLIP_WARN = 0.05     # share of calibration values outside the grid
 # median relative rounding error of the non-zero calibration values: healthy 8-bit activation
 # grids measure 0.01-0.05 (the coverage suite's CNNs at most 0.16); a residual stream whose
-# outliers set the range, or a power spectrum, 0.5-1 (the typical value rounds to zero)
+# outliers set the range, or a power spectrum, 0.5-1 (the typical value rounds to zero). The
+# bound doubles per bit below 8 (a healthy grid's error does): there only collapse is said.
 REL_ERROR_WARN = 0.2
+WIDEN_FROM_BITS = 8  # grids this wide that destroy their data are a range problem, not a
+# precision the user chose: those are raised; narrower ones (W4A4) are only warned about
+
+
+def destroys(d: dict, bitwidth: int) -> bool:
+    """Whether a grid_damage record says the grid destroys its data (clipping aside)."""
+    return d["collapsed"] >= COLLAPSE_WARN or d["rel_error"] >= REL_ERROR_WARN * 2 ** max(0, 8 - bitwidth)
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "Gather": 0}  # op type -> weight arg index
 
 
@@ -438,8 +446,9 @@ class QuantSim:
 
     def _check_grids(self, quantizers, sync: bool) -> None:
         """Name the quantizers whose grid destroys their calibration data (one warning), and
-        raise destroyed integer activation grids to ``config.widen_destroyed`` bits where the
-        hardware config offers that many (clipping is left alone: more bits do not mend it)."""
+        raise destroyed integer activation grids of 8 or more bits to ``config.widen_destroyed``
+        bits where the hardware config offers that many (clipping is left alone: more bits do
+        not mend it)."""
         from rapidquant.calibration import grid_damage
         target = self.config.widen_destroyed
         kernels = self.hw.supported_kernels()
@@ -451,13 +460,11 @@ class QuantSim:
             if not q.enabled or q.dtype != "int" or q.scale is None or q.stats is None or q.stats.sample is None:
                 continue
             d = grid_damage(q.stats.sample, q.scale, q.zero_point, *q.qrange)
-            if d is not None and (d["collapsed"] >= COLLAPSE_WARN or d["clipped"] >= CLIP_WARN
-                                  or d["rel_error"] >= REL_ERROR_WARN):
+            if d is not None and (destroys(d, q.bitwidth) or d["clipped"] >= CLIP_WARN):
                 damage[i] = {"name": q.name, "bitwidth": q.bitwidth, **d}
         # one flag per quantizer (the same list on every rank): widen where any rank says so
-        flags = torch.tensor([float(i in damage and target is not None and not q.frozen and q.bitwidth < target
-                                    and (damage[i]["collapsed"] >= COLLAPSE_WARN
-                                         or damage[i]["rel_error"] >= REL_ERROR_WARN))
+        flags = torch.tensor([float(i in damage and target is not None and not q.frozen
+                                    and WIDEN_FROM_BITS <= q.bitwidth < target and destroys(damage[i], q.bitwidth))
                               for i, q in enumerate(quantizers)])
         if sync:
             D.all_reduce(flags, torch.distributed.ReduceOp.MAX)

@@ -31,6 +31,27 @@ def _eight_bit(node, inits: dict) -> bool:
     return zp is not None and zp.data_type in (T.INT8, T.UINT8)
 
 
+def _codes_fit(q, inits: dict, graph) -> bool:
+    """Whether every code of a QuantizeLinear on a constant weight lies in the 8-bit container
+    (then a wider container saturates nothing, and computes the same). A clipping weight grid
+    (percentile/MSE schemes, loaded encodings) does not, and keeps its int8 container."""
+    import numpy as np
+    from onnx import numpy_helper
+    w = numpy_helper.to_array(inits[q.input[0]]).astype(np.float64)
+    s = numpy_helper.to_array(inits[q.input[1]]).astype(np.float64)
+    z = numpy_helper.to_array(inits[q.input[2]])
+    lo, hi = np.iinfo(z.dtype).min, np.iinfo(z.dtype).max
+    attrs = {a.name: a.i for a in q.attribute}
+    if s.size > 1:  # per channel (blocked weights are not 8-bit MatMul candidates here)
+        if attrs.get("block_size"):
+            return False
+        shape = [1] * w.ndim
+        shape[attrs.get("axis", 1) % w.ndim] = s.size
+        s, z = s.reshape(shape), z.astype(np.float64).reshape(shape)
+    codes = np.round(w / s) + z  # float64: the float32 division rounds no code across .5 here
+    return bool(codes.min() >= lo and codes.max() <= hi)
+
+
 def widen_weight_only_matmul_containers(model_proto) -> list[str]:
     """Put 8-bit weights of MatMul/Gemm nodes whose activation input is not 8-bit QDQ into
     16-bit containers (see the module doc). Returns the weight tensors moved."""
@@ -53,6 +74,8 @@ def widen_weight_only_matmul_containers(model_proto) -> list[str]:
         if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in inits or not _eight_bit(q, inits):
             continue
         zp = inits[dq.input[2]]
+        if not _codes_fit(q, inits, g):
+            continue  # a clipping weight grid needs the 8-bit container's saturation: left as it is
         wide = T.INT16 if zp.data_type == T.INT8 else T.UINT16
         new = numpy_helper.from_array(numpy_helper.to_array(zp).astype("int16" if wide == T.INT16 else "uint16"),
                                       dq.input[2] + "_16")
