@@ -214,7 +214,9 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
     def calibrate():
         state["sim"].compute_encodings(calib, show_progress=False)
         on = sum(q.enabled for q in state["sim"].quantizers().values())
-        return {"enabled_quantizers": on}
+        widened = state["sim"].widened
+        return {"enabled_quantizers": on, "widened": len(widened), "widened_names": list(widened),
+                "message": f"raised to 16 bits: {', '.join(widened)}" if widened else ""}
 
     def sqnr():
         with torch.no_grad():
@@ -334,7 +336,10 @@ def _short(stage: str, st: dict) -> str:
     if stage == "export":
         return f"{st['qdq_pairs']} QDQ"
     if stage == "parity":
-        return f"max {st['max_abs_diff']:.2g} of {st['output_absmax']:.2g}, {100 * st['frac_differ']:.1f}% differ"
+        return (f"file {st['file_vs_float_db']:.1f} dB; {100 * st['frac_differ']:.1f}% differ, "
+                f"max {st['max_abs_diff']:.2g} of {st['output_absmax']:.2g}")
+    if stage == "calibrate" and st.get("widened"):
+        return f"{st['widened']} raised to 16 bits"
     return ""
 
 

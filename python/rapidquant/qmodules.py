@@ -65,6 +65,9 @@ class QuantizedModule(nn.Module):
         # the quantizer whose output is this layer's input (set by QuantSim; a tuple so it is
         # not registered twice as a submodule): the bias is simulated on its int32 grid
         self.bias_input: tuple[Quantizer, ...] = ()
+        # key -> a function of the float parameter used in place of its quantizer while set
+        # (block reconstruction's learned soft rounding); the quantizer stays, with its grid
+        self.param_overrides: dict[str, nn.Module] = {}
 
     def param(self, name: str) -> torch.Tensor:
         return self.module.get_parameter(name)
@@ -77,6 +80,8 @@ class QuantizedModule(nn.Module):
         """The parameter after its quantizer; reused while neither weight nor encoding changes."""
         q = self.param_quantizers[key]
         p = self.param(self._param_names[key])
+        if key in self.param_overrides:
+            return self.param_overrides[key](p)
         if not q.enabled:
             return p
         track_grad = torch.is_grad_enabled() and (p.requires_grad or any(t.requires_grad for t in q.parameters()))

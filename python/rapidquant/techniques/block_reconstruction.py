@@ -133,13 +133,11 @@ def find_blocks(gm: fx.GraphModule, targets: set, min_layers: int = 1) -> list[B
 
 # ---------------------------------------------------------------- learned quantizers
 class SoftRounding(nn.Module):
-    """Stands in for a weight quantizer while its block learns: the weight on the same
-    grid with AdaRound's soft rounding (V). Mirrors the attributes the wrapper reads."""
+    """AdaRound's soft rounding (V) of one weight on its quantizer's grid, which stays fixed
+    while the block learns; set as the wrapper's ``param_overrides["weight"]``."""
 
     def __init__(self, q: Quantizer, w: torch.Tensor):
         super().__init__()
-        self.base = (q,)  # a tuple: not registered as a submodule
-        self.enabled, self.dtype, self.observer, self.name = True, "int", None, q.name
         self.scale, self.zero_point = q.scale.detach(), q.zero_point.detach()
         self.axis, self.block_size, self.qrange = q.axis, q.block_size, q.qrange
         self.V = nn.Parameter(init_rounding(w.detach().float(), self.scale, self.zero_point, q.axis, q.block_size))
@@ -165,9 +163,8 @@ class _Learning:
         self.wrappers, self.acts, self.cfg, self.gen = wrappers, acts, cfg, gen
         self.soft, self.grad_was = {}, {}
         for name, w in wrappers.items():
-            q = w.param_quantizers["weight"]
-            self.soft[name] = SoftRounding(q, w.module.weight)
-            w.param_quantizers["weight"] = self.soft[name]
+            self.soft[name] = SoftRounding(w.param_quantizers["weight"], w.module.weight)
+            w.param_overrides["weight"] = self.soft[name]
             self.grad_was[name] = w.module.weight.requires_grad
             w.module.weight.requires_grad_(False)  # only V learns
             w.clear_cache()
@@ -216,9 +213,8 @@ class _Learning:
         flipped = total = 0
         with torch.no_grad():
             for name, w in self.wrappers.items():
-                soft, p = self.soft[name], w.module.weight
-                q = soft.base[0]
-                w.param_quantizers["weight"] = q
+                soft, p, q = self.soft[name], w.module.weight, w.param_quantizers["weight"]
+                del w.param_overrides["weight"]
                 hard = soft.hard(p)
                 flipped += int((hard != q(p)).sum())
                 total += p.numel()
