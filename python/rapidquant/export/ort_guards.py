@@ -31,14 +31,14 @@ def _eight_bit(node, inits: dict) -> bool:
     return zp is not None and zp.data_type in (T.INT8, T.UINT8)
 
 
-def _codes_fit(q, inits: dict, graph) -> bool:
+def _codes_fit(q, inits: dict) -> bool:
     """Whether every code of a QuantizeLinear on a constant weight lies in the 8-bit container
     (then a wider container saturates nothing, and computes the same). A clipping weight grid
     (percentile/MSE schemes, loaded encodings) does not, and keeps its int8 container."""
     import numpy as np
     from onnx import numpy_helper
-    w = numpy_helper.to_array(inits[q.input[0]]).astype(np.float64)
-    s = numpy_helper.to_array(inits[q.input[1]]).astype(np.float64)
+    w = numpy_helper.to_array(inits[q.input[0]]).astype(np.float32)
+    s = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
     z = numpy_helper.to_array(inits[q.input[2]])
     lo, hi = np.iinfo(z.dtype).min, np.iinfo(z.dtype).max
     attrs = {a.name: a.i for a in q.attribute}
@@ -47,8 +47,8 @@ def _codes_fit(q, inits: dict, graph) -> bool:
             return False
         shape = [1] * w.ndim
         shape[attrs.get("axis", 1) % w.ndim] = s.size
-        s, z = s.reshape(shape), z.astype(np.float64).reshape(shape)
-    codes = np.round(w / s) + z  # float64: the float32 division rounds no code across .5 here
+        s, z = s.reshape(shape), z.reshape(shape)
+    codes = np.rint(w / s) + z.astype(np.float32)  # QuantizeLinear's float32 division, ties to even
     return bool(codes.min() >= lo and codes.max() <= hi)
 
 
@@ -74,7 +74,7 @@ def widen_weight_only_matmul_containers(model_proto) -> list[str]:
         if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in inits or not _eight_bit(q, inits):
             continue
         zp = inits[dq.input[2]]
-        if not _codes_fit(q, inits, g):
+        if not _codes_fit(q, inits):
             continue  # a clipping weight grid needs the 8-bit container's saturation: left as it is
         wide = T.INT16 if zp.data_type == T.INT8 else T.UINT16
         new = numpy_helper.from_array(numpy_helper.to_array(zp).astype("int16" if wide == T.INT16 else "uint16"),
