@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import rapidquant as rq
 import rapidquant.autoquant as AQ
@@ -477,3 +478,36 @@ def test_cli_demo_end_to_end(tmp_path):
                               capture_output=True, text=True, timeout=120)
     assert helptext.returncode == 0 and "--block-size" in helptext.stdout and "exit status" in helptext.stdout
     assert "--no-block-reconstruction" in helptext.stdout
+
+
+class Spec(nn.Module):  # module level: AutoQuant's cache pickles the model
+    def __init__(self):
+        super().__init__()
+        self.l, self.fc = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.l(torch.sqrt(x))))
+
+
+def test_grids_calibration_raised_are_in_the_result_and_report(tmp_path):
+    """A power-spectrum-like input destroys its 8-bit grid; calibration raises it to 16 bits and
+    AutoQuant's stages and report say so."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.exp(torch.randn(16, 8, generator=g) * 2 - 6) for _ in range(4)]
+    m = Spec().eval()
+    with torch.no_grad():
+        refs = [m(x) for x in batches]
+
+    def fidelity(model):  # 1 - relative output error energy
+        with torch.no_grad():
+            return 1 - sum(float((r - model(x)).pow(2).sum()) for r, x in zip(refs, batches)) / \
+                sum(float(r.pow(2).sum()) for r in refs)
+
+    cfg = rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=8, act_bw=8), allowed_drop=0.05, results_dir=str(tmp_path),
+                             num_calibration_batches=4, use_block_reconstruction=False, latency_threads=None)
+    res = rq.AutoQuant(m, batches[0], batches, fidelity, cfg, show_progress=False).optimize()
+    raised = [s.artifacts["widened"] for s in res.stages if s.artifacts.get("widened")]
+    assert raised and all(set(w) == {"input_x.output"} for w in raised), raised
+    html = open(os.path.join(str(tmp_path), "report.html")).read()
+    assert "activation grid raised" in html and "input_x.output" in html

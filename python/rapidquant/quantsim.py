@@ -487,7 +487,7 @@ class QuantSim:
             raised = [f for f in found if "widened_to" in f]
             warnings.warn(f"{len(found)} quantizers destroy most of their input at their bitwidth:\n  "
                           + "\n  ".join(line(f) for f in found)
-                          + (f"\n{len(raised)} were raised to {target} bits (sim.widened; "
+                          + (f"\nRaised to {target} bits: {len(raised)} (sim.widened; "
                              "QuantSimConfig(widen_destroyed=None) keeps their bitwidth)." if raised else "")
                           + "\nOtherwise widen them (bitwidth 16), normalise or log-scale that tensor in the model, "
                           "or disable them (sim.quantizer(name).enabled = False). "

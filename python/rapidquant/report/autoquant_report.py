@@ -273,8 +273,9 @@ def write_report(res, path: str) -> str:
             "<h2>Stages</h2>", "<p>Rows in red: a stage failed, or its sim met the target and its exported file "
             "did not.</p>", table(_stage_rows(res))]
     untreated = _untreated_rows(res)
-    body += ["<h2>Left untreated</h2>", "<p>Layers a technique did not treat, and why.</p>" if untreated else "",
-             table(untreated)]
+    body += ["<h2>Left untreated, or changed</h2>",
+             "<p>Layers a technique did not treat, grids calibration raised from the configured bitwidth, "
+             "and why.</p>" if untreated else "", table(untreated)]
     sel = next((s for s in res.stages if s.name == "scheme_selection" and s.artifacts.get("schemes")), None)
     if sel is not None:
         body += ["<h2>Quantization schemes</h2>",
