@@ -1,0 +1,99 @@
+"""The exported file computes what the sim computes under onnxruntime's *default* session
+options, op family by configuration: onnxruntime's optimizer rewrites QDQ graphs (integer
+kernels, MatMulNBits, QDQ propagation), and a rewrite that changes the computation shows as
+a gap between the default level and ORT_DISABLE_ALL.
+
+Measured (onnxruntime 1.32, CPU): every cell below differs from the sim by at most one output
+step on at most 7% of the outputs (the attention block at W8A8: a float summation order that
+resolves a grid tie the other way), except the pooled/sliced head at W16A16, where
+onnxruntime's QDQ propagation moves the Slice between a uint16 QuantizeLinear and its
+DequantizeLinear and the following Gemm then differs by thousands of steps (0 at
+ORT_DISABLE_ALL; fine with 8-bit weights or 8-bit activations): not mended, xfail below."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rapidquant as rq
+
+pytest.importorskip("onnxruntime")
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.l2 = nn.Linear(64, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l(x)))
+
+
+class Convs(nn.Module):  # dense, depthwise and transposed convolutions
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(8, 16, 3, padding=1)
+        self.d = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.t = nn.ConvTranspose2d(16, 8, 2, stride=2)
+
+    def forward(self, x):
+        return self.t(torch.relu(self.d(torch.relu(self.c(x)))))
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.n, self.l = nn.Embedding(100, 32), nn.LayerNorm(32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.l(self.n(self.e(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 5.0, -1) @ x
+
+
+class PooledHead(nn.Module):  # concat, average pool, a squeeze-excite-like scale, slice, linear
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.cat([self.c(x), x], 1)
+        y = nn.functional.avg_pool2d(y, 2) * torch.sigmoid(y.mean((2, 3), keepdim=True)).mean()
+        return self.fc(y.mean((2, 3))[:, :8])
+
+
+MODELS = {"mlp_3d": (MLP, lambda g: torch.randn(2, 6, 64, generator=g)),
+          "convs": (Convs, lambda g: torch.randn(2, 8, 8, 8, generator=g)),
+          "embed": (Embed, lambda g: torch.randint(0, 100, (2, 7), generator=g)),
+          "attention": (Attention, lambda g: torch.randn(2, 6, 32, generator=g)),
+          "pooled_head": (PooledHead, lambda g: torch.randn(2, 8, 8, 8, generator=g))}
+CONFIGS = {"w8a8": {}, "w8a16": {"act_bw": 16}, "w4a8": {"param_bw": 4}, "w16a16": {"param_bw": 16, "act_bw": 16}}
+KNOWN = {("pooled_head", "w16a16"): "onnxruntime's QDQ propagation moves the Slice between a uint16 Q and DQ; "
+                                    "the Gemm after it then differs by thousands of steps (not mended)"}
+
+
+CASES = [pytest.param(m, c, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(m, c)])) if (m, c) in KNOWN
+         else (m, c) for c in CONFIGS for m in MODELS]
+
+
+@pytest.mark.parametrize("model,config", CASES)
+def test_default_session_computes_what_the_sim_does(tmp_path, model, config):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    cls, make = MODELS[model]
+    x = make(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = rq.QuantSim(cls().eval(), x, rq.QuantSimConfig(**CONFIGS[config]))
+        sim.compute_encodings([make(g) for _ in range(3)], show_progress=False)
+        res = sim.export(str(tmp_path), x)
+    for level in ("default", "disable_all"):
+        p = res.parity[level]
+        assert p.max_steps < 1.5 and p.frac_differing <= 0.15, (level, p)  # measured <= 1 step on <= 7%
