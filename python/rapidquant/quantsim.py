@@ -544,8 +544,11 @@ class QuantSim:
 
 # ops that move values without changing them: onnxruntime carries a DequantizeLinear's
 # scale across their ONNX forms (MaxPool, Reshape, Transpose, Squeeze, Unsqueeze)
+# getitem/narrow/select: slicing, which onnxruntime's QDQ propagation moves between Q and DQ (the
+# layer then sees a DequantizeLinear input and onnxruntime quantizes its bias: the sim must too)
 _VALUE_MOVING = {"flatten", "reshape", "view", "_unsafe_view", "squeeze", "unsqueeze", "permute", "transpose",
-                 "contiguous", "max_pool1d", "max_pool2d", "max_pool3d", "dropout"}  # dropout: gone in eval
+                 "contiguous", "max_pool1d", "max_pool2d", "max_pool3d", "dropout",  # dropout: gone in eval
+                 "getitem", "narrow", "select"}
 _VALUE_MOVING_MODULES = (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Identity, nn.Dropout,
                          nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
