@@ -1,7 +1,7 @@
 """The exported file computes what the sim computes under onnxruntime's *default* session
-options, op family by configuration: onnxruntime's optimizer rewrites QDQ graphs (integer
-kernels, MatMulNBits, QDQ propagation), and a rewrite that changes the computation shows as
-a gap between the default level and ORT_DISABLE_ALL.
+options, op family by configuration (six small models): onnxruntime's optimizer rewrites
+QDQ graphs (integer kernels, MatMulNBits, QDQ propagation), and a rewrite that changes the
+computation shows as a gap between the default level and ORT_DISABLE_ALL.
 
 Measured (onnxruntime 1.32, CPU): every cell below differs from the sim by at most one output
 step on at most 7% of the outputs (the attention block at W8A8: a float summation order that
@@ -70,11 +70,27 @@ class PooledHead(nn.Module):  # concat, average pool, a squeeze-excite-like scal
         return self.fc(y.mean((2, 3))[:, :8])
 
 
+class ResidualMix(nn.Module):  # residual add, ReLU6, Hardswish, LeakyReLU, resizes, global pool
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.act, self.hs, self.lr = nn.ReLU6(), nn.Hardswish(), nn.LeakyReLU(0.1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.act(self.a(x)) + x
+        z = self.lr(self.b(self.hs(y)))
+        z = nn.functional.interpolate(nn.functional.interpolate(z, scale_factor=2, mode="nearest"),
+                                      scale_factor=0.5, mode="bilinear", align_corners=False)
+        return self.fc(nn.functional.adaptive_avg_pool2d(z, 1).flatten(1))
+
+
 MODELS = {"mlp_3d": (MLP, lambda g: torch.randn(2, 6, 64, generator=g)),
           "convs": (Convs, lambda g: torch.randn(2, 8, 8, 8, generator=g)),
           "embed": (Embed, lambda g: torch.randint(0, 100, (2, 7), generator=g)),
           "attention": (Attention, lambda g: torch.randn(2, 6, 32, generator=g)),
-          "pooled_head": (PooledHead, lambda g: torch.randn(2, 8, 8, 8, generator=g))}
+          "pooled_head": (PooledHead, lambda g: torch.randn(2, 8, 8, 8, generator=g)),
+          "residual_mix": (ResidualMix, lambda g: torch.randn(2, 8, 8, 8, generator=g))}
 CONFIGS = {"w8a8": {}, "w8a16": {"act_bw": 16}, "w4a8": {"param_bw": 4}, "w16a16": {"param_bw": 16, "act_bw": 16}}
 KNOWN: dict = {}  # (model, config) -> why onnxruntime's default session differs (strict xfail)
 
