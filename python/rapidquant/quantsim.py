@@ -44,6 +44,8 @@ WIDEN_FROM_BITS = 8  # grids this wide that destroy their data are a range probl
 def destroys(d: dict, bitwidth: int) -> bool:
     """Whether a grid_damage record says the grid destroys its data (clipping aside)."""
     return d["collapsed"] >= COLLAPSE_WARN or d["rel_error"] >= REL_ERROR_WARN * 2 ** max(0, 8 - bitwidth)
+
+
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "Gather": 0}  # op type -> weight arg index
 
 
