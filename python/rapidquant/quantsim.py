@@ -33,9 +33,10 @@ _count_inputs = count_inputs
 COLLAPSE_WARN = 0.9  # share of (not exactly representable) calibration values on one grid level
 CLIP_WARN = 0.05     # share of calibration values outside the grid
 # median relative rounding error of the non-zero calibration values: healthy 8-bit activation
-# grids measure 0.01-0.05 (the coverage suite's CNNs at most 0.16); a residual stream whose
-# outliers set the range, or a power spectrum, 0.5-1 (the typical value rounds to zero). The
-# bound doubles per bit below 8 (a healthy grid's error does): there only collapse is said.
+# grids measure 0.01-0.05 (the coverage suite's classifiers at most 0.16); a residual stream
+# whose outliers set the range, a power spectrum, a detector's near-empty score map 0.3-1 (the
+# typical value rounds to zero). The bound doubles per bit below 8 (a healthy grid's error
+# does): there only collapse is said.
 REL_ERROR_WARN = 0.2
 WIDEN_FROM_BITS = 8  # grids this wide that destroy their data are a range problem, not a
 # precision the user chose: those are raised; narrower ones (W4A4) are only warned about
