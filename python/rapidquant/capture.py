@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rapidquant import graph as G
-from rapidquant.batches import unmarked
+from rapidquant.batches import map_tensors, unmarked
 from rapidquant.batches import forward_parameters
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -258,13 +258,7 @@ def _register_output_dataclasses(model, args, kwargs) -> None:
 
 def _batch_of_two(x):
     """Inputs with batch 1 doubled: torch.export would specialise a size-1 batch."""
-    if isinstance(x, torch.Tensor):
-        return torch.cat([x, x]) if x.dim() and x.shape[0] == 1 else x
-    if isinstance(x, (list, tuple)):
-        return type(x)(_batch_of_two(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _batch_of_two(v) for k, v in x.items()}
-    return x
+    return map_tensors(x, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t)
 
 
 def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:

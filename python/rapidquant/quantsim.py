@@ -458,13 +458,15 @@ class QuantSim:
         if target is not None and kernels and not any(
                 k.get("activation", {}).get("bitwidth") == target for k in kernels):
             target = None  # the hardware runs no such activations
-        damage = {}
+        measured, damage = {}, {}  # index -> grid_damage record; the ones worth a word
         for i, q in enumerate(quantizers):
             if not q.enabled or q.dtype != "int" or q.scale is None or q.stats is None or q.stats.sample is None:
                 continue
             d = grid_damage(q.stats.sample, q.scale, q.zero_point, *q.qrange)
-            if d is not None and (destroys(d, q.bitwidth) or d["clipped"] >= CLIP_WARN):
-                damage[i] = {"name": q.name, "bitwidth": q.bitwidth, **d}
+            if d is not None:
+                measured[i] = {"name": q.name, "bitwidth": q.bitwidth, **d}
+                if destroys(d, q.bitwidth) or d["clipped"] >= CLIP_WARN:
+                    damage[i] = measured[i]
         # one flag per quantizer (the same list on every rank): widen where any rank says so
         flags = torch.tensor([float(i in damage and target is not None and not q.frozen
                                     and WIDEN_FROM_BITS <= q.bitwidth < target and destroys(damage[i], q.bitwidth))
@@ -472,9 +474,8 @@ class QuantSim:
         if sync:
             D.all_reduce(flags, torch.distributed.ReduceOp.MAX)
         for i, (q, widen) in enumerate(zip(quantizers, flags.tolist())):
-            if widen:
-                f = damage.setdefault(i, {"name": q.name, "bitwidth": q.bitwidth, "rel_error": 0.0,  # another
-                                          "collapsed": 0.0, "clipped": 0.0, "level": 0.0})  # rank's data
+            if widen and i in measured:
+                f = damage.setdefault(i, measured[i])  # may be another rank's data that said so
                 q.set_precision("int", target)
                 q.compute_encoding()
                 after = grid_damage(q.stats.sample, q.scale, q.zero_point, *q.qrange)

@@ -20,6 +20,8 @@ import warnings
 import torch
 from torch import fx, nn
 
+from rapidquant.batches import map_tensors, tensors
+
 
 class _Recorded(nn.Module):
     """Stands in for a leaf; the call site's constant arguments (baked in) are dropped."""
@@ -83,6 +85,12 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _call(leaf: nn.Module, named: dict):
+    """leaf called with {position or keyword: value}."""
+    return leaf(*[named[k] for k in sorted(k for k in named if isinstance(k, int))],
+                **{k: v for k, v in named.items() if isinstance(k, str)})
+
+
 def _record(leaf: nn.Module, inputs: dict, doubled: dict | None, constants: set):
     """(recorded module, batch baked?) or None where recording fails or changes the output.
     ``doubled``: the leaf's inputs when the model runs twice the batch (None: it cannot)."""
@@ -90,19 +98,14 @@ def _record(leaf: nn.Module, inputs: dict, doubled: dict | None, constants: set)
     free = [k for k in inputs if k not in constants]
 
     def record(given: dict):
-        def call(*xs):
-            named = {**given, **dict(zip(free, xs))}
-            return leaf(*[named[k] for k in sorted(k for k in named if isinstance(k, int))],
-                        **{k: v for k, v in named.items() if isinstance(k, str)})
         # real tensors: every value the leaf reads as a Python number is read, and baked in
-        return make_fx(call, tracing_mode="real", _error_on_data_dependent_ops=False)(*[given[k] for k in free])
+        return make_fx(lambda *xs: _call(leaf, {**given, **dict(zip(free, xs))}), tracing_mode="real",
+                       _error_on_data_dependent_ops=False)(*[given[k] for k in free])
 
-    values = [inputs[k] for k in free]
     try:
         with torch.no_grad():
             gm = record(inputs)
-            if not _same(gm(*values), leaf(*[inputs[k] for k in sorted(k for k in inputs if isinstance(k, int))],
-                                               **{k: v for k, v in inputs.items() if isinstance(k, str)})):
+            if not _same(gm(*[inputs[k] for k in free]), _call(leaf, inputs)):
                 return None
             # a graph that differs at twice the batch read the batch size (or a shape holding it)
             baked = doubled is None or set(doubled) != set(inputs) or record(doubled).code != gm.code
@@ -122,11 +125,10 @@ def recorded_float_leaves(sim, args: tuple):
         return
     sites = _call_sites(model, paths)
     inputs = _leaf_inputs(model, sites, args)
-    batch = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
+    batch = next((t.shape[0] for t in tensors(args) if t.dim()), None)
     try:  # the same at twice the batch: which recordings hold for any batch size
-        doubled = _leaf_inputs(model, sites, tuple(
-            torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a
-            for a in args))
+        doubled = _leaf_inputs(model, sites, map_tensors(
+            args, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == batch else t))
     except Exception:  # noqa: BLE001 - a model that runs only at the dummy's batch size
         doubled = {}
     swapped, baked = {}, []
