@@ -270,3 +270,29 @@ def test_integer_image_scaled_in_the_model_is_quantized_but_mask_arithmetic_is_n
     assert "truediv.output" in sim.quantizers()  # the conv's input is on a grid in the export too
     sim = rq.QuantSim(KwModel().eval(), {k: v for k, v in _tok(2, 6, 0).items() if k != "token_type_ids"})
     assert not any(n.startswith(("sub", "rsub", "mul", "float", "add")) for n in sim.quantizers()), list(sim.quantizers())
+
+
+class Prototypes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.centers = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x):
+        return -torch.cdist(self.fc(x), self.centers)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_weight_no_quantizer_reaches_is_named(method):
+    """An op QuantSim has no rule for reads a weight matrix: the weight stays float in the sim
+    and the file, so QuantSim says which, and through which op, instead of staying silent."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sim = rq.QuantSim(Prototypes().eval(), torch.randn(2, 8), rq.QuantSimConfig(capture=method))
+    assert set(sim.param_quantizers()) == {"fc.weight"}
+    assert list(sim.float_weights) == ["centers"] and sim.float_weights["centers"].startswith("cdist")
+    said = [str(w.message) for w in caught if "weights in float" in str(w.message)]
+    assert len(said) == 1 and "centers (read by cdist" in said[0]
+    # a weight the user excluded on purpose is not reported
+    sim = rq.QuantSim(Prototypes().eval(), torch.randn(2, 8), rq.QuantSimConfig(capture=method, exclude=("centers",)))
+    assert not sim.float_weights

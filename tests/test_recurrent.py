@@ -72,13 +72,18 @@ CASES = {  # name -> (module, inputs)
 }
 
 
+@pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_twin_with_quantizers_off_equals_torch(case):
+def test_twin_with_quantizers_off_equals_torch(case, capture):
+    # torch.export lowers the module to one aten op (aten.lstm, aten.gru_cell, ...) that
+    # returns several tensors; the capture folds it back into a call of the module
     make, inputs = CASES[case]
     args = inputs()
     model = (Wrap0, Wrap1, Wrap2)[len(args) - 1](make()).eval()
-    sim = QuantSim(model, args)
+    sim = QuantSim(model, args, QuantSimConfig(capture=capture))
     assert isinstance(sim.model.rnn, (R.QuantizedRNN, R.QuantizedCell))
+    weights = {n for n, p in model.named_parameters() if p.dim() == 2}
+    assert weights == set(sim.param_quantizers()) and not sim.float_weights
     with torch.no_grad(), sim.disabled():
         want, got = model(*args), sim.model(*args)
     (w, wspec), (g, gspec) = tree_flatten(want), tree_flatten(got)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import logging
+import operator
 import os
 import re
 import traceback
@@ -293,7 +294,8 @@ def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
         if node.op == "call_function" and G._aten_key(node.target) == "_assert_tensor_metadata.default":
             g.erase_node(node)
     mods = dict(model.named_modules())
-    _fold_modules(g, mods, is_leaf)
+    _fold_recurrent(g, mods)
+    _fold_modules(g, mods, lambda path, m: is_leaf(path, m) and not isinstance(m, _RECURRENT))
     root = {}
     for node in g.nodes:
         if node.op == "get_attr":
@@ -351,6 +353,77 @@ def _fold_modules(g: fx.Graph, mods: dict, is_leaf) -> None:
         cur[1].append(node)
     for path, nodes in runs:
         _fold_run(g, path, nodes)
+
+
+# aten ops that torch's recurrent modules call (torch._VF): op -> what it returns
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+_RECURRENT_OPS = {"lstm.input": "out, h, c", "gru.input": "out, h", "rnn_tanh.input": "out, h",
+                  "rnn_relu.input": "out, h", "lstm_cell.default": "h, c", "gru_cell.default": "h",
+                  "rnn_tanh_cell.default": "h", "rnn_relu_cell.default": "h"}
+
+
+def _fold_recurrent(g: fx.Graph, mods: dict) -> None:
+    """Turn each aten recurrent op (aten.lstm, aten.gru_cell, ...) back into a call of its
+    module with the same input and states, so QuantSim puts the quantized twin there.
+
+    An LSTM call takes the input and two states and returns three tensors, so the generic
+    one-input fold cannot take it; left as an aten op its gate matrices would stay float.
+    The op receives exactly what the module's forward would pass on for a batched input
+    with explicit states, so the module called that way computes the same values; zeros
+    states and unbatched reshapes the module made stay in the graph around it."""
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        returns = _RECURRENT_OPS.get(G._aten_key(node.target))
+        path = _recurrent_owner(node, mods) if returns else None
+        if path is None:
+            continue
+        cell = not returns.startswith("out")
+        weights = node.args[2:] if cell else node.args[2]
+        if not all(w is None or isinstance(w, fx.Node) and w.op == "get_attr" and w.target.startswith(path + ".")
+                   for w in weights):
+            continue  # weights that are not the module's own: leave the op as it is
+        x, hx = node.args[0], node.args[1]
+        states = tuple(hx) if isinstance(hx, (list, tuple)) else hx
+        with g.inserting_before(node):
+            new = g.call_module(path, (x, states))
+        val = node.meta.get("val")
+        if returns == "out, h, c":  # the module returns (out, (h, c))
+            with g.inserting_after(new):
+                out = g.call_function(operator.getitem, (new, 0))
+                hc = g.call_function(operator.getitem, (new, 1))
+            with g.inserting_after(hc):
+                h = g.call_function(operator.getitem, (hc, 0))
+            with g.inserting_after(h):
+                c = g.call_function(operator.getitem, (hc, 1))
+            if val is not None:
+                new.meta["val"] = (val[0], (val[1], val[2]))
+                hc.meta["val"] = (val[1], val[2])
+                for i, n in enumerate((out, h, c)):
+                    n.meta["val"] = val[i]
+            for u in list(node.users):
+                if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int):
+                    u.replace_all_uses_with((out, h, c)[u.args[1]])
+                    g.erase_node(u)
+            if node.users:  # the tuple itself used whole (rare): rebuild it
+                with g.inserting_after(c):
+                    whole = g.call_function(tuple, ([out, h, c],))
+                node.replace_all_uses_with(whole)
+        else:  # same structure as the module's return
+            if val is not None:
+                new.meta["val"] = val
+            node.replace_all_uses_with(new)
+        g.erase_node(node)
+
+
+def _recurrent_owner(node, mods) -> str | None:
+    """The innermost recurrent module in node's module stack."""
+    found = None
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        path = re.sub(r"@\d+$", "", path)
+        if isinstance(mods.get(path), _RECURRENT):
+            found = path
+    return found
 
 
 def _is_tensor(n) -> bool:

@@ -91,6 +91,7 @@ class QuantSim:
         self.float_leaves: dict[str, str] = dict(cap.float_leaves)
         self.calibration_warnings: list[dict] = []
         self.widened: dict[str, str] = {}  # activation quantizers calibration raised (why)
+        self.float_weights: dict[str, str] = {}  # weights no quantizer reaches -> the op that reads them
         self._build(cap.gm, excluded, args, kwargs)
         self._check_runs(dummy_input)
 
@@ -209,6 +210,7 @@ class QuantSim:
                 with g.inserting_after(node):
                     new = g.call_module(name, (node,))
                 node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        self._check_float_weights(gm, excluded)
         g.lint()
         gm.recompile()
         _link_bias_inputs(gm)
@@ -233,6 +235,31 @@ class QuantSim:
         warnings.warn(f"QuantSim keeps {len(self.float_leaves)} modules whole in float (their outputs are "
                       "quantized, their insides are not):\n  " + listed +
                       "\nSee sim.float_leaves; QuantSimConfig(strict=True) makes this an error.", stacklevel=4)
+
+    def _check_float_weights(self, gm: fx.GraphModule, excluded: set) -> None:
+        """Name every matrix-shaped parameter the graph reads raw (an op QuantSim does not
+        know that takes weights): it would run in float in the sim and the file alike."""
+        mods = dict(gm.named_modules())
+        skip = tuple(e for e in excluded if isinstance(e, str))
+        for node in gm.graph.nodes:
+            if node.op != "get_attr" or node.target.startswith(skip):
+                continue
+            try:
+                p = gm.get_parameter(node.target)
+            except AttributeError:
+                continue  # a buffer or constant
+            if p.dim() < 2 or not p.is_floating_point():
+                continue
+            raw = [u for u in node.users
+                   if not (u.op == "call_module" and isinstance(mods.get(u.target), QuantizedParameter))]
+            if raw:
+                self.float_weights[node.target] = ", ".join(sorted({_op_name(u) for u in raw}))
+        if self.float_weights:
+            listed = "\n  ".join(f"{k} (read by {v})" for k, v in self.float_weights.items())
+            warnings.warn(f"QuantSim leaves {len(self.float_weights)} weights in float: no "
+                          "weight quantizer reaches them through the ops that read them:\n  " + listed +
+                          "\nSee sim.float_weights; teach the op with rapidquant.register_function(fn, op_type) "
+                          "or wrap it in a module registered with rapidquant.register_module.", stacklevel=4)
 
     def _quantize_used_params(self, gm: fx.GraphModule, infos) -> None:
         """Give a weight quantizer to every parameter that a functional conv, linear, matmul or
@@ -513,17 +540,20 @@ class QuantSim:
 
     def export(self, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
                export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None,
-               dynamic_batch: bool = True):
+               dynamic_batch: bool = True, unsigned_weights: bool = True):
         """Write ``<filename>.onnx`` (QuantizeLinear/DequantizeLinear) and ``<filename>.encodings.json``.
 
         The graph carries the int32 biases the sim simulates (Conv/Linear layers whose
         input and weight are quantized, as onnxruntime and integer targets run them);
         ``export_int32_bias`` also lists them in the encodings file. The batch dimension is
-        exported as symbolic when the model allows (``dynamic_batch``)."""
+        exported as symbolic when the model allows (``dynamic_batch``). 8-bit weights of
+        layers with uint8 activations are written as uint8 with zero point + 128, the same
+        grid, which onnxruntime computes exactly on every x86 CPU; ``unsigned_weights=False``
+        keeps int8 for runtimes that require signed weights (TensorRT)."""
         from rapidquant.export.onnx_qdq import export_sim
         return export_sim(self, out_dir, self.positional(dummy_input), filename, encoding_format=encoding_format,
                           export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset,
-                          dynamic_batch=dynamic_batch)
+                          dynamic_batch=dynamic_batch, unsigned_weights=unsigned_weights)
 
     def positional(self, batch) -> tuple:
         """A batch as the captured model's positional inputs, in signature order (dict
@@ -611,6 +641,11 @@ def _unique_name(gm: nn.Module, base: str) -> str:
         name = f"{base}_{i}"
         i += 1
     return name
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
 def _param_kind(pname: str) -> str:

@@ -75,9 +75,14 @@ def prepare(state: RunState) -> Outcome:
     how = getattr(sim, "capture_method", "torch.fx")
     leaves = getattr(sim, "float_leaves", None) or {}
     msg = f"captured with {how}; {len(sim.quantizers())} quantizers"
+    weights = getattr(sim, "float_weights", None) or {}
     if leaves:
         msg += f"; kept in float (output quantized): {', '.join(leaves)}"
-    return Outcome(message=msg, candidate=False, artifacts={"capture": how, "float_leaves": dict(leaves)})
+    if weights:
+        msg += f"; weights left in float: {', '.join(weights)}"
+    return Outcome(message=msg, candidate=False, artifacts={
+        "capture": how, "float_leaves": dict(leaves),
+        "float_weights": {k: f"read by {v}, which has no weight quantizer" for k, v in weights.items()}})
 
 
 def fp32(state: RunState) -> Outcome:
