@@ -110,8 +110,8 @@ def check_q_node(g, n, q, name, is_param):
     zp = g.const(n.input[2]).astype(np.int64)
     qmin, qmax = q.qrange
     off = UNSIGNED[ztype] if (ztype in UNSIGNED and qmin < 0) else 0
-    if is_param:
-        assert off == 0, "weights keep the grid's signedness"
+    if is_param:  # signed 8-bit weights of integer kernels travel as uint8 (export/ort_guards.py)
+        assert off == 0 or ztype == T.UINT8, "weights keep the grid's signedness, or go into uint8"
     else:
         assert ztype in UNSIGNED, "activations use unsigned containers (onnxruntime default session)"
     lo, hi = CONTAINER[ztype]

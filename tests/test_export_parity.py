@@ -175,3 +175,34 @@ def test_16_bit_activation_matmuls_keep_their_computation_in_onnxruntime(tmp_pat
     for level in ("default", "disable_all"):
         p = res.parity[level]
         assert p.max_steps < 1.5 and p.frac_differing <= 0.05, (level, p)  # one step of a 16-bit grid
+
+
+def test_8_bit_weights_of_integer_kernels_travel_unsigned(tmp_path):
+    """onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2) add two products in a
+    saturating int16 (export/ort_guards.py). Measured on this MLP on such a machine (AMD EPYC,
+    AVX2, onnxruntime 1.32), default level: int8 weights 22 output steps on 91% of the outputs;
+    uint8 weights with zero point + 128 (the same grid) 0 steps; ORT_DISABLE_ALL 0 steps both.
+    On a VNNI CPU both are exact, so the first half checks the representation itself."""
+    from onnx import TensorProto as T
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                            torch.nn.Linear(256, 10)).eval()
+    data = [torch.randn(32, 64) for _ in range(4)]
+    sim = rq.QuantSim(m, data[0])
+    sim.compute_encodings(data, show_progress=False)
+
+    def weight_zero_point_types(res):
+        g = onnx.load(res.onnx).graph
+        types = {i.name: i.data_type for i in g.initializer}
+        return {n.input[0]: types[n.input[2]] for n in g.node
+                if n.op_type == "QuantizeLinear" and n.input[0].endswith(".weight")}
+
+    res = sim.export(str(tmp_path / "u"), data[0])
+    assert set(weight_zero_point_types(res).values()) == {T.UINT8}
+    for level in ("default", "disable_all"):
+        assert res.parity[level].max_steps == 0, (level, res.parity[level])
+    signed = sim.export(str(tmp_path / "s"), data[0], unsigned_weights=False)
+    assert set(weight_zero_point_types(signed).values()) == {T.INT8}
+    assert signed.parity["disable_all"].max_steps == 0
+    enc = [open(r.encodings).read() for r in (res, signed)]
+    assert enc[0] == enc[1]  # the encodings file states the signed grid either way

@@ -41,7 +41,7 @@ import torch
 from rapidquant.export.encodings import aimet_doc, rapidquant_doc, check_writable, write_json, FORMATS
 from rapidquant.batches import unmarked
 from rapidquant.export.leaves import recorded_float_leaves
-from rapidquant.export.ort_guards import widen_weight_only_matmul_containers
+from rapidquant.export.ort_guards import unsigned_weight_containers, widen_weight_only_matmul_containers
 from rapidquant.ops import named
 from rapidquant.ops.float_qdq import FORMAT_MAX
 
@@ -405,9 +405,14 @@ def check_parity(path: str, sim, dummy_input, model_proto=None, levels=LEVELS):
 
 def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
                export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None,
-               dynamic_batch: bool = True) -> ExportResult:
+               dynamic_batch: bool = True, unsigned_weights: bool = True) -> ExportResult:
     """export_int32_bias: write int32 bias encodings (scale = s_in * s_w) to the encodings
     file. The graph always carries the int32 biases the sim simulates (see _add_int32_bias).
+
+    unsigned_weights: 8-bit weights of Conv/MatMul/Gemm layers with uint8 activations travel
+    as uint8 codes, zero point + 128 (same grid): onnxruntime's int8-weight kernels overflow
+    on x86 CPUs without VNNI (ort_guards). False keeps int8 for runtimes that require signed
+    weights (TensorRT); the encodings file is the same either way.
 
     The result's ``parity`` holds sim vs onnxruntime on the dummy input with default session
     options and with ORT_DISABLE_ALL; a difference above PARITY_WARN_STEPS output steps, or
@@ -432,6 +437,8 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
                               opset or OPSET, dynamic_batch and not batch_baked)
     first, every, unmapped, folded, merged = _map_quantizers(proto, sim, seen)
     widen_weight_only_matmul_containers(proto)
+    if unsigned_weights:
+        unsigned_weight_containers(proto)
     bias = _add_int32_bias(proto, sim)
     if not export_int32_bias:
         bias = {}  # the graph keeps the int32 biases the sim runs; the encodings file omits them
