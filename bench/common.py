@@ -57,8 +57,20 @@ def run_interleaved(cases: list[Case], device: str, rounds: int = 15, warmup: in
 def machine_line(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    return (f"{platform.processor() or platform.machine()}{cpu_isa()}, {os.cpu_count()} cores, "
             f"{torch.get_num_threads()} torch/OpenMP threads (torch {torch.__version__})")
+
+
+def cpu_isa() -> str:
+    """' (AVX2, no VNNI)' and the like: onnxruntime's integer kernels round and saturate
+    differently with and without VNNI, so parity figures depend on it."""
+    try:
+        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return ""
+    vec = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    vnni = "VNNI" if flags & {"avx512_vnni", "avx_vnni"} else "no VNNI"
+    return f" ({vec}, {vnni})"
 
 
 def write_table(rows: list[dict], path_stem: str, title: str) -> str:

@@ -240,9 +240,9 @@ class QuantSim:
         """Name every matrix-shaped parameter the graph reads raw (an op QuantSim does not
         know that takes weights): it would run in float in the sim and the file alike."""
         mods = dict(gm.named_modules())
-        skip = tuple(e for e in excluded if isinstance(e, str))
+        skip = [e for e in excluded if isinstance(e, str)]
         for node in gm.graph.nodes:
-            if node.op != "get_attr" or node.target.startswith(skip):
+            if node.op != "get_attr" or any(node.target == e or node.target.startswith(e + ".") for e in skip):
                 continue
             try:
                 p = gm.get_parameter(node.target)

@@ -41,6 +41,7 @@ import torch
 from rapidquant.export.encodings import aimet_doc, rapidquant_doc, check_writable, write_json, FORMATS
 from rapidquant.batches import unmarked
 from rapidquant.export.leaves import recorded_float_leaves
+from rapidquant.export.onnx_graph import producers
 from rapidquant.export.ort_guards import unsigned_weight_containers, widen_weight_only_matmul_containers
 from rapidquant.ops import named
 from rapidquant.ops.float_qdq import FORMAT_MAX
@@ -333,7 +334,7 @@ def _add_int32_bias(model_proto, sim) -> dict:
         warnings.warn(f"int32 bias saturates in {', '.join(saturated)}: the bias needs more than 31 bits on the "
                       "grid s_input * s_weight, so the sim and every integer runtime clip it; use fewer bits for "
                       "that layer's input or weight (e.g. 8 instead of 16) or exclude the layer", stacklevel=3)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producers(g)
     for node in g.node:  # encodings only
         if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.input) < 3 or node.input[2] not in inits:
             continue
@@ -351,7 +352,7 @@ def _add_int32_bias(model_proto, sim) -> dict:
 
 def output_steps(model_proto, sim) -> list:
     """Per graph output: the scale of the quantizer that produced it (None: not quantized)."""
-    producer = {o: n for n in model_proto.graph.node for o in n.output}
+    producer = producers(model_proto.graph)
     out = []
     for o in model_proto.graph.output:
         q = _quantizer_of(o.name, producer, sim)

@@ -23,6 +23,8 @@ as exact integer kernels (MatMulIntegerToFloat, QLinearMatMul, QGemm).
 """
 from __future__ import annotations
 
+from rapidquant.export.onnx_graph import producers
+
 _PASS_THROUGH = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten")  # layout ops between DQ and MatMul
 
 
@@ -68,7 +70,7 @@ def widen_weight_only_matmul_containers(model_proto) -> list[str]:
     from onnx import numpy_helper
     g = model_proto.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producers(g)
     moved = []
     for node in g.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
@@ -113,7 +115,7 @@ def unsigned_weight_containers(model_proto) -> list[str]:
     from onnx import numpy_helper
     g = model_proto.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producers(g)
     moved = []
     for node in g.node:
         if node.op_type not in _INTEGER_KERNEL_OPS or len(node.input) < 2:
