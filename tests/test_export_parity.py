@@ -177,7 +177,8 @@ def test_16_bit_activation_matmuls_keep_their_computation_in_onnxruntime(tmp_pat
         assert p.max_steps < 1.5 and p.frac_differing <= 0.05, (level, p)  # one step of a 16-bit grid
 
 
-def test_8_bit_weights_of_integer_kernels_travel_unsigned(tmp_path):
+@pytest.mark.parametrize("bw", [8, 7])  # 7 bits: an integer Clip sits between Q and DQ, shifted too
+def test_8_bit_weights_of_integer_kernels_travel_unsigned(tmp_path, bw):
     """onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2) add two products in a
     saturating int16 (export/ort_guards.py). Measured on this MLP on such a machine (AMD EPYC,
     AVX2, onnxruntime 1.32), default level: int8 weights 22 output steps on 91% of the outputs;
@@ -188,7 +189,7 @@ def test_8_bit_weights_of_integer_kernels_travel_unsigned(tmp_path):
     m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
                             torch.nn.Linear(256, 10)).eval()
     data = [torch.randn(32, 64) for _ in range(4)]
-    sim = rq.QuantSim(m, data[0])
+    sim = rq.QuantSim(m, data[0], rq.QuantSimConfig(param_bw=bw))
     sim.compute_encodings(data, show_progress=False)
 
     def weight_zero_point_types(res):
@@ -199,8 +200,9 @@ def test_8_bit_weights_of_integer_kernels_travel_unsigned(tmp_path):
 
     res = sim.export(str(tmp_path / "u"), data[0])
     assert set(weight_zero_point_types(res).values()) == {T.UINT8}
-    for level in ("default", "disable_all"):
-        assert res.parity[level].max_steps == 0, (level, res.parity[level])
+    for level in ("default", "disable_all"):  # measured 0 here; a tie flipped by another kernel is one step
+        p = res.parity[level]
+        assert p.max_steps < 1.5 and p.frac_differing <= 0.02, (level, p)
     signed = sim.export(str(tmp_path / "s"), data[0], unsigned_weights=False)
     assert set(weight_zero_point_types(signed).values()) == {T.INT8}
     assert signed.parity["disable_all"].max_steps == 0

@@ -110,12 +110,14 @@ _INTEGER_KERNEL_OPS = ("Conv", "MatMul", "Gemm")  # ops onnxruntime fuses with Q
 def unsigned_weight_containers(model_proto) -> list[str]:
     """Move int8 weights of Conv/MatMul/Gemm nodes whose activation is uint8 QDQ to uint8
     containers (zero point + 128; see the module doc). Returns the weight tensors moved."""
-    import numpy as np
     from onnx import TensorProto as T
-    from onnx import numpy_helper
     g = model_proto.graph
     inits = {i.name: i for i in g.initializer}
     producer = producers(g)
+    users: dict = {}
+    for n in g.node:
+        for t in n.input:
+            users.setdefault(t, []).append(n)
     moved = []
     for node in g.node:
         if node.op_type not in _INTEGER_KERNEL_OPS or len(node.input) < 2:
@@ -125,23 +127,52 @@ def unsigned_weight_containers(model_proto) -> list[str]:
             continue
         if dq is None or dq.op_type != "DequantizeLinear" or _zero_point_type(dq, inits) != T.INT8:
             continue
-        q = producer.get(dq.input[0])  # a narrow grid's integer Clip sits between: small codes, no overflow
-        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in inits or q.input[2] != dq.input[2]:
+        chain = _weight_codes(dq, producer, users, inits)
+        if chain is None:
             continue
-        name = dq.input[2] + "_u8"
-        if name not in inits:
-            zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int16) + 128
-            inits[name] = numpy_helper.from_array(zp.astype(np.uint8), name)
-            g.initializer.append(inits[name])
-        q.input[2] = dq.input[2] = name
+        q, clip, dqs = chain
+        for n in (q, *dqs):
+            n.input[2] = _shifted(inits, g, n.input[2])
+        if clip is not None:  # a narrow grid's integer clamp on the codes
+            clip.input[1], clip.input[2] = _shifted(inits, g, clip.input[1]), _shifted(inits, g, clip.input[2])
         for a in q.attribute:
             if a.name == "output_dtype":
                 a.i = T.UINT8
+        codes = {q.output[0]} | ({clip.output[0]} if clip is not None else set())
         for v in g.value_info:  # the codes' declared type
-            if v.name == q.output[0]:
+            if v.name in codes:
                 v.type.tensor_type.elem_type = T.UINT8
         moved.append(q.input[0])
     return moved
+
+
+def _weight_codes(dq, producer: dict, users: dict, inits: dict):
+    """(QuantizeLinear of a constant, its integer Clip or None, every DequantizeLinear of those
+    codes) for a weight's DequantizeLinear; None where the codes go anywhere else."""
+    clip = producer.get(dq.input[0])
+    q = producer.get(clip.input[0]) if clip is not None and clip.op_type == "Clip" else clip
+    clip = None if clip is q else clip
+    if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in inits or q.input[2] != dq.input[2]:
+        return None
+    if clip is not None and not (len(clip.input) == 3 and clip.input[1] in inits and clip.input[2] in inits):
+        return None
+    codes = users.get((clip or q).output[0], [])
+    if (clip is not None and users.get(q.output[0]) != [clip]) or \
+            not all(u.op_type == "DequantizeLinear" and u.input[2] == dq.input[2] for u in codes):
+        return None
+    return q, clip, codes
+
+
+def _shifted(inits: dict, g, name: str) -> str:
+    """An int8 initializer + 128 as uint8 (made once per name)."""
+    import numpy as np
+    from onnx import numpy_helper
+    new = name + "_u8"
+    if new not in inits:
+        inits[new] = numpy_helper.from_array((numpy_helper.to_array(inits[name]).astype(np.int16) + 128)
+                                             .astype(np.uint8), new)
+        g.initializer.append(inits[new])
+    return new
 
 
 def _zero_point_type(node, inits: dict):
