@@ -539,3 +539,42 @@ def test_weights_left_in_float_are_in_the_result_and_report(tmp_path):
     assert record(res, "prepare").artifacts["float_weights"].keys() == {"centers"}
     html = open(os.path.join(str(tmp_path), "report.html")).read()
     assert "weight kept in float" in html and "read by cdist" in html
+
+
+CLI_USER_MODULE = '''
+import torch
+from torch import nn
+
+
+class Prototypes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.centers = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x):
+        return -torch.cdist(self.fc(x), self.centers)
+
+
+def model():
+    torch.manual_seed(0)
+    return Prototypes().eval()
+
+
+def data():
+    return [torch.randn(16, 8) for _ in range(2)]
+
+
+def score(m, num_samples=None):
+    return 1.0
+'''
+
+
+def test_cli_shows_our_warnings(tmp_path):
+    """The CLI does not filter warnings: a weight left in float is said on stderr."""
+    (tmp_path / "user_model.py").write_text(CLI_USER_MODULE)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "rapidquant.cli", "autoquant", "--model", "user_model:model",
+                           "--data", "user_model:data", "--eval", "user_model:score", "--out", str(tmp_path / "r"),
+                           "--quiet", "--time-budget", "0"], capture_output=True, text=True, timeout=300, env=env)
+    assert "weights in float" in proc.stderr and "centers (read by cdist" in proc.stderr, proc.stderr[-2000:]

@@ -97,8 +97,9 @@ def test_fp16_model_with_fp32_batches_runs_every_batch_technique():
     assert h.batches == 2
     for run in (lambda s: rq.seq_mse(s, calib_batches(2), show_progress=False),
                 lambda s: rq.correct_bias(s, calib_batches(2), show_progress=False)):
-        sim = rq.QuantSim(fp, x.half(), rq.QuantSimConfig(param_bw=4))
-        sim.compute_encodings([b.half() for b in calib_batches(2)], show_progress=False)
+        sim = rq.QuantSim(fp, x, rq.QuantSimConfig(param_bw=4))  # the dummy and the batches are fp32
+        sim.compute_encodings(calib_batches(2), show_progress=False)
+        assert all(q.is_initialized for q in sim.quantizers().values() if q.enabled)
         assert run(sim)
 
 

@@ -42,6 +42,28 @@ def to_device(x, device):
     return map_tensors(x, lambda t: t.to(device))
 
 
+def model_float_dtype(model: torch.nn.Module, strict: bool = True) -> torch.dtype | None:
+    """The floating dtype of a model's parameters (None when it has none); mixed dtypes
+    give a clear error, since batches could match only one of them (None with strict=False)."""
+    from rapidquant.quantizer import Quantizer  # a sim's learnable ranges stay fp32
+    dts = {p.dtype for m in model.modules() if not isinstance(m, Quantizer)
+           for p in m.parameters(recurse=False) if p.is_floating_point()}
+    if len(dts) > 1 and not strict:
+        return None
+    if len(dts) > 1:
+        raise TypeError(f"the model mixes parameter dtypes {sorted(str(d) for d in dts)}; the layer-wise "
+                        "techniques need one floating dtype: convert it with model.to(dtype) first")
+    return next(iter(dts), None)
+
+
+def cast_floats(x, dtype: torch.dtype | None):
+    """Cast every floating tensor of a nested batch to dtype (indices and masks of other
+    dtypes unchanged), as the batch is moved to the model's device."""
+    if dtype is None:
+        return x
+    return map_tensors(x, lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t)
+
+
 def unmarked(x):
     """The same tensors as new objects. torch.export writes dynamic-dimension marks onto the
     tensor objects it is given (``_dynamo_*_indices``) and a later export of those objects

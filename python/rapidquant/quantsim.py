@@ -13,7 +13,8 @@ from torch import fx, nn
 from rapidquant import distributed as D
 from rapidquant import graph as G
 from rapidquant import recurrent as R  # LSTM/GRU(Cell) twins
-from rapidquant.batches import InputSignature, call_model, count_inputs, split_batch, tensors, to_device
+from rapidquant.batches import (InputSignature, call_model, cast_floats, count_inputs, model_float_dtype, split_batch,
+                                tensors, to_device)
 from rapidquant.capture import capture, mask_nodes, value_kinds
 from rapidquant.config import HwConfig, QuantSimConfig
 from rapidquant.progress import progress
@@ -70,7 +71,8 @@ class QuantSim:
                  inplace: bool = False, leaf_modules: Iterable = (), concrete_args: dict | None = None):
         self.config = config or QuantSimConfig()
         self.hw = HwConfig.load(self.config.hw_config)
-        self.dummy_input = dummy_input
+        # an fp16/bf16 model takes fp32 inputs as its data loader gives them (cast here and in calibration)
+        dummy_input = self.dummy_input = cast_floats(dummy_input, model_float_dtype(model, strict=False))
         device = _model_device(model)
         for t in tensors(dummy_input):
             if device is not None and t.device != device:
@@ -400,6 +402,7 @@ class QuantSim:
         was = model.training
         model.eval()
         device = _model_device(model)
+        dtype = model_float_dtype(model, strict=False)  # an fp16 model calibrates on fp32 batches
         seen, error = 0, None
         try:
             with torch.no_grad():
@@ -416,7 +419,8 @@ class QuantSim:
                             break
                         if shard and not D.mine(i):
                             continue  # another rank's batch
-                        call_model(model, to_device(batch, device) if device else batch, self.input_signature)
+                        batch = cast_floats(to_device(batch, device) if device else batch, dtype)
+                        call_model(model, batch, self.input_signature)
                         seen += 1
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = e

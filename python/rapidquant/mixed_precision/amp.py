@@ -321,12 +321,8 @@ class _Cache:
 
 
 def _plot(res: AMPResult, directory: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    from rapidquant.report.plots import pyplot
+    plt = pyplot()  # matplotlib is a dependency: plotted the same way as AutoQuant's report
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([p.rel_bitops for p in res.evaluated], [p.score for p in res.evaluated], "o", color="#9ab",
             label="evaluated points")

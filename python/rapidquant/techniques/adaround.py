@@ -21,7 +21,8 @@ from rapidquant import distributed as D
 from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
-from rapidquant.techniques.layerwise import (cast_floats, collect_batches, following_activation, model_float_dtype,
+from rapidquant.batches import cast_floats, model_float_dtype
+from rapidquant.techniques.layerwise import (collect_batches, following_activation,
                                              run_layerwise, untreated_weights, check_finite_weights)
 
 SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)

@@ -9,7 +9,8 @@ from torch import nn
 
 from rapidquant.progress import progress
 from rapidquant.techniques.adaround import SUPPORTED, _layer_forward
-from rapidquant.techniques.layerwise import collect_batches, model_float_dtype, run_layerwise, untreated_weights
+from rapidquant.batches import model_float_dtype
+from rapidquant.techniques.layerwise import collect_batches, run_layerwise, untreated_weights
 from rapidquant.techniques.bn_fold import folded_bn
 from rapidquant.techniques.patterns import BNS
 

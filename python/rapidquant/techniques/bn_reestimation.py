@@ -36,7 +36,7 @@ def reestimate_bn_stats(model: nn.Module, data, num_batches: int | None = None,
     stays in eval mode. Returns a handle whose ``restore()`` puts the old statistics back.
     """
     from rapidquant.batches import call_model
-    from rapidquant.techniques.layerwise import cast_floats, model_float_dtype
+    from rapidquant.batches import cast_floats, model_float_dtype
     bns = [m for m in model.modules() if isinstance(m, BNS) and m.track_running_stats]
     handle = BNRestoreHandle()
     if not bns:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from rapidquant.batches import cast_floats
 from rapidquant.quantsim import to_device
 
 
@@ -67,32 +68,6 @@ class ActivationStore:
     def close(self) -> None:
         if self._dir is not None:
             self._dir.cleanup()
-
-
-def model_float_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The floating dtype of a model's parameters (None when it has none); mixed dtypes
-    give a clear error, since batches could match only one of them."""
-    from rapidquant.quantizer import Quantizer  # a sim's learnable ranges stay fp32
-    dts = {p.dtype for m in model.modules() if not isinstance(m, Quantizer)
-           for p in m.parameters(recurse=False) if p.is_floating_point()}
-    if len(dts) > 1:
-        raise TypeError(f"the model mixes parameter dtypes {sorted(str(d) for d in dts)}; the layer-wise "
-                        "techniques need one floating dtype: convert it with model.to(dtype) first")
-    return next(iter(dts), None)
-
-
-def cast_floats(x, dtype: torch.dtype | None):
-    """Cast every floating tensor of a nested batch to dtype (indices and masks of other
-    dtypes unchanged), as the batch is moved to the model's device."""
-    if dtype is None:
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-    if isinstance(x, (list, tuple)):
-        return type(x)(cast_floats(v, dtype) for v in x)
-    if isinstance(x, dict):
-        return {k: cast_floats(v, dtype) for k, v in x.items()}
-    return x
 
 
 def collect_batches(data, num_batches: int | None, n_inputs: int, device, shard: bool = False,

@@ -11,7 +11,8 @@ from rapidquant import ops
 from rapidquant.progress import progress
 from rapidquant.techniques.patterns import out_axis
 from rapidquant.techniques.adaround import SUPPORTED, _layer_forward, _rows
-from rapidquant.techniques.layerwise import (collect_batches, following_activation, model_float_dtype, run_layerwise,
+from rapidquant.batches import model_float_dtype
+from rapidquant.techniques.layerwise import (collect_batches, following_activation, run_layerwise,
                                              untreated_weights, check_finite_weights)
 
 
