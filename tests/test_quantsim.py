@@ -9,6 +9,7 @@ from torch import nn
 
 import rapidquant as rq
 from rapidquant import ops
+from rapidquant.config import HwConfig
 from _models import ConvNet, MobileNetV2ish, TinyEncoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -105,6 +106,50 @@ def test_supergroup_add_relu_and_encoding_constraints():
     assert "add.output" not in names and "relu.output" in names  # Add+Relu fused
     sig = sim.quantizer("sigmoid.output")
     assert sig.frozen and torch.allclose(torch.stack(sig.get_range()), torch.tensor([0.0, 1.0]), atol=1e-6)
+
+
+def test_one_sided_encoding_constraints_fix_that_end():
+    """min only (the presets' Softmax min 0) or max only: that end is the config's, the other
+    the data's, and re-encoding (a bitwidth change) keeps it."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return torch.softmax(self.c(x) * 0.1, 1) - 0.5, F.relu(self.c(x))
+
+    base = HwConfig.load("default").raw
+    cfg = {**base, "op_type": {**base.get("op_type", {}), "Relu": {"encoding_constraints": {"max": 0.25}},
+                               "Sub": {"encoding_constraints": {"min": -1.0}}}}
+    sim = rq.QuantSim(M().eval(), torch.randn(1, 3, 4, 4), rq.QuantSimConfig(hw_config=cfg))
+    data = [torch.randn(4, 3, 4, 4) for _ in range(2)]
+    sim.compute_encodings(data, show_progress=False)
+    relu_q, sub_q = sim.quantizer("relu.output"), sim.quantizer("sub.output")
+    lo, hi = (float(v) for v in relu_q.get_range())
+    assert lo == 0.0 and hi == pytest.approx(0.25, rel=1e-6)  # the data reach well above 0.25
+    assert float(relu_q.stats.max) > 1.0
+    lo, hi = (float(v) for v in sub_q.get_range())
+    step = float(sub_q.scale)
+    assert abs(lo + 1.0) <= step and hi == pytest.approx(max(0.0, float(sub_q.stats.max)), abs=step)
+    relu_q.bitwidth = 4
+    relu_q.compute_encoding()
+    assert float(relu_q.get_range()[1]) == pytest.approx(0.25, rel=1e-6)
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("op_type", {"Conv": {"is_input_quantized": "True"}}, "is_input_quantized"),
+    ("op_type", {"Softmax": {"encoding_constraints": {"min": 0.0, "scale": 1.0}}}, "encoding_constraints"),
+    ("supergroup_pass_list", ["ConvBN"], "supergroup_pass_list"),
+    ("defaults", "strict", "strict_symmetric")])
+def test_hw_config_fields_we_do_not_implement_are_errors(field, value, says):
+    raw = dict(HwConfig.load("default").raw)
+    if field == "defaults":
+        raw["defaults"] = {**raw["defaults"], "strict_symmetric": "True"}
+    else:
+        raw[field] = value
+    with pytest.raises(ValueError, match=says):
+        rq.QuantSim(ConvNet().eval(), torch.randn(1, 3, 16, 16), rq.QuantSimConfig(hw_config=raw))
 
 
 # ------------------------------------------------------------------ calibration and schemes

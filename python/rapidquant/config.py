@@ -87,6 +87,26 @@ _KNOWN_TOP = {"defaults", "params", "op_type", "supergroups", "model_input", "mo
               "supergroup_pass_list"}
 
 
+def _reject_unsupported(raw: dict) -> None:
+    """Fields of AIMET's schema that QuantSim does not implement: an error, never ignored."""
+    ops = {"defaults.ops": raw["defaults"]["ops"], **{f"op_type.{k}": v for k, v in raw.get("op_type", {}).items()}}
+    for where, op in ops.items():
+        if _bool(op.get("is_input_quantized", "False")):
+            raise ValueError(f"hardware config {where}: is_input_quantized=True is not supported (QuantSim "
+                             "quantizes op outputs and the model input, model_input.is_input_quantized); "
+                             "quantize the producer's output instead, or remove the field")
+        unknown = set(op.get("encoding_constraints", {})) - {"min", "max"}
+        if unknown:
+            raise ValueError(f"hardware config {where}: encoding_constraints keys {sorted(unknown)} are not "
+                             "supported; use min and/or max")
+    if _bool(raw["defaults"].get("strict_symmetric", "False")):
+        raise ValueError("hardware config defaults.strict_symmetric=True (a symmetric grid without its most "
+                         "negative level) is not supported; set it to False")
+    if raw.get("supergroup_pass_list"):
+        raise ValueError(f"hardware config supergroup_pass_list {raw['supergroup_pass_list']} is not supported; "
+                         "list the fused op sequences under supergroups instead")
+
+
 @dataclass
 class HwConfig:
     """A parsed hardware config, answering placement questions by ONNX op type."""
@@ -114,6 +134,7 @@ class HwConfig:
         for sg in raw.get("supergroups", []):
             if len(sg.get("op_list", [])) < 2:
                 raise ValueError(f"supergroup {sg} needs an op_list of at least two op types")
+        _reject_unsupported(raw)
         return cls(raw)
 
     def _op(self, op_type: str) -> dict:
@@ -121,10 +142,6 @@ class HwConfig:
 
     def output_quantized(self, op_type: str) -> bool:
         v = self._op(op_type).get("is_output_quantized", self.raw["defaults"]["ops"].get("is_output_quantized", "True"))
-        return _bool(v)
-
-    def input_quantized(self, op_type: str) -> bool:
-        v = self._op(op_type).get("is_input_quantized", self.raw["defaults"]["ops"].get("is_input_quantized", "False"))
         return _bool(v)
 
     def act_symmetric(self, op_type: str) -> bool:

@@ -73,6 +73,9 @@ class Quantizer(nn.Module):
         # (probability, seed) while block reconstruction learns (QDrop): each element keeps
         # its float value with that probability; None otherwise
         self.qdrop: tuple[float, int] | None = None
+        # (min, max) a hardware config fixes, None for an end calibration sets (encoding_constraints
+        # with only "min" or only "max"): every encoding computed from statistics keeps them
+        self.fixed_range: tuple[float | None, float | None] = (None, None)
         self.dtype = dtype
         self.float_format = float_format
         self.bitwidth = bitwidth
@@ -320,6 +323,9 @@ class Quantizer(nn.Module):
         qmin, qmax = self.qrange
         mn, mx = encoding_range(self.stats, scheme or self.scheme, qmin, qmax, self.symmetric,
                                 self.percentile, self.gamma)
+        lo, hi = self.fixed_range
+        mn = mn if lo is None else torch.full_like(torch.as_tensor(mn, dtype=torch.float32), lo)
+        mx = mx if hi is None else torch.full_like(torch.as_tensor(mx, dtype=torch.float32), hi)
         self.set_range(mn, mx)
 
     # ------------------------------------------------------------ forward
@@ -386,3 +392,17 @@ class Quantizer(nn.Module):
             gran = f"per-block({self.block_size})"
         return (f"int{self.bitwidth}, {'symmetric' if self.symmetric else 'asymmetric'}, {gran}, "
                 f"scheme={self.scheme}, enabled={self.enabled}, frozen={self.frozen}")
+
+
+def apply_encoding_constraints(q: Quantizer, cons: dict) -> None:
+    """A hardware config's encoding_constraints for an op's output: min and max fix the range
+    (Sigmoid [0, 1]; the quantizer is frozen); only one of them fixes that end and the other
+    comes from calibration (Softmax min 0)."""
+    if not cons:
+        return
+    lo, hi = cons.get("min"), cons.get("max")
+    if lo is not None and hi is not None:
+        q.set_range(torch.tensor(float(lo)), torch.tensor(float(hi)))
+        q.frozen = True
+    else:
+        q.fixed_range = (None if lo is None else float(lo), None if hi is None else float(hi))

@@ -19,7 +19,7 @@ from rapidquant.capture import capture, mask_nodes, value_kinds
 from rapidquant.config import HwConfig, QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule, QuantizedParameter
-from rapidquant.quantizer import Quantizer
+from rapidquant.quantizer import Quantizer, apply_encoding_constraints
 
 
 class UnsupportedModuleError(TypeError):
@@ -185,7 +185,7 @@ class QuantSim:
                                                     pname=_param_kind(pname), axis=use_axis, block_size=block)
                 oq = self._new_quantizer(f"{name}.output", param=False, op_type=info.op_type) if quantize_out else None
                 if oq is not None:
-                    _apply_constraints(oq, self.hw.encoding_constraints(info.op_type))
+                    apply_encoding_constraints(oq, self.hw.encoding_constraints(info.op_type))
                 if not pq and oq is None:
                     continue
                 gm.set_submodule(name, QuantizedModule(info.module, info.op_type, pq, oq))
@@ -193,7 +193,7 @@ class QuantSim:
                     and not _applies_mask(node, info.op_type, masks):
                 name = _unique_name(gm, node.name)
                 oq = self._new_quantizer(f"{name}.output", param=False, op_type=info.op_type)
-                _apply_constraints(oq, self.hw.encoding_constraints(info.op_type))
+                apply_encoding_constraints(oq, self.hw.encoding_constraints(info.op_type))
                 gm.add_submodule(name, FunctionalOp(node.op, node.target, info.op_type, oq))
                 with g.inserting_after(node):
                     new = g.call_module(name, node.args, node.kwargs)
@@ -656,14 +656,6 @@ def _param_kind(pname: str) -> str:
     """Config name of a parameter: 'in_proj_bias' is a bias, 'out_proj.weight' a weight."""
     leaf = pname.split(".")[-1]
     return "bias" if leaf.endswith("bias") else ("weight" if leaf.endswith("weight") else leaf)
-
-
-def _apply_constraints(q: Quantizer, cons: dict) -> None:
-    """encoding_constraints from the hw config: a fixed range (e.g. Sigmoid [0, 1])."""
-    if not cons or "min" not in cons or "max" not in cons:
-        return
-    q.set_range(torch.tensor(float(cons["min"])), torch.tensor(float(cons["max"])))
-    q.frozen = True
 
 
 def _param_source(node: fx.Node):

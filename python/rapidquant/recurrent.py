@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rapidquant.qmodules import QuantizedModule
-from rapidquant.quantizer import Quantizer
+from rapidquant.quantizer import Quantizer, apply_encoding_constraints
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
 EXPORT_LOOP = "scan"  # "scan": one ONNX Scan per layer-direction; "unroll": one copy of the cell per step
@@ -91,10 +91,7 @@ class QuantizerFactory:
         if not self.hw.output_quantized(op_type):
             return None
         q = self.new_quantizer(name, param=False, op_type=op_type)
-        cons = self.hw.encoding_constraints(op_type)
-        if "min" in cons and "max" in cons:  # a fixed range, e.g. Sigmoid [0, 1]
-            q.set_range(torch.tensor(float(cons["min"])), torch.tensor(float(cons["max"])))
-            q.frozen = True
+        apply_encoding_constraints(q, self.hw.encoding_constraints(op_type))
         return q
 
 

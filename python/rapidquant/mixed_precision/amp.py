@@ -8,8 +8,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from rapidquant import distributed as D
 from rapidquant.fingerprint import data_hash, hash_tensors, model_hash, obj_hash
 from rapidquant.mixed_precision.groups import (
