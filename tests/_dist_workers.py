@@ -116,3 +116,22 @@ def failing(rank, world, port, out):
     finally:
         _teardown()
 
+
+
+def too_few_batches(rank, world, port, out):
+    """AdaRound with one batch for two ranks: rank 1 has none; both must stop with an error."""
+    import rapidquant as rq
+    from rapidquant import zoo
+    _init(rank, world, port)
+    try:
+        data = zoo.calibration_batches(1)
+        try:
+            rq.adaround(zoo.pretrained("digits_mobilenet"), data[0], data, rq.AdaRoundConfig(iterations=5),
+                        show_progress=False)
+            msg = "no error"
+        except Exception as e:  # noqa: BLE001
+            msg = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, f"few_{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        _teardown()

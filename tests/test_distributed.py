@@ -91,3 +91,14 @@ def test_failing_rank_stops_all_ranks_without_hang(tmp_path):
     m1 = open(tmp_path / "fail_1.txt").read()
     assert m1.startswith("OSError: disk read failed")
     assert m0.startswith("RuntimeError") and "other rank(s) failed during calibration" in m0
+
+
+def test_fewer_batches_than_ranks_stops_every_rank(tmp_path):
+    """A layer-wise technique where one rank gets no batch: that rank says why and the others
+    stop too, instead of waiting for it in a collective until the timeout."""
+    t0 = time.time()
+    spawn(W.too_few_batches, tmp_path, timeout=120)
+    m0, m1 = (open(tmp_path / f"few_{r}.txt").read() for r in (0, 1))
+    assert m1.startswith("ValueError") and "at least 2 batches" in m1, m1
+    assert m0.startswith("RuntimeError") and "other rank(s) failed during collecting batches" in m0, m0
+    assert time.time() - t0 < 120

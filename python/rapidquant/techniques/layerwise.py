@@ -75,21 +75,28 @@ def collect_batches(data, num_batches: int | None, n_inputs: int, device, shard:
     """The first num_batches batches as tuples of model inputs (with shard: this rank's
     share), on ``device`` and with floating tensors cast to ``dtype`` (the model's)."""
     from rapidquant import distributed as D
-    out = []
-    for i, batch in enumerate(data):
-        if num_batches is not None and i >= num_batches:
-            break
-        if shard and not D.mine(i):
-            continue
-        batch = to_device(batch, device) if device is not None else batch
-        batch = cast_floats(batch, dtype)
-        if isinstance(batch, dict):
-            raise TypeError("layer-wise techniques take positional batches (tensor or tuple), not dicts")
-        args = tuple(batch[:n_inputs]) if isinstance(batch, (list, tuple)) else (batch,)
-        out.append(args)
-    if not out:
-        raise ValueError("the data loader yielded no batches; pass at least one"
-                         + (" (per rank: give at least world_size batches)" if shard else ""))
+    out, error = [], None
+    try:
+        for i, batch in enumerate(data):
+            if num_batches is not None and i >= num_batches:
+                break
+            if shard and not D.mine(i):
+                continue
+            batch = to_device(batch, device) if device is not None else batch
+            batch = cast_floats(batch, dtype)
+            if isinstance(batch, dict):
+                raise TypeError("layer-wise techniques take positional batches (tensor or tuple), not dicts")
+            out.append(tuple(batch[:n_inputs]) if isinstance(batch, (list, tuple)) else (batch,))
+        if not out:
+            raise ValueError("the data loader yielded no batches for this rank; pass at least one"
+                             + (f" per rank (at least {D.world()} batches, or num_batches >= {D.world()})"
+                                if shard else ""))
+    except Exception as e:  # noqa: BLE001 - re-raised by check_failures on this rank
+        error = e
+    if shard:  # every rank learns of a rank without batches, instead of waiting for it in a collective
+        D.check_failures(error, "collecting batches")
+    elif error is not None:
+        raise error
     return out
 
 
