@@ -135,3 +135,29 @@ def too_few_batches(rank, world, port, out):
             f.write(msg)
     finally:
         _teardown()
+
+
+def amp_phase1_failing(rank, world, port, out):
+    """Rank 1's proxy scoring fails inside AMP phase 1: both ranks must stop."""
+    import sys
+    import rapidquant as rq
+    from rapidquant import zoo
+    amp_module = sys.modules["rapidquant.mixed_precision.amp"]  # the package re-exports amp() under that name
+    _init(rank, world, port)
+    try:
+        model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(4)
+        sim = rq.QuantSim(model, data[0], rq.QuantSimConfig(per_channel=False, param_bw=4))
+        sim.compute_encodings(data, show_progress=False)
+        if rank == 1:
+            def boom(*a, **k):
+                raise MemoryError("proxy scoring ran out of memory")
+            amp_module.output_sqnr = boom
+        try:
+            rq.amp(sim, ["W4A8", "W8A8"], lambda m: zoo.accuracy(m), 0.003, data, show_progress=False)
+            msg = "no error"
+        except Exception as e:  # noqa: BLE001
+            msg = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, f"ampfail_{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        _teardown()

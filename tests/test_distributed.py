@@ -102,3 +102,10 @@ def test_fewer_batches_than_ranks_stops_every_rank(tmp_path):
     assert m1.startswith("ValueError") and "at least 2 batches" in m1, m1
     assert m0.startswith("RuntimeError") and "other rank(s) failed during collecting batches" in m0, m0
     assert time.time() - t0 < 120
+
+
+def test_failure_inside_amp_phase1_stops_every_rank(tmp_path):
+    spawn(W.amp_phase1_failing, tmp_path, timeout=120)
+    m0, m1 = (open(tmp_path / f"ampfail_{r}.txt").read() for r in (0, 1))
+    assert m1.startswith("MemoryError: proxy scoring ran out of memory"), m1
+    assert m0.startswith("RuntimeError") and "other rank(s) failed during AMP phase 1" in m0, m0
