@@ -2,13 +2,14 @@
 computation.
 
 Signed 8-bit weights (uint8 activations). onnxruntime's x86 integer GEMM/conv kernels for
-uint8 x int8 on CPUs without VNNI (AVX2, AVX-512 before Cascade Lake, and AMD before Zen 4)
-multiply with vpmaddubsw, which adds two products into a saturating int16: 255 * 127 * 2
+uint8 x int8 on CPUs without VNNI (AVX2, and AVX-512 without the VNNI extension) multiply
+with vpmaddubsw, which adds two products into a saturating int16: 255 * 127 * 2
 overflows it. A two-layer W8A8 MLP then differs from the sim by 21 output steps on 92% of
-its outputs at the default level (0 steps at ORT_DISABLE_ALL) on such a machine, and by at
-most one step on a VNNI one. The uint8 x uint8 kernels widen to 16 bits before multiplying
-and are exact everywhere, so such weights travel as uint8 codes with zero point + 128: the
-same grid, the same saturation bounds, shifted.
+its outputs at the default level (0 steps at ORT_DISABLE_ALL) on such a machine (an AVX2
+AMD EPYC, onnxruntime 1.32), and by at most one step on an AVX-512 one. The uint8 x uint8
+kernels widen to 16 bits before multiplying (0 steps on the AVX2 machine), so such weights
+travel as uint8 codes with zero point + 128: the same grid, the same saturation bounds,
+shifted. ARM and GPU runtimes were not measured.
 
 onnxruntime (1.2x-1.3x, default session options) fuses DequantizeLinear(8-bit weight) ->
 MatMul/Gemm into MatMulNBits whenever the other input is not an 8-bit QDQ tensor (a 16-bit
