@@ -296,3 +296,22 @@ def test_a_weight_no_quantizer_reaches_is_named(method):
     # a weight the user excluded on purpose is not reported
     sim = rq.QuantSim(Prototypes().eval(), torch.randn(2, 8), rq.QuantSimConfig(capture=method, exclude=("centers",)))
     assert not sim.float_weights
+
+
+def test_parameters_used_as_activations_are_not_called_float_weights():
+    """A positional embedding and a class token are added and concatenated, not multiplied:
+    their ops' outputs are quantized, and they are not reported as weights left in float."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 1, 8))
+            self.pos = nn.Parameter(torch.randn(1, 5, 8))
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+            return self.fc(x)
+
+    for method in ("fx", "export"):
+        sim = rq.QuantSim(Tokens().eval(), torch.randn(2, 4, 8), rq.QuantSimConfig(capture=method))
+        assert not sim.float_weights, (method, sim.float_weights)

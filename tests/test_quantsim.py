@@ -106,6 +106,8 @@ def test_supergroup_add_relu_and_encoding_constraints():
     assert "add.output" not in names and "relu.output" in names  # Add+Relu fused
     sig = sim.quantizer("sigmoid.output")
     assert sig.frozen and torch.allclose(torch.stack(sig.get_range()), torch.tensor([0.0, 1.0]), atol=1e-6)
+    sig.set_precision("int", 16)  # AMP's bitwidth change keeps the range the config fixes
+    assert sig.bitwidth == 16 and torch.allclose(torch.stack(sig.get_range()), torch.tensor([0.0, 1.0]), atol=1e-6)
 
 
 def test_one_sided_encoding_constraints_fix_that_end():

@@ -245,3 +245,21 @@ def test_unrolled_export_warns_and_bad_loop_setting_is_named(monkeypatch):
     monkeypatch.setattr(R, "EXPORT_LOOP", "loop")
     with pytest.raises(ValueError, match="EXPORT_LOOP must be 'scan' or 'unroll'"):
         torch.export.export(sim.model, (x,), strict=False)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_recurrent_modules_without_a_twin_are_named_not_hidden(capture):
+    """nn.RNN (and an LSTM with proj_size) have no quantized twin: under torch.export their op
+    stays as it is, and QuantSim names the weight matrices it leaves in float."""
+    import warnings
+    model = Wrap0(nn.RNN(5, 6)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = QuantSim(model, torch.randn(7, 3, 5), QuantSimConfig(capture=capture, strict=False))
+    if capture == "export":
+        assert {"rnn.weight_ih_l0", "rnn.weight_hh_l0"} <= set(sim.float_weights), sim.float_weights
+    else:
+        assert "rnn" in sim.float_leaves
+    with torch.no_grad(), sim.disabled():
+        x = torch.randn(7, 3, 5)
+        torch.testing.assert_close(sim.model(x)[0], model(x)[0])

@@ -389,8 +389,9 @@ def _fold_recurrent(g: fx.Graph, mods: dict) -> None:
             new = g.call_module(path, (x, states))
         val = node.meta.get("val")
         if returns == "out, h, c":  # the module returns (out, (h, c))
-            with g.inserting_after(new):
+            with g.inserting_after(new):  # each after the one before: new, out, hc, h, c
                 out = g.call_function(operator.getitem, (new, 0))
+            with g.inserting_after(out):
                 hc = g.call_function(operator.getitem, (new, 1))
             with g.inserting_after(hc):
                 h = g.call_function(operator.getitem, (hc, 0))
@@ -409,19 +410,27 @@ def _fold_recurrent(g: fx.Graph, mods: dict) -> None:
                 with g.inserting_after(c):
                     whole = g.call_function(tuple, ([out, h, c],))
                 node.replace_all_uses_with(whole)
+            made = (new, out, hc, h, c)
         else:  # same structure as the module's return
             if val is not None:
                 new.meta["val"] = val
             node.replace_all_uses_with(new)
+            made = (new,)
+        for n in made:  # a leaf module around the recurrent one still sees these as its own
+            for key in ("nn_module_stack", "stack_trace"):
+                if key in node.meta:
+                    n.meta[key] = node.meta[key]
         g.erase_node(node)
 
 
 def _recurrent_owner(node, mods) -> str | None:
-    """The innermost recurrent module in node's module stack."""
+    """The innermost recurrent module in node's module stack that has a quantized twin
+    (nn.RNN and an LSTM with proj_size have none: their op stays as it is)."""
     found = None
     for path, _ in (node.meta.get("nn_module_stack") or {}).values():
         path = re.sub(r"@\d+$", "", path)
-        if isinstance(mods.get(path), _RECURRENT):
+        m = mods.get(path)
+        if isinstance(m, _RECURRENT) and G.twin_factory(m) is not None and not getattr(m, "proj_size", 0):
             found = path
     return found
 

@@ -145,7 +145,8 @@ ATEN_PASSTHROUGH = {
     "zeros.default", "ones.default", "full.default", "new_ones.default", "new_zeros.default", "new_full.default",
     "scalar_tensor.default", "where.self", "ge.Scalar", "gt.Scalar", "le.Scalar", "lt.Scalar", "eq.Scalar",
     "ne.Scalar", "__and__.Tensor", "__or__.Tensor", "logical_not.default", "bitwise_not.default",
-    "unflatten.int", "copy_.default", "copy.default", "view_as.default", "reshape_as.default", "repeat_interleave.self_int",
+    "unflatten.int", "copy_.default", "copy.default",  # copy_: `out[t] = y` into a preallocated buffer
+    "view_as.default", "reshape_as.default", "repeat_interleave.self_int",
 }
 
 

@@ -166,7 +166,9 @@ class Quantizer(nn.Module):
         except ValueError:
             self.dtype, self._bitwidth, self.float_format = old
             raise
-        if dtype == "int" or self.float_format in ("fp8_e4m3", "fp8_e5m2"):
+        if dtype == "int" and None not in self.fixed_range:  # a range the hardware config fixes
+            self.set_range(torch.tensor(self.fixed_range[0]), torch.tensor(self.fixed_range[1]))
+        elif dtype == "int" or self.float_format in ("fp8_e4m3", "fp8_e5m2"):
             if self.stats is not None and not self.frozen:
                 self.compute_encoding()
             elif dtype == "int" and old[0] == "float":
@@ -401,8 +403,7 @@ def apply_encoding_constraints(q: Quantizer, cons: dict) -> None:
     if not cons:
         return
     lo, hi = cons.get("min"), cons.get("max")
+    q.fixed_range = (None if lo is None else float(lo), None if hi is None else float(hi))
     if lo is not None and hi is not None:
         q.set_range(torch.tensor(float(lo)), torch.tensor(float(hi)))
         q.frozen = True
-    else:
-        q.fixed_range = (None if lo is None else float(lo), None if hi is None else float(hi))

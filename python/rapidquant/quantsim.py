@@ -241,8 +241,21 @@ class QuantSim:
     def _check_float_weights(self, gm: fx.GraphModule, excluded: set) -> None:
         """Name every matrix-shaped parameter the graph reads raw (an op QuantSim does not
         know that takes weights): it would run in float in the sim and the file alike."""
+        if not self.hw.param_quantized("MatMul", "weight"):
+            return  # a hardware config that quantizes no weights
         mods = dict(gm.named_modules())
         skip = [e for e in excluded if isinstance(e, str)]
+
+        def readers(n):  # the ops that use n's value, looking through reshapes and views
+            for u in n.users:
+                shape_only = (u.op == "call_function" and G.is_passthrough_function(u.target)) or \
+                    (u.op == "call_method" and u.target in G.PASSTHROUGH_METHODS)
+                yield from (readers(u) if shape_only else [u])
+
+        def op_type(u):
+            return getattr(mods.get(u.target), "op_type", None) if u.op == "call_module" else \
+                (G.function_op_type(u.target) if u.op == "call_function" else None)
+
         for node in gm.graph.nodes:
             if node.op != "get_attr" or any(node.target == e or node.target.startswith(e + ".") for e in skip):
                 continue
@@ -252,8 +265,9 @@ class QuantSim:
                 continue  # a buffer or constant
             if p.dim() < 2 or not p.is_floating_point():
                 continue
-            raw = [u for u in node.users
-                   if not (u.op == "call_module" and isinstance(mods.get(u.target), QuantizedParameter))]
+            raw = [u for u in readers(node)  # an operand of an add/concat (a positional embedding) is no weight
+                   if not (u.op == "call_module" and isinstance(mods.get(u.target), QuantizedParameter))
+                   and op_type(u) not in _OPERAND_OPS]
             if raw:
                 self.float_weights[node.target] = ", ".join(sorted({_op_name(u) for u in raw}))
         if self.float_weights:
@@ -550,11 +564,13 @@ class QuantSim:
         The graph carries the int32 biases the sim simulates (Conv/Linear layers whose
         input and weight are quantized, as onnxruntime and integer targets run them);
         ``export_int32_bias`` also lists them in the encodings file. The batch dimension is
-        exported as symbolic when the model allows (``dynamic_batch``). 8-bit weights of
-        layers with uint8 activations are written as uint8 with zero point + 128, the same
-        grid, which onnxruntime computes exactly on every x86 CPU; ``unsigned_weights=False``
-        keeps int8 for runtimes that require signed weights (TensorRT)."""
+        exported as symbolic when the model allows (``dynamic_batch``). int8 weights of
+        Conv/MatMul/Gemm layers with uint8 activations are written as uint8 with zero point
+        + 128, the same grid: onnxruntime's int8-weight kernels saturate on x86 CPUs without
+        VNNI; ``unsigned_weights=False`` keeps int8 for runtimes that require signed weights
+        (TensorRT). Floating inputs are cast to an fp16/bf16 model's dtype."""
         from rapidquant.export.onnx_qdq import export_sim
+        dummy_input = cast_floats(dummy_input, model_float_dtype(self.model, strict=False))
         return export_sim(self, out_dir, self.positional(dummy_input), filename, encoding_format=encoding_format,
                           export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset,
                           dynamic_batch=dynamic_batch, unsigned_weights=unsigned_weights)
@@ -645,6 +661,10 @@ def _unique_name(gm: nn.Module, base: str) -> str:
         name = f"{base}_{i}"
         i += 1
     return name
+
+
+# elementwise ops whose parameter operands are activations, not weights (their output is quantized)
+_OPERAND_OPS = {"Add", "Sub", "Mul", "Div", "Concat", "Where", "Max", "Min"}
 
 
 def _op_name(node: fx.Node) -> str:

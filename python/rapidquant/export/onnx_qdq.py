@@ -14,8 +14,9 @@ Representation (chosen so onnxruntime's default optimizations load and keep it):
   produces a QuantizeLinear whose ``output_dtype`` is INT8 with a UINT8 zero point, and
   the default session refuses the model ("[TypeInferenceError] output_dtype INT8 does not
   match y_zero_point type UINT8"). uint8 activations are what that rewrite produces
-  anyway, so nothing is left for it to do. Weights keep the grid's signedness (int8
-  symmetric weights are what onnxruntime's integer kernels want).
+  anyway, so nothing is left for it to do. Weights keep the grid's signedness, except the
+  int8 weights of Conv/MatMul/Gemm with uint8 inputs, which go into uint8 (zero point + 128;
+  ort_guards.unsigned_weight_containers; ``unsigned_weights=False`` keeps int8).
 - a grid narrower than its container (2..7 and 9..15 bits) is clamped in the integer
   domain between Q and DQ (``Clip`` on the uint8/int8 codes) for 8-bit containers: Q still
   quantizes the original tensor (a weight's Q input is the weight initializer itself) and
