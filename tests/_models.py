@@ -58,3 +58,15 @@ class TinyEncoder(nn.Module):
         scores = torch.matmul(self.q(x), self.k(x).transpose(1, 2)) / 8.0
         x = torch.matmul(F.softmax(scores, dim=-1), x)
         return self.out(x.mean(dim=1))
+
+
+class Prototypes(nn.Module):
+    """Distance to learned prototypes: torch.cdist reads a weight matrix no quantizer reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.centers = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x):
+        return -torch.cdist(self.fc(x), self.centers)

@@ -15,6 +15,7 @@ import rapidquant.autoquant as AQ
 import rapidquant.autoquant.stages as AQS
 from rapidquant import zoo
 from rapidquant.export import OnnxRuntimeModule
+from _models import Prototypes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -517,18 +518,6 @@ def test_grids_calibration_raised_are_in_the_result_and_report(tmp_path):
     assert "activation grid raised" in html and "input_x.output" in html
 
 
-class Prototypes(nn.Module):
-    """Distance to learned prototypes: torch.cdist reads a weight matrix no quantizer reaches."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 4)
-        self.centers = nn.Parameter(torch.randn(5, 4))
-
-    def forward(self, x):
-        return -torch.cdist(self.fc(x), self.centers)
-
-
 def test_weights_left_in_float_are_in_the_result_and_report(tmp_path):
     torch.manual_seed(0)
     m = Prototypes().eval()
@@ -543,17 +532,7 @@ def test_weights_left_in_float_are_in_the_result_and_report(tmp_path):
 
 CLI_USER_MODULE = '''
 import torch
-from torch import nn
-
-
-class Prototypes(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 4)
-        self.centers = nn.Parameter(torch.randn(5, 4))
-
-    def forward(self, x):
-        return -torch.cdist(self.fc(x), self.centers)
+from _models import Prototypes
 
 
 def model():
@@ -573,7 +552,8 @@ def score(m, num_samples=None):
 def test_cli_shows_our_warnings(tmp_path):
     """The CLI does not filter warnings: a weight left in float is said on stderr."""
     (tmp_path / "user_model.py").write_text(CLI_USER_MODULE)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = [str(tmp_path), os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run([sys.executable, "-m", "rapidquant.cli", "autoquant", "--model", "user_model:model",
                            "--data", "user_model:data", "--eval", "user_model:score", "--out", str(tmp_path / "r"),
                            "--quiet", "--time-budget", "0"], capture_output=True, text=True, timeout=300, env=env)

@@ -11,6 +11,7 @@ from torch import nn
 
 import rapidquant as rq
 from rapidquant.batches import call_model
+from _models import Prototypes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -270,16 +271,6 @@ def test_integer_image_scaled_in_the_model_is_quantized_but_mask_arithmetic_is_n
     assert "truediv.output" in sim.quantizers()  # the conv's input is on a grid in the export too
     sim = rq.QuantSim(KwModel().eval(), {k: v for k, v in _tok(2, 6, 0).items() if k != "token_type_ids"})
     assert not any(n.startswith(("sub", "rsub", "mul", "float", "add")) for n in sim.quantizers()), list(sim.quantizers())
-
-
-class Prototypes(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 4)
-        self.centers = nn.Parameter(torch.randn(5, 4))
-
-    def forward(self, x):
-        return -torch.cdist(self.fc(x), self.centers)
 
 
 @pytest.mark.parametrize("method", ["fx", "export"])
