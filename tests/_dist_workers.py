@@ -106,16 +106,21 @@ def failing(rank, world, port, out):
     try:
         model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
         sim = rq.QuantSim(model, data[0])
-        try:
-            sim.compute_encodings(_Exploding(data, bad_rank=1), show_progress=False)
-            msg = "no error"
-        except Exception as e:  # noqa: BLE001
-            msg = f"{type(e).__name__}: {e}"
-        with open(os.path.join(out, f"fail_{rank}.txt"), "w") as f:
-            f.write(msg)
+        _record_outcome(os.path.join(out, f"fail_{rank}.txt"),
+                        lambda: sim.compute_encodings(_Exploding(data, bad_rank=1), show_progress=False))
     finally:
         _teardown()
 
+
+def _record_outcome(path, fn):
+    """Write 'no error' or the exception fn raised ('Type: message') to path."""
+    try:
+        fn()
+        msg = "no error"
+    except Exception as e:  # noqa: BLE001
+        msg = f"{type(e).__name__}: {e}"
+    with open(path, "w") as f:
+        f.write(msg)
 
 
 def too_few_batches(rank, world, port, out):
@@ -125,14 +130,9 @@ def too_few_batches(rank, world, port, out):
     _init(rank, world, port)
     try:
         data = zoo.calibration_batches(1)
-        try:
-            rq.adaround(zoo.pretrained("digits_mobilenet"), data[0], data, rq.AdaRoundConfig(iterations=5),
-                        show_progress=False)
-            msg = "no error"
-        except Exception as e:  # noqa: BLE001
-            msg = f"{type(e).__name__}: {e}"
-        with open(os.path.join(out, f"few_{rank}.txt"), "w") as f:
-            f.write(msg)
+        _record_outcome(os.path.join(out, f"few_{rank}.txt"),
+                        lambda: rq.adaround(zoo.pretrained("digits_mobilenet"), data[0], data,
+                                            rq.AdaRoundConfig(iterations=5), show_progress=False))
     finally:
         _teardown()
 
@@ -152,12 +152,8 @@ def amp_phase1_failing(rank, world, port, out):
             def boom(*a, **k):
                 raise MemoryError("proxy scoring ran out of memory")
             amp_module.output_sqnr = boom
-        try:
-            rq.amp(sim, ["W4A8", "W8A8"], lambda m: zoo.accuracy(m), 0.003, data, show_progress=False)
-            msg = "no error"
-        except Exception as e:  # noqa: BLE001
-            msg = f"{type(e).__name__}: {e}"
-        with open(os.path.join(out, f"ampfail_{rank}.txt"), "w") as f:
-            f.write(msg)
+        _record_outcome(os.path.join(out, f"ampfail_{rank}.txt"),
+                        lambda: rq.amp(sim, ["W4A8", "W8A8"], lambda m: zoo.accuracy(m), 0.003, data,
+                                       show_progress=False))
     finally:
         _teardown()

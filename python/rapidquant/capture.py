@@ -295,7 +295,7 @@ def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
             g.erase_node(node)
     mods = dict(model.named_modules())
     _fold_recurrent(g, mods)
-    _fold_modules(g, mods, lambda path, m: is_leaf(path, m) and not isinstance(m, _RECURRENT))
+    _fold_modules(g, mods, lambda path, m: is_leaf(path, m) and not isinstance(m, _RNN_BASES))
     root = {}
     for node in g.nodes:
         if node.op == "get_attr":
@@ -356,7 +356,7 @@ def _fold_modules(g: fx.Graph, mods: dict, is_leaf) -> None:
 
 
 # aten ops that torch's recurrent modules call (torch._VF): op -> what it returns
-_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+_RNN_BASES = (nn.RNNBase, nn.RNNCellBase)  # every torch recurrent module; those with a twin: recurrent.RECURRENT
 _RECURRENT_OPS = {"lstm.input": "out, h, c", "gru.input": "out, h", "rnn_tanh.input": "out, h",
                   "rnn_relu.input": "out, h", "lstm_cell.default": "h, c", "gru_cell.default": "h",
                   "rnn_tanh_cell.default": "h", "rnn_relu_cell.default": "h"}
@@ -430,7 +430,7 @@ def _recurrent_owner(node, mods) -> str | None:
     for path, _ in (node.meta.get("nn_module_stack") or {}).values():
         path = re.sub(r"@\d+$", "", path)
         m = mods.get(path)
-        if isinstance(m, _RECURRENT) and G.twin_factory(m) is not None and not getattr(m, "proj_size", 0):
+        if isinstance(m, _RNN_BASES) and G.twin_factory(m) is not None and not getattr(m, "proj_size", 0):
             found = path
     return found
 
