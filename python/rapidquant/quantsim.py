@@ -17,6 +17,7 @@ from rapidquant.batches import (InputSignature, call_model, cast_floats, count_i
                                 tensors, to_device)
 from rapidquant.capture import capture, mask_nodes, value_kinds
 from rapidquant.config import HwConfig, QuantSimConfig
+from rapidquant.decomposed import fused_nodes
 from rapidquant.progress import progress
 from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule, QuantizedParameter
 from rapidquant.quantizer import Quantizer, apply_encoding_constraints
@@ -94,6 +95,7 @@ class QuantSim:
         self.calibration_warnings: list[dict] = []
         self.widened: dict[str, str] = {}  # activation quantizers calibration raised (why)
         self.float_weights: dict[str, str] = {}  # weights no quantizer reaches -> the op that reads them
+        self.spelled_activations: dict[str, str] = {}  # node -> 'HardSwish': arithmetic quantized as one op
         self._build(cap.gm, excluded, args, kwargs)
         self._check_runs(dummy_input)
 
@@ -145,7 +147,7 @@ class QuantSim:
                           stacklevel=3)
         const, masks = mask_nodes(gm, kinds)
         self._quantize_used_params(gm, infos)
-        fused = G.match_supergroups(infos, self.hw.supergroups())
+        fused, self.spelled_activations = fused_nodes(gm, infos, self.hw.supergroups())
         by_node = {i.node: i for i in infos}
         outputs = _output_nodes(gm)
         out_q = self.hw.model_output_quantized()

@@ -1,0 +1,136 @@
+"""Ops that converters spell out as arithmetic (hardswish as x * clip(x + 3, 0, 6) / 6, a batch
+norm as conv * scale + shift) are quantized as one op: only their result gets a grid."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rapidquant as rq
+from rapidquant.qmodules import FunctionalOp
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class Div6(nn.Module):
+    """A stateless module doing the division, as onnx2torch's Div is."""
+
+    def forward(self, a, b):
+        return a / b
+
+
+class Spelled(nn.Module):
+    """Three spellings of hardswish, one of hardsigmoid, and one look-alike that is neither."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu6 = nn.ReLU6()
+        self.div = Div6()
+        self.register_buffer("three", torch.tensor(3.0))
+        self.register_buffer("six", torch.tensor([6.0]))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        s = self.spelling
+        if s == "onnx2torch":  # module clip, constant attributes, a Div module
+            x = self.div(x * self.relu6(x + self.three), self.six)
+        elif s == "clamp":     # x * clamp(x + 3, 0, 6) * (1/6)
+            x = x * torch.clamp(x + 3, 0, 6) * (1 / 6)
+        elif s == "hardsigmoid_product":  # x * clip(x / 6 + 0.5, 0, 1)
+            x = x * torch.clamp(x / 6 + 0.5, min=0.0, max=1.0)
+        elif s == "hardsigmoid":
+            x = F.relu6(x + 3) / 6
+        elif s == "not_hardswish":  # off by one: must keep every step's quantizer
+            x = x * F.relu6(x + 2) / 6
+        elif s == "native":
+            x = F.hardswish(x)
+        return self.head(x)
+
+
+def _data(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 12, 12, generator=g) * 2 for _ in range(n)]
+
+
+def _functional_quantizers(sim):
+    return sorted(m.op_type for m in sim.model.modules() if isinstance(m, FunctionalOp))
+
+
+@pytest.mark.parametrize("spelling,act", [("onnx2torch", "HardSwish"), ("clamp", "HardSwish"),
+                                          ("hardsigmoid_product", "HardSwish"), ("hardsigmoid", "HardSigmoid")])
+def test_a_spelled_out_activation_is_quantized_once_like_the_native_op(spelling, act):
+    torch.manual_seed(0)
+    model = Spelled(spelling).eval()
+    native = Spelled("native" if act == "HardSwish" else "hardsigmoid").eval()
+    native.load_state_dict(model.state_dict())
+    sim = rq.QuantSim(model, _data()[0])
+    assert list(sim.spelled_activations.values()) == [act]
+    # the interior steps carry no grid: one quantized op remains where the activation ends
+    assert len(_functional_quantizers(sim)) <= 1
+    sim.compute_encodings(_data(), show_progress=False)
+    x = _data(1, seed=5)[0]
+    if act == "HardSwish":  # same placement as F.hardswish: the same outputs up to one output step
+        ref = rq.QuantSim(native, _data()[0])
+        ref.compute_encodings(_data(), show_progress=False)
+        with torch.no_grad():
+            a, b = sim.model(x), ref.model(x)
+        step = sim.model.head.output_quantizer.scale.max()
+        # measured: 0 or 1 step where float rounding of the spelled arithmetic crosses a tie
+        assert (a - b).abs().max() <= step * 1.001
+
+
+def test_a_look_alike_keeps_every_quantizer():
+    sim = rq.QuantSim(Spelled("not_hardswish").eval(), _data()[0])
+    assert sim.spelled_activations == {}
+    assert len(_functional_quantizers(sim)) == 4  # add, clip, mul, div each quantized
+
+
+def test_an_interior_value_read_elsewhere_keeps_its_quantizer():
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            x = self.conv(x)
+            clipped = F.relu6(x + 3)
+            return x * clipped / 6, clipped  # the clip's value leaves the chain
+
+    sim = rq.QuantSim(Leaky().eval(), _data()[0])
+    assert sim.spelled_activations == {}
+
+
+class AffineAfterConv(nn.Module):
+    """conv * scale + shift (a batch norm as converters write it), then ReLU."""
+
+    def __init__(self, shape=(8, 1, 1)):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(*shape) + 0.5)
+        self.shift = nn.Parameter(torch.randn(*shape))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x) * self.scale + self.shift))
+
+
+def test_a_spelled_out_batch_norm_fuses_like_batch_normalization(tmp_path):
+    torch.manual_seed(0)
+    sim = rq.QuantSim(AffineAfterConv().eval(), _data()[0])
+    # Conv + BatchNormalization + Relu is a supergroup: only the ReLU's output is quantized
+    assert sim.model.conv.output_quantizer is None
+    assert _functional_quantizers(sim) == ["Relu"]
+    sim.compute_encodings(_data(), show_progress=False)
+    res = sim.export(str(tmp_path), _data(1, seed=3)[0])
+    assert res.ort_ok and not res.unmapped
+    # measured: 0 steps at both levels
+    assert res.parity["default"].max_steps <= 1.001, res.parity
+
+
+def test_a_spatial_constant_is_not_a_batch_norm():
+    # a (C, H, W) term varies over space: no runtime folds it into the conv, so it stays quantized
+    sim = rq.QuantSim(AffineAfterConv(shape=(8, 12, 12)).eval(), _data()[0])
+    assert sim.model.conv.output_quantizer is not None
+    assert _functional_quantizers(sim) == ["Mul", "Relu"]  # Add + Relu is itself a supergroup
