@@ -12,8 +12,8 @@ starting from a Clip, the chain walks back through steps that combine one value 
 scalar constant and forward through such steps and the product with the chain's input, and
 is evaluated on a test ramp. Whatever op types the converter used (a Div module, a Mul by
 1/6, ReLU6 or clamp), it matches when its values are hardswish's or hardsigmoid's. A batch
-norm is a run of Mul/Add/Sub/Div by per-channel constants right after a layer; it fuses as
-the hardware config fuses that layer with BatchNormalization.
+norm is a run of Mul/Add/Sub/Div by per-channel constants right after a layer, with a scale
+and a shift; it fuses as the hardware config fuses that layer with BatchNormalization.
 """
 from __future__ import annotations
 
@@ -184,9 +184,9 @@ def _channel_from_end(info) -> int | None:
 
 
 def spelled_batch_norms(gm: fx.GraphModule, infos, fusable: set) -> dict:
-    """{layer node: [affine nodes]}: runs of Mul/Add/Sub/Div by per-channel constants that
-    follow a layer whose op type is in ``fusable`` (those the hw config fuses with a
-    BatchNormalization), each the only user of the one before."""
+    """{layer node: [affine nodes]}: runs of Mul/Add/Sub/Div by per-channel constants, with both
+    a scale and a shift, that follow a layer whose op type is in ``fusable`` (those the hw
+    config fuses with a BatchNormalization), each the only user of the one before."""
     by_node = {i.node: i for i in infos}
     runs = {}
     for info in infos:
@@ -206,7 +206,8 @@ def spelled_batch_norms(gm: fx.GraphModule, infos, fusable: set) -> dict:
                 break
             run.append(u)
             cur = u
-        if run:
+        kinds = {by_node[n].op_type in ("Mul", "Div") for n in run}
+        if kinds == {True, False}:  # a scale and a shift; a lone rescale (attention's q * d^-0.5) is not a norm
             runs[info.node] = run
     return runs
 

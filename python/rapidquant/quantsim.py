@@ -553,10 +553,14 @@ class QuantSim:
         from rapidquant.export.encodings import write_rapidquant
         return write_rapidquant(self, path, overwrite=overwrite)
 
-    def load_encodings(self, path_or_dict, freeze: bool = True, strict: bool = True) -> None:
-        """Load encodings written by save_encodings or export (any supported format)."""
+    def load_encodings(self, path_or_dict, freeze: bool = True, strict: bool = True, onnx_model=None):
+        """Load encodings written by save_encodings or export, or by AIMET (0.6.1, 1.0.0, 2.0.0
+        and ``_torch.encodings``; ``onnx_model``: the .onnx AIMET wrote with them, found beside
+        the file by default). Quantizers the file does not list are disabled. Returns a
+        report: which record went to which quantizer, which were derived copies, which
+        matched nothing (an error under ``strict``), which quantizers were disabled."""
         from rapidquant.export.encodings import load_into
-        load_into(self, path_or_dict, freeze=freeze, strict=strict)
+        return load_into(self, path_or_dict, freeze=freeze, strict=strict, onnx_model=onnx_model)
 
     def export(self, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
                export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None,

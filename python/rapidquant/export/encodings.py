@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
 import rapidquant
+from rapidquant.export import aimet_import as A
+from rapidquant.export.aimet_import import LoadReport
 
 FORMATS = ("rapidquant", "1.0.0", "2.0.0")
 
@@ -147,11 +150,16 @@ def _aimet_record(q, is_param: bool, version: str, t: str, acts: list, prms: lis
         v2.append(rec)
 
 
-def load_into(sim, src, freeze: bool = True, strict: bool = True) -> None:
-    """Load any supported encodings file (or dict) into a sim."""
-    doc = src
+def load_into(sim, src, freeze: bool = True, strict: bool = True, onnx_model=None) -> LoadReport:
+    """Load any supported encodings file (or dict) into a sim: rapidquant's format, or AIMET's
+    0.6.1 / 1.0.0 / 2.0.0 files and ``_torch.encodings`` (placed through ``onnx_model``, by
+    default the .onnx written beside the file; see export/aimet_import.py). Quantizers the
+    file does not list are disabled: the file's model does not quantize there. Records no
+    quantizer matches raise (``strict``) or are warned about; the report says what went where."""
+    doc, path = src, None
     if not isinstance(src, dict):
-        with open(src) as f:
+        path = os.fspath(src)
+        with open(path) as f:
             doc = json.load(f)
     qs = sim.quantizers()
     if doc.get("format") == "rapidquant-encodings":
@@ -164,37 +172,78 @@ def load_into(sim, src, freeze: bool = True, strict: bool = True) -> None:
         for name, rec in recs.items():
             if name in qs:
                 _apply_record(qs[name], rec, freeze)
-        return
-    version = doc.get("version")
+        return LoadReport(placed={n: [n] for n in recs if n in qs}, unplaced=[n for n in recs if n not in qs])
+    kind, recs = A.records(doc)
     t2q = doc.get("rapidquant", {}).get("tensor_to_quantizer")
-    if version not in ("1.0.0", "2.0.0") or t2q is None:
-        raise ValueError("unsupported encodings file: expected the rapidquant format or an AIMET "
-                         "1.0.0/2.0.0 file written by rapidquant (it carries the tensor->quantizer map)")
-    if version == "1.0.0":
-        records = doc["activation_encodings"] + doc["param_encodings"]
-        for r in records:
-            for name in _names(t2q.get(r["name"])):
-                if name not in qs or r["dtype"] != "INT":
-                    continue
-                q = qs[name]
-                q.bitwidth, q.symmetric = r["bw"], r["is_sym"]
-                qmin, _ = q.qrange
-                scale = _shaped(q, r["scale"])
-                zp = torch.tensor([qmin - o for o in r["offset"]], dtype=torch.float32).reshape(scale.shape)
-                q.set_encoding(scale, zp)
-                q.frozen = freeze
-                q.enabled = True
+    if t2q is not None:  # written by rapidquant: the map says where each tensor's quantizer is
+        where = {n: _names(t2q.get(n)) or "unplaced" for n in recs}
     else:
-        for r in doc["encodings"]:
-            for name in _names(t2q.get(r["name"])):
-                if name not in qs or r["output_dtype"].startswith("float"):
-                    continue
-                q = qs[name]
-                scale = _shaped(q, r["y_scale"])
-                zp = torch.tensor(r.get("y_zero_point", 0), dtype=torch.float32).expand(scale.shape).clone()
-                q.set_encoding(scale, zp)
-                q.frozen = freeze
-                q.enabled = True
+        if onnx_model is None and path is not None:
+            onnx_model = A.sibling_onnx(path)
+        if isinstance(onnx_model, (str, os.PathLike)):
+            import onnx
+            onnx_model = onnx.load(os.fspath(onnx_model), load_external_data=False)
+        where = A.placements(sim, kind, recs, onnx_model)
+    report = _apply_placed(qs, recs, where, freeze)
+    if report.unplaced:
+        hint = "" if (t2q is not None or onnx_model is not None or kind == "module") else (
+            " (pass onnx_model=, the .onnx AIMET exported with this file, to place tensors by the graph)")
+        msg = (f"{len(report.unplaced)} encodings match no quantizer of this sim: {report.unplaced[:8]}{hint}; "
+               "pass strict=False to load the rest")
+        if strict:
+            raise KeyError(msg)
+        warnings.warn(msg.replace("; pass strict=False to load the rest", "; loaded the rest"), stacklevel=3)
+    return report
+
+
+def _apply_placed(qs: dict, recs: dict, where: dict, freeze: bool) -> LoadReport:
+    report, done, pending = LoadReport(), {}, []
+    for name, enc in recs.items():
+        w = where.get(name, "unplaced")
+        if w == "derived":
+            report.derived.append(name)
+            continue
+        targets = [] if isinstance(w, str) else [q for q in w if q in qs]
+        if not targets:
+            pending.append(name)
+            continue
+        for qn in targets:
+            if qn in done:  # a second record for one quantizer: a copy AIMET propagated, or a clash
+                if done[qn] != enc:
+                    pending.append(name)
+                continue
+            _apply_encoding(qs[qn], enc, freeze)
+            done[qn] = enc
+        report.placed[name] = targets
+    for name in pending:  # an encoding copied onto a data-movement output needs no quantizer
+        (report.derived if recs[name] in done.values() else report.unplaced).append(name)
+    for qn, q in qs.items():
+        if qn not in done and q.enabled:
+            q.enabled = False
+            report.disabled.append(qn)
+    return report
+
+
+def _apply_encoding(q, enc: A.Encoding, freeze: bool) -> None:
+    q.frozen = False
+    if enc.dtype == "float":
+        if q.precision() != ("float", enc.bitwidth, enc.float_format):
+            q.set_dtype("float", enc.bitwidth, enc.float_format)
+        if enc.scale:
+            scale = _shaped(q, enc.scale)
+            q.set_encoding(scale, torch.zeros_like(scale))
+    else:
+        if q.dtype != "int" or q.bitwidth != enc.bitwidth:
+            q.set_dtype("int", enc.bitwidth)
+        q.symmetric, q.signed = enc.symmetric, enc.signed
+        if len(enc.scale) > 1 and q.axis is None:
+            q.axis = enc.axis if enc.axis is not None else 0
+        elif len(enc.scale) == 1 and q.block_size is None:
+            q.axis = None
+        scale = _shaped(q, enc.scale)
+        q.set_encoding(scale, torch.tensor(enc.zero_point, dtype=torch.float32).reshape(scale.shape))
+    q.enabled = True
+    q.frozen = freeze
 
 
 def _names(v) -> list:
