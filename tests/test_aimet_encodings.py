@@ -1,7 +1,7 @@
 """Encodings files written by AIMET load into a sim and reproduce AIMET's simulation.
 
 The files in tests/data/aimet were written by aimet-torch 2.42 (make_fixtures.py there says
-how): its legacy export (1.0.0, tensor names of the TorchScript ONNX export, and the
+how): its legacy export (0.6.1 and 1.0.0, tensor names of the TorchScript ONNX export, and the
 module-keyed _torch.encodings) and its sim.onnx.export (2.0.0, dynamo tensor names), with
 AIMET's own simulated output on a held-out batch.
 """
@@ -29,7 +29,7 @@ def _fixture():
     return model, mod.batches()[0], saved
 
 
-FILES = ["v1/net.encodings", "v1/net_torch.encodings", "v2/net.encodings"]
+FILES = ["v0/net.encodings", "v1/net.encodings", "v1/net_torch.encodings", "v2/net.encodings"]
 
 
 @pytest.mark.parametrize("method", ["fx", "export"])

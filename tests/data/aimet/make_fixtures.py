@@ -2,8 +2,8 @@
 
 Run once with aimet-torch installed (written with aimet-torch 2.42.0, torch 2.13.0):
     python tests/data/aimet/make_fixtures.py tests/data/aimet
-It saves the model's weights, AIMET's legacy export (1.0.0 encodings keyed by ONNX tensor
-names, the module-keyed ``_torch.encodings``, and the .onnx they name), its ``sim.onnx.export``
+It saves the model's weights, AIMET's legacy export (0.6.1 and 1.0.0 encodings keyed by ONNX
+tensor names, the module-keyed ``_torch.encodings``, and the .onnx they name), its ``sim.onnx.export``
 (2.0.0) and AIMET's simulated output on a held-out batch, which a rapidquant sim loading
 those encodings must reproduce.
 """
@@ -63,12 +63,14 @@ def main(out: str) -> None:
             for b in cal:
                 m(b)
     sim.compute_encodings(forward, None)
-    os.makedirs(os.path.join(out, "v1"), exist_ok=True)
+    for version, folder in (("0.6.1", "v0"), ("1.0.0", "v1")):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+        common.encoding_version = version
+        sim.export(os.path.join(out, folder), "net", dummy_input=cal[0])
+        for junk in ("net.pth", "temp_onnx_model_with_all_markers.onnx", "net_torch.encodings" if folder == "v0" else ""):
+            if junk:
+                os.remove(os.path.join(out, folder, junk))
     os.makedirs(os.path.join(out, "v2"), exist_ok=True)
-    common.encoding_version = "1.0.0"
-    sim.export(os.path.join(out, "v1"), "net", dummy_input=cal[0])
-    for junk in ("net.pth", "temp_onnx_model_with_all_markers.onnx"):
-        os.remove(os.path.join(out, "v1", junk))
     sim.onnx.export((cal[0],), os.path.join(out, "v2", "net.onnx"), encoding_version="2.0.0")
     with torch.no_grad():
         torch.save({"state_dict": model.state_dict(), "x": held_out, "aimet_output": sim.model(held_out).as_subclass(torch.Tensor).detach().clone()},
