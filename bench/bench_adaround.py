@@ -89,7 +89,7 @@ def main():
     ref_iters = 2000 if args.quick else 10000
     for name, make in (("ResNet-style", zoo.DigitsResNet), ("MobileNetV2-style", zoo.DigitsMobileNet)):
         model = zoo.train(make())
-        rq.fold_batch_norms(model)
+        rq.fold_batch_norms_(model)
         fp = zoo.accuracy(model)
         x = zoo.calibration_batches(1)[0]
         data = zoo.calibration_batches(16)

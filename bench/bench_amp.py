@@ -59,7 +59,7 @@ def main():
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     model = zoo.train(zoo.DigitsMobileNet())
-    rq.fold_batch_norms(model)
+    rq.fold_batch_norms_(model)
     calib = zoo.calibration_batches(args.batches)
     proxy = calib[:4]
     sim = rq.QuantSim(model, calib[0], rq.QuantSimConfig(per_channel=True))

@@ -41,9 +41,9 @@ CONFIGS = [  # (label, QuantSimConfig kwargs, what is done to the float model fi
 def case(model, label, kw, prep, calib, x_eval, score, unsigned_weights=True):
     m = copy.deepcopy(model).eval()
     if prep == "fold":  # as deployed: BNs folded into the convs (what AutoQuant's candidates are)
-        rq.fold_batch_norms(m)
+        rq.fold_batch_norms_(m)
     elif prep == "cle":  # folds BNs, then equalizes
-        rq.equalize(m, calib[0])
+        rq.equalize_(m)
     sim = rq.QuantSim(m, calib[0], rq.QuantSimConfig(**kw))
     sim.compute_encodings(calib, show_progress=False)
     with tempfile.TemporaryDirectory() as d:

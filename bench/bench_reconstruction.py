@@ -57,7 +57,7 @@ class Task:
 
 def _folded(model):
     m = copy.deepcopy(model).eval()
-    rq.fold_batch_norms(m)
+    rq.fold_batch_norms_(m)
     return m
 
 

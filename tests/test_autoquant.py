@@ -173,7 +173,7 @@ def test_unfolded_bn_score_is_never_the_result(tmp_path):
     assert sel.score >= res.target and "only picks the scheme" in sel.message
     assert res.met and res.best_stage == "bn_fold"
     folded = copy.deepcopy(m)
-    rq.fold_batch_norms(folded)
+    rq.fold_batch_norms_(folded)
     res = run(folded, tmp_path / "b", allowed_drop=0.01, use_adaround=False)
     assert res.met and res.best_stage == "scheme_selection"
 

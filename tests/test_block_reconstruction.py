@@ -27,7 +27,7 @@ def _weighted(sim):
 @pytest.fixture(scope="module")
 def resnet():
     m = zoo.pretrained("digits_resnet")
-    rq.fold_batch_norms(m)
+    rq.fold_batch_norms_(m)
     return m
 
 

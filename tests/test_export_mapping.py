@@ -310,11 +310,11 @@ def test_float_formats(tmp_path, cfg):
 def test_narrow_grids_after_cle_and_encodings_files(tmp_path):
     """W4 per-tensor after CLE (ReLU6 -> per-channel clip): the case where a weight clamp was
     fused into one Clip and the old matcher gave a layer's output encoding to the weight."""
-    from rapidquant.techniques.cle import equalize
+    from rapidquant.techniques.cle import equalize_
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     m = MobileNetV2ish().eval()
-    equalize(m, x)
+    equalize_(m)
     sim = sim_for(m, x, rq.QuantSimConfig(param_bw=4, act_bw=4, per_channel=False))
     res, found = export_and_walk(tmp_path / "model", sim, x)
     check_files(tmp_path, sim, x, found)

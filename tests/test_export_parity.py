@@ -54,7 +54,7 @@ BOUNDS = {
 
 
 def build(name):
-    from rapidquant.techniques.cle import equalize
+    from rapidquant.techniques.cle import equalize_
     m = copy.deepcopy(trained_digits_net())
     x = calib_batches(1, 16)[0]
     cfg = {"w8a8_pt": rq.QuantSimConfig(param_bw=8, act_bw=8, per_channel=False),
@@ -62,7 +62,7 @@ def build(name):
            "w4a4_pt_cle": rq.QuantSimConfig(param_bw=4, act_bw=4, per_channel=False),
            "mixed": rq.QuantSimConfig(param_bw=8, act_bw=8, per_channel=False)}[name]
     if name == "w4a4_pt_cle":
-        equalize(m, x)
+        equalize_(m)
     sim = rq.QuantSim(m, x, cfg)
     sim.compute_encodings(calib_batches(4), show_progress=False)
     if name == "mixed":  # what AMP leaves: a third of the quantizers at 4 bits, some at 16

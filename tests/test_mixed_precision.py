@@ -19,7 +19,7 @@ def sensitive_model():
     """The digits CNN with one outlier output channel in conv2 (FP32 function unchanged):
     per-tensor weight quantization of conv2 then loses most of its resolution."""
     fp = copy.deepcopy(trained_digits_net())
-    rq.fold_batch_norms(fp)
+    rq.fold_batch_norms_(fp)
     with torch.no_grad():
         fp.conv2.weight[5] *= 40
         fp.conv2.bias[5] *= 40
@@ -172,7 +172,7 @@ def test_amp_after_adaround_uses_the_float_weights_at_other_precisions():
     before rounding. Measured: W8A8 everywhere 0.9395 (= a fresh W8A8 sim, = FP32) with the
     float weights, 0.652 re-rounding the W2 weights."""
     fp = copy.deepcopy(trained_digits_net())
-    rq.fold_batch_norms(fp)
+    rq.fold_batch_norms_(fp)
     x = calib_batches(1)[0]
     r = rq.adaround(fp, x, calib_batches(), rq.AdaRoundConfig(iterations=20, param_bw=2), show_progress=False)
     sim = rq.QuantSim(r.model, x, rq.QuantSimConfig(param_bw=2, act_bw=8))

@@ -29,7 +29,7 @@ def test_bn_without_running_stats_is_reported_not_crashed():
     m = BatchStatsBN().eval()
     x = torch.randn(4, 3, 8, 8)
     ref = m(x)
-    res = rq.fold_batch_norms(m)
+    res = rq.fold_batch_norms_(m)
     assert [f[:2] for f in res.folded] == [("c2", "b2")]
     reasons = dict(res.not_folded)
     assert "track_running_stats=False" in reasons["b1"]
@@ -57,7 +57,7 @@ def test_analytical_bias_correction_uses_folded_bn_statistics(prepare):
     fp = trained_digits_net()
     m = copy.deepcopy(fp)
     x = calib_batches(1)[0]
-    rq.fold_batch_norms(m) if prepare == "fold" else rq.equalize(m, x)
+    rq.fold_batch_norms_(m) if prepare == "fold" else rq.equalize_(m)
     sim = rq.QuantSim(m, x, rq.QuantSimConfig(param_bw=3, act_bw=8, per_channel=False))
     sim.compute_encodings(calib_batches(), show_progress=False)
     before = _mean_output_error(sim, fp)
@@ -83,7 +83,7 @@ def test_analytical_bias_correction_treats_as_many_layers_after_folding():
 
     unfolded = corrected(m)
     folded = copy.deepcopy(m)
-    rq.fold_batch_norms(folded)
+    rq.fold_batch_norms_(folded)
     assert len(unfolded) > 0 and corrected(folded) == unfolded
 
 
@@ -138,7 +138,7 @@ def test_cle_equalizes_linear_pairs_and_reports_gelu():
     x = torch.randn(3, 5, 8)  # tokens: channels last
     ref = m(x)
     before = _spread(m.a.weight, 0)
-    res = rq.equalize(m, x)
+    res = rq.equalize_(m)
     assert res.scaled == [("a", "b")]
     assert any(names == ("b",) and "GELU" in why for names, why in res.skipped)
     assert rel_err(m(x), ref) < 1e-5  # measured 1.8e-7
@@ -163,7 +163,7 @@ class ConvPReLUHead(nn.Module):
 
 def test_cle_reports_per_channel_prelu_and_conv_to_linear():
     m = ConvPReLUHead().eval()
-    res = rq.equalize(m, torch.randn(1, 3, 8, 8))
+    res = rq.equalize_(m)
     skipped = dict(res.skipped)
     assert "per-channel PReLU" in skipped[("c1",)]
     assert "conv -> Linear" in skipped[("c2", "fc")]

@@ -52,7 +52,7 @@ def test_bn_fold_preserves_function_and_reports_unfoldable():
     data = [torch.randn(8, 3, 8, 8) for _ in range(4)]
     m = randomize_bn(BNZoo(), data)
     ref = m(data[0])
-    res = rq.fold_batch_norms(m, data[0])
+    res = rq.fold_batch_norms_(m)
     folded = {bn for _, bn, _ in res.folded}
     assert folded == {"b1", "bt", "b_pre", "b_fc"}
     reasons = dict(res.not_folded)
@@ -61,12 +61,24 @@ def test_bn_fold_preserves_function_and_reports_unfoldable():
     assert rel_err(m(data[0]), ref) < 1e-5
 
 
+def test_the_old_in_place_names_warn_and_still_work():
+    data = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    a, b = randomize_bn(ConvNet(), data), randomize_bn(ConvNet(), data)
+    b.load_state_dict(a.state_dict())
+    with pytest.warns(DeprecationWarning, match=r"equalize_\(model, config\)"):
+        old = rq.equalize(a, data[0])
+    new = rq.equalize_(b)
+    assert old.scaled == new.scaled and torch.equal(a(data[0]), b(data[0]))
+    with pytest.warns(DeprecationWarning, match=r"fold_batch_norms_\(model\)"):
+        assert rq.fold_batch_norms(randomize_bn(ConvNet(), data), data[0]).folded
+
+
 @pytest.mark.parametrize("make", [ConvNet, MobileNetV2ish])
 def test_bn_fold_and_cle_preserve_function(make):
     data = [torch.randn(8, 3, 32, 32) for _ in range(4)]
     m = randomize_bn(make(), data)
     ref = m(data[0])
-    res = rq.equalize(m, data[0], rq.CLEConfig(high_bias_fold=False))
+    res = rq.equalize_(m, rq.CLEConfig(high_bias_fold=False))
     assert res.folded and res.scaled
     assert rel_err(m(data[0]), ref) < 1e-5
     if make is MobileNetV2ish:  # ReLU6 between scaled layers became an exact per-channel clip
@@ -75,7 +87,7 @@ def test_bn_fold_and_cle_preserve_function(make):
 
 def test_cle_skip_mode_reports_relu6():
     m = randomize_bn(MobileNetV2ish(), [torch.randn(8, 3, 32, 32)])
-    res = rq.equalize(m, torch.randn(1, 3, 32, 32), rq.CLEConfig(bounded="skip"))
+    res = rq.equalize_(m, rq.CLEConfig(bounded="skip"))
     assert any("ReLU6" in why for _, why in res.skipped) and not res.relu6_replaced
 
 
@@ -88,8 +100,8 @@ def test_high_bias_fold_is_close_on_matching_statistics():
     rq.reestimate_bn_stats(m, data, show_progress=False)
     ref = m(data[0])
     b0 = copy.deepcopy(m)
-    rq.equalize(b0, data[0], rq.CLEConfig(high_bias_fold=False))
-    res = rq.equalize(m, data[0])
+    rq.equalize_(b0, rq.CLEConfig(high_bias_fold=False))
+    res = rq.equalize_(m)
     assert res.high_bias_folded == [("0", "3")]
     assert (m[0].bias.abs().mean() < b0[0].bias.abs().mean())  # smaller activation ranges
     err = (m(data[0]) - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
@@ -99,7 +111,7 @@ def test_high_bias_fold_is_close_on_matching_statistics():
 def test_cle_restores_per_tensor_accuracy_of_imbalanced_model():
     fp = trained_digits_net()
     m = copy.deepcopy(fp)
-    rq.fold_batch_norms(m)
+    rq.fold_batch_norms_(m)
     # rescale channels between conv1 and conv2 (ReLU in between): same FP32 function,
     # per-tensor weight ranges now span 4 orders of magnitude
     k = 10 ** (torch.linspace(-2, 2, 16))
@@ -117,7 +129,7 @@ def test_cle_restores_per_tensor_accuracy_of_imbalanced_model():
         return accuracy(sim.model)
 
     before = w8a8(m)
-    rq.equalize(m, x)
+    rq.equalize_(m)
     after = w8a8(m)
     assert before < accuracy(fp) - 0.05  # collapsed
     assert after >= accuracy(fp) - 0.01  # near FP32
@@ -259,8 +271,8 @@ def test_fold_into_sim_for_qat_keeps_quantized_function():
 
 def test_bad_input_is_reported_not_crashed():
     lin = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    assert rq.fold_batch_norms(lin).folded == []
-    assert rq.equalize(lin, torch.randn(1, 4)).scaled == [("0", "2")]  # Linear -> ReLU -> Linear
+    assert rq.fold_batch_norms_(lin).folded == []
+    assert rq.equalize_(lin).scaled == [("0", "2")]  # Linear -> ReLU -> Linear
     with pytest.raises(ValueError, match="no batches"):
         rq.adaround(lin, torch.randn(1, 4), [], rq.AdaRoundConfig(iterations=10), show_progress=False)
     sim = rq.QuantSim(lin, torch.randn(1, 4))

@@ -27,7 +27,7 @@ def _ort_accuracy(path, x, y):
 def adaround_w4(fp, calib, iterations=None):
     """BN fold + AdaRound W4 per-channel weights, then a W4A8 sim: returns its model."""
     folded = copy.deepcopy(fp)
-    rq.fold_batch_norms(folded)
+    rq.fold_batch_norms_(folded)
     cfg = rq.AdaRoundConfig(param_bw=4) if iterations is None else rq.AdaRoundConfig(param_bw=4,
                                                                                     iterations=iterations)
     ada = rq.adaround(folded, calib[0], calib, cfg, show_progress=False)

@@ -82,11 +82,11 @@ def mobilenet_case(quick: bool):
     sim_row("W8A8 per-channel naive", fp, True, {})
     with Timer() as t:
         folded = copy.deepcopy(fp)
-        rq.fold_batch_norms(folded)
+        rq.fold_batch_norms_(folded)
     sim_row("W8A8 per-tensor + BN fold", folded, False, {"fold": True}, t.seconds)
     with Timer() as t:
         eq = copy.deepcopy(folded)
-        rq.equalize(eq, dummy, rq.CLEConfig(fold_bn=False))
+        rq.equalize_(eq, rq.CLEConfig(fold_bn=False))
     sim = sim_row("W8A8 per-tensor + BN fold + CLE", eq, False, {"cle": True}, t.seconds)
     with Timer() as t:
         rq.correct_bias(sim, calib, show_progress=False)

@@ -11,7 +11,8 @@ from rapidquant.quantsim import QuantSim, UnsupportedModuleError
 from rapidquant.mixed_precision import AMPResult, SensitivityResult, amp, analyze, lite_mp, set_precision
 from rapidquant.techniques import (
     AdaRoundConfig, BiasCorrectionConfig, BlockReconConfig, CLEConfig, SeqMSEConfig, adaround, correct_bias,
-    equalize, fold_batch_norms, fold_batch_norms_to_scale, reconstruct_blocks, reestimate_bn_stats, seq_mse,
+    equalize, equalize_, fold_batch_norms, fold_batch_norms_, fold_batch_norms_to_scale, reconstruct_blocks,
+    reestimate_bn_stats, seq_mse,
 )
 
 __version__ = build_info()["version"]
@@ -19,7 +20,8 @@ __all__ = [
     "AutoQuant", "AutoQuantConfig", "AutoQuantResult",
     "AMPResult", "SensitivityResult", "amp", "analyze", "lite_mp", "set_precision",
     "AdaRoundConfig", "BiasCorrectionConfig", "BlockReconConfig", "CLEConfig", "SeqMSEConfig", "adaround",
-    "correct_bias", "reconstruct_blocks", "equalize", "fold_batch_norms", "fold_batch_norms_to_scale",
+    "correct_bias", "reconstruct_blocks", "equalize", "equalize_", "fold_batch_norms", "fold_batch_norms_",
+    "fold_batch_norms_to_scale",
     "reestimate_bn_stats", "seq_mse",
     "QuantSim", "QuantSimConfig", "Quantizer", "UnsupportedModuleError", "build_info", "ops",
     "register_function", "register_module", "__version__",

@@ -17,7 +17,7 @@ from rapidquant.calibration import HIST_SCHEMES
 from rapidquant.progress import progress
 from rapidquant.quantsim import QuantSim
 from rapidquant.scoring import model_outputs, output_sqnr
-from rapidquant.techniques import AdaRoundConfig, adaround, equalize, fold_batch_norms
+from rapidquant.techniques import AdaRoundConfig, adaround, equalize_, fold_batch_norms_
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -44,7 +44,7 @@ def folded_model(state: RunState):
     """The user's model with its BNs folded (computed once per run), and the fold report."""
     if "folded" not in state.models:
         m = copy.deepcopy(state.model).eval()
-        state.models["folded"] = (m, fold_batch_norms(m))
+        state.models["folded"] = (m, fold_batch_norms_(m))
     return state.models["folded"]
 
 
@@ -52,7 +52,7 @@ def equalized_model(state: RunState):
     """The BN-folded model after cross-layer equalization (computed once per run)."""
     if "equalized" not in state.models:
         m = copy.deepcopy(folded_model(state)[0])
-        state.models["equalized"] = (m, equalize(m, state.dummy_input))
+        state.models["equalized"] = (m, equalize_(m))
     return state.models["equalized"]
 
 
@@ -113,7 +113,7 @@ def scheme_selection(state: RunState) -> Outcome:
     set_schemes(sim, cands[chosen])
     table = [{"scheme": list(cands[i]), "proxy_sqnr_db": proxies[i], **({"score": scores[i]} if i in scores else {})}
              for i in sorted(proxies, key=lambda i: -proxies[i])]
-    foldable = len(fold_batch_norms(copy.deepcopy(state.model)).folded)
+    foldable = len(fold_batch_norms_(copy.deepcopy(state.model)).folded)
     msg = (f"one calibration pass; proxy (output SQNR) for {len(cands)} schemes, eval_fn for the best "
            f"{len(top)}; chose param={cands[chosen][0]}, act={cands[chosen][1]}")
     if foldable:

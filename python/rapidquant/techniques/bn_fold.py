@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -126,11 +127,19 @@ def _forward_ok(layer) -> str | None:
 
 
 def fold_batch_norms(model: nn.Module, dummy_input=None, fold_forward_too: bool = True) -> BNFoldResult:
+    """Deprecated spelling of ``fold_batch_norms_(model)`` (in place; ``dummy_input`` was never used)."""
+    warnings.warn("fold_batch_norms(model, dummy_input) is deprecated: it works in place, so it is now "
+                  "fold_batch_norms_(model) (no dummy input); the old name goes in the next release",
+                  DeprecationWarning, stacklevel=2)
+    return fold_batch_norms_(model, fold_forward_too)
+
+
+def fold_batch_norms_(model: nn.Module, fold_forward_too: bool = True) -> BNFoldResult:
     """Fold every foldable BatchNorm into its neighbour, in place; folded BNs become Identity.
 
     Backward folds (layer -> BN) come first; then BN -> layer where valid (no padding,
     no groups, not transposed). BNs that cannot be folded are left alone and reported
-    with the reason. ``dummy_input`` is accepted for API symmetry (tracing needs none).
+    with the reason.
     """
     t0 = time.perf_counter()
     res = BNFoldResult()

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from rapidquant import graph as G
-from rapidquant.techniques.bn_fold import _shape_along, fold_batch_norms, folded_bn
+from rapidquant.techniques.bn_fold import _shape_along, fold_batch_norms_, folded_bn
 from rapidquant.techniques.patterns import CONV_T, CONVS, ModuleGraph, in_axis, is_depthwise, out_axis, set_module
 
 # activations that commute with positive per-channel scaling: relu(s x) = s relu(x)
@@ -168,9 +169,17 @@ def _plain(layer) -> bool:
 
 
 def equalize(model: nn.Module, dummy_input=None, config: CLEConfig = CLEConfig()) -> CLEResult:
+    """Deprecated spelling of ``equalize_(model, config)`` (in place; ``dummy_input`` was never used)."""
+    warnings.warn("equalize(model, dummy_input) is deprecated: it works in place, so it is now "
+                  "equalize_(model, config) (no dummy input); the old name goes in the next release",
+                  DeprecationWarning, stacklevel=2)
+    return equalize_(model, config)
+
+
+def equalize_(model: nn.Module, config: CLEConfig = CLEConfig()) -> CLEResult:
     """Cross-layer equalization in place (Nagel et al. 2019), AIMET's recipe.
 
-    1. Fold BatchNorms (fold_batch_norms). 2. In every chain of Conv layers joined by
+    1. Fold BatchNorms (fold_batch_norms_). 2. In every chain of Conv layers joined by
     ReLU/PReLU/LeakyReLU/identity, scale consecutive pairs (and conv-depthwise-conv
     triplets through the pairwise recursion) so each channel's weight range becomes the
     geometric mean of the two layers' ranges. The FP32 function is unchanged. Bounded
@@ -181,7 +190,7 @@ def equalize(model: nn.Module, dummy_input=None, config: CLEConfig = CLEConfig()
     """
     t0 = time.perf_counter()
     res = CLEResult()
-    bn = fold_batch_norms(model, dummy_input) if config.fold_bn else None
+    bn = fold_batch_norms_(model) if config.fold_bn else None
     if bn is not None:
         res.folded = bn.folded
     mg = ModuleGraph(model)
