@@ -306,3 +306,31 @@ def test_parameters_used_as_activations_are_not_called_float_weights():
     for method in ("fx", "export"):
         sim = rq.QuantSim(Tokens().eval(), torch.randn(2, 4, 8), rq.QuantSimConfig(capture=method))
         assert not sim.float_weights, (method, sim.float_weights)
+
+
+class TensorIndices(nn.Module):
+    """Indices read from tensors, as onnx2torch's Slice/Squeeze read ONNX initializers: torch.fx
+    stores them as 0-d integer constants; hardsigmoid written with torch.clip, as it writes Clip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        start, end, dim = torch.tensor(1), torch.tensor(5), torch.tensor(3)
+        y = self.conv(x)[:, start:end]
+        y = y * torch.clip(y * (1 / 6) + 0.5, 0.0, 1.0)
+        return self.head(y).mean(3, keepdim=True).squeeze(dim=dim)
+
+
+def test_integer_tensor_indices_export_and_clip_is_clamp(tmp_path):
+    torch.manual_seed(0)
+    model = TensorIndices().eval()
+    sim = rq.QuantSim(model, _imgs()[0], rq.QuantSimConfig(capture="fx"))
+    assert list(sim.spelled_activations.values()) == ["HardSwish"]  # torch.clip is a Clip
+    sim.compute_encodings(_imgs(), show_progress=False)
+    res = sim.export(str(tmp_path), _imgs(1, seed=4)[0])  # failed: a fake slice bound is data-dependent
+    assert res.ort_ok and not res.unmapped
+    # measured: 0 steps at both levels
+    assert res.parity["default"].max_steps <= 1.001, res.parity

@@ -178,7 +178,38 @@ def _fx_capture(model, args, kwargs, leaf_types, leaf_names, concrete_args) -> f
         raise _FxFailed(_Failure("torch.fx", tracer.failed_in, _user_frame(e), _why(e), e)) from e
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _drop_constant_placeholders(gm, concrete)
+    _inline_integer_scalars(gm)
     return gm
+
+
+def _inline_integer_scalars(gm: fx.GraphModule) -> None:
+    """Turn 0-d integer tensor constants into Python ints where they are arguments.
+
+    Modules that read their indices from tensors (onnx2torch's Slice, Squeeze, Gather walk
+    the ONNX initializers) hand torch.fx 0-d integer tensors that it stores as
+    ``_tensor_constantN``. Eager code accepts them as slice bounds and ``dim=``, but the ONNX
+    export fakes every tensor, and a fake slice bound is a data-dependent value it cannot
+    specialise. As ints they are what the model meant: fixed indices.
+    """
+    g = gm.graph
+    changed = False
+    for node in [n for n in g.nodes if n.op == "get_attr"]:
+        t = getattr(gm, node.target, None) if "." not in node.target else None
+        if not (isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point()
+                and not t.is_complex() and t.dtype != torch.bool):
+            continue
+        value = int(t)
+        for user in list(node.users):
+            if user.op == "call_method" and user.args and user.args[0] is node:
+                continue  # a method called on the tensor itself (t.item()) keeps the tensor
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+            changed = True
+        if not node.users:
+            g.erase_node(node)
+    if changed:
+        g.lint()
+        gm.recompile()
 
 
 def _drop_constant_placeholders(gm: fx.GraphModule, concrete: dict) -> None:

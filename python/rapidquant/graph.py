@@ -70,7 +70,7 @@ FUNCTIONS: dict = {
     operator.truediv: "Div", torch.div: "Div", operator.itruediv: "Div",
     operator.matmul: "MatMul", torch.matmul: "MatMul", torch.bmm: "MatMul", torch.mm: "MatMul",
     torch.cat: "Concat", torch.concat: "Concat", torch.stack: "Concat",
-    F.relu: "Relu", torch.relu: "Relu", F.relu6: "Clip", F.hardtanh: "Clip", torch.clamp: "Clip",
+    F.relu: "Relu", torch.relu: "Relu", F.relu6: "Clip", F.hardtanh: "Clip", torch.clamp: "Clip", torch.clip: "Clip",
     F.gelu: "Gelu", F.silu: "Silu", F.hardswish: "HardSwish", F.hardsigmoid: "HardSigmoid",
     torch.sigmoid: "Sigmoid", F.sigmoid: "Sigmoid", torch.tanh: "Tanh", F.tanh: "Tanh",
     F.softmax: "Softmax", torch.softmax: "Softmax", F.log_softmax: "LogSoftmax",
@@ -85,7 +85,7 @@ METHODS: dict = {
     "add": "Add", "add_": "Add", "sub": "Sub", "mul": "Mul", "mul_": "Mul", "div": "Div",
     "matmul": "MatMul", "bmm": "MatMul", "relu": "Relu", "relu_": "Relu", "sigmoid": "Sigmoid",
     "tanh": "Tanh", "softmax": "Softmax", "mean": "ReduceMean", "sum": "ReduceSum", "pow": "Pow",
-    "sqrt": "Sqrt", "exp": "Exp", "clamp": "Clip",
+    "sqrt": "Sqrt", "exp": "Exp", "clamp": "Clip", "clip": "Clip", "clamp_": "Clip", "clip_": "Clip",
 }
 PASSTHROUGH_FUNCTIONS = {
     operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
