@@ -328,7 +328,7 @@ def test_integer_tensor_indices_export_and_clip_is_clamp(tmp_path):
     torch.manual_seed(0)
     model = TensorIndices().eval()
     sim = rq.QuantSim(model, _imgs()[0], rq.QuantSimConfig(capture="fx"))
-    assert list(sim.spelled_activations.values()) == ["HardSwish"]  # torch.clip is a Clip
+    assert list(sim.spelled_ops.values()) == ["HardSwish"]  # torch.clip is a Clip
     sim.compute_encodings(_imgs(), show_progress=False)
     res = sim.export(str(tmp_path), _imgs(1, seed=4)[0])  # failed: a fake slice bound is data-dependent
     assert res.ort_ok and not res.unmapped

@@ -575,13 +575,21 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
 
 
 def value_kinds(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
-    """node -> 'float' | 'int' (non-float tensor) | 'other', from one run on the dummy input."""
+    """node -> 'float' | 'int' (non-float tensor) | 'other', from one run on the dummy input.
+    Each tensor-valued node's shape on that run is left in ``node.meta["rq_shape"]``, and small
+    integer values (shape arithmetic) in ``node.meta["rq_const"]``."""
     kinds = {}
 
     class _Rec(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             kinds[n] = ("float" if out.is_floating_point() else "int") if isinstance(out, torch.Tensor) else "other"
+            if isinstance(out, torch.Tensor):
+                n.meta["rq_shape"] = tuple(out.shape)
+                if not out.is_floating_point() and out.numel() <= 64:
+                    n.meta["rq_const"] = out  # shape arithmetic: the same for any input of this shape
+            elif isinstance(out, (int, tuple, list, torch.Size)) and not isinstance(out, bool) and len(str(out)) < 400:
+                n.meta["rq_const"] = out
             return out
     with torch.no_grad():
         _Rec(gm).run(*flat_inputs(gm, args, kwargs))

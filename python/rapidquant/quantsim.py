@@ -95,7 +95,7 @@ class QuantSim:
         self.calibration_warnings: list[dict] = []
         self.widened: dict[str, str] = {}  # activation quantizers calibration raised (why)
         self.float_weights: dict[str, str] = {}  # weights no quantizer reaches -> the op that reads them
-        self.spelled_activations: dict[str, str] = {}  # node -> 'HardSwish': arithmetic quantized as one op
+        self.spelled_ops: dict[str, str] = {}  # node -> 'HardSwish', 'LayerNormalization': arithmetic quantized as one op
         self._build(cap.gm, excluded, args, kwargs)
         self._check_runs(dummy_input)
 
@@ -147,7 +147,7 @@ class QuantSim:
                           stacklevel=3)
         const, masks = mask_nodes(gm, kinds)
         self._quantize_used_params(gm, infos)
-        fused, self.spelled_activations = fused_nodes(gm, infos, self.hw.supergroups())
+        fused, self.spelled_ops = fused_nodes(gm, infos, self.hw.supergroups())
         by_node = {i.node: i for i in infos}
         outputs = _output_nodes(gm)
         out_q = self.hw.model_output_quantized()
