@@ -204,3 +204,36 @@ def test_the_spelled_norm_quantizes_like_the_native_one():
     step = float(b.model.head.output_quantizer.scale)
     # measured: 0 or 1 step (float rounding of the spelled arithmetic at a tie)
     assert (ya - yb).abs().max() <= 1.001 * step
+
+
+class LogSpectrum(nn.Module):
+    """conv 'filterbank' -> power -> magnitude -> log, as an audio front end computes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fb = nn.Conv1d(1, 16, 32, stride=8)
+        self.head = nn.Conv1d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.fb(x).unflatten(1, (2, 8))          # real and imaginary parts
+        mag = torch.sqrt((y * y).sum(1)).permute(0, 2, 1)  # read for its shape too
+        t = mag.shape[1]
+        logmag = torch.log(mag * mag + 1e-6)
+        return self.head(logmag.permute(0, 2, 1))[..., :t]
+
+
+def test_what_only_feeds_a_log_stays_float():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    # quiet and loud channels: a linear grid sized for the loud ones rounds the quiet ones to 0
+    data = [torch.randn(4, 1, 512, generator=g) * torch.logspace(-3, 0, 4)[:, None, None] for _ in range(4)]
+    model = LogSpectrum().eval()
+    sim = rq.QuantSim(model, data[0])
+    assert _functional_quantizers(sim) == ["Log"]  # mul, sum, sqrt, square, + eps: none
+    sim.compute_encodings(data, show_progress=False)
+    with torch.no_grad():
+        ref = model(data[1])
+        err = (sim.model(data[1]) - ref).pow(2).mean() / ref.pow(2).mean()
+    # measured: 26.5 dB. With 8-bit grids on the power chain: 2.8 dB, or 28.0 dB once calibration
+    # raises those destroyed grids to 16 bits (the safety net this rule does not rely on)
+    assert -10 * torch.log10(err) > 24

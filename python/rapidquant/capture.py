@@ -588,8 +588,9 @@ def value_kinds(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
                 n.meta["rq_shape"] = tuple(out.shape)
                 if not out.is_floating_point() and out.numel() <= 64:
                     n.meta["rq_const"] = out  # shape arithmetic: the same for any input of this shape
-            elif isinstance(out, (int, tuple, list, torch.Size)) and not isinstance(out, bool) and len(str(out)) < 400:
-                n.meta["rq_const"] = out
+            elif isinstance(out, (int, torch.Size, torch.dtype, torch.device, str, type(None))) or \
+                    isinstance(out, (tuple, list)) and len(out) <= 64 and all(isinstance(v, int) for v in out):
+                n.meta["rq_const"] = out  # sizes, dtypes: what the graph reads of a tensor besides its values
             return out
     with torch.no_grad():
         _Rec(gm).run(*flat_inputs(gm, args, kwargs))

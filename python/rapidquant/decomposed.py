@@ -352,6 +352,34 @@ def _ancestors_within(n: fx.Node, region: set) -> list:
     return [m for m in region if m in out]
 
 
+# arithmetic a log's input is typically computed with (power spectra, magnitudes, energies)
+_TO_LOG = {"Mul", "Add", "Sub", "Div", "Pow", "Sqrt", "Abs", "ReduceSum", "ReduceMean", "Clip", "Relu"}
+
+
+def log_inputs(infos) -> set:
+    """The arithmetic that only feeds a Log (|CQT|^2 -> sum -> sqrt -> + eps -> log): a linear
+    grid there rounds the quiet values the log then blows up (a pitch tracker's front end: 10.6 dB
+    with those grids, 21.7 without). They stay float; the log's output is quantized. The walk
+    stops at a layer, at a value read elsewhere and at anything else."""
+    by_node = {i.node: i for i in infos}
+    keep = set()
+    for info in infos:
+        if info.op_type != "Log":
+            continue
+        stack = [a for a in info.node.all_input_nodes]
+        while stack:
+            n = stack.pop()
+            i = by_node.get(n)
+            readers = [u for u in n.users if "rq_const" not in u.meta]  # not counting shape reads
+            moves = i is not None and i.op_type is None and i.passthrough  # a permute, a reshape
+            if n in keep or i is None or len(readers) != 1 or i.node.op == "call_module" and not moves \
+                    or not (moves or i.op_type in _TO_LOG):
+                continue
+            keep.add(n)
+            stack.extend(n.all_input_nodes)
+    return keep
+
+
 def fused_nodes(gm: fx.GraphModule, infos, supergroups: list) -> tuple[set, dict]:
     """(nodes whose output is inside a fused group, {output node name: activation}): the hw
     config's supergroups, matched with spelled-out batch norms standing in for
@@ -370,4 +398,5 @@ def fused_nodes(gm: fx.GraphModule, infos, supergroups: list) -> tuple[set, dict
     spelled.update(find_spelled_norms(gm))
     for interior_of in spelled.values():
         fused.update(interior_of[1])
+    fused.update(log_inputs(infos))
     return fused, {out.name: act for out, (act, _) in spelled.items()}

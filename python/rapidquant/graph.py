@@ -79,6 +79,7 @@ FUNCTIONS: dict = {
     F.avg_pool2d: "AveragePool", F.adaptive_avg_pool2d: "GlobalAveragePool",
     F.interpolate: "Resize", torch.mean: "ReduceMean", torch.sum: "ReduceSum",
     torch.pow: "Pow", operator.pow: "Pow", torch.sqrt: "Sqrt", torch.exp: "Exp", torch.rsqrt: "Reciprocal",
+    torch.log: "Log", torch.log1p: "Log", torch.log2: "Log", torch.log10: "Log", torch.abs: "Abs",
     F.scaled_dot_product_attention: "Attention",
 }
 METHODS: dict = {
@@ -86,6 +87,7 @@ METHODS: dict = {
     "matmul": "MatMul", "bmm": "MatMul", "relu": "Relu", "relu_": "Relu", "sigmoid": "Sigmoid",
     "tanh": "Tanh", "softmax": "Softmax", "mean": "ReduceMean", "sum": "ReduceSum", "pow": "Pow",
     "sqrt": "Sqrt", "exp": "Exp", "clamp": "Clip", "clip": "Clip", "clamp_": "Clip", "clip_": "Clip",
+    "log": "Log", "log1p": "Log", "log2": "Log", "log10": "Log", "abs": "Abs",
 }
 PASSTHROUGH_FUNCTIONS = {
     operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
@@ -128,6 +130,7 @@ ATEN_FUNCTIONS: dict = {
     "mean.dim": "ReduceMean", "mean.default": "ReduceMean", "sum.dim_IntList": "ReduceSum", "sum.default": "ReduceSum",
     "pow.Tensor_Scalar": "Pow", "pow.Tensor_Tensor": "Pow", "sqrt.default": "Sqrt", "rsqrt.default": "Reciprocal",
     "exp.default": "Exp", "embedding.default": "Gather", "prelu.default": "PRelu",
+    "log.default": "Log", "log1p.default": "Log", "log2.default": "Log", "log10.default": "Log", "abs.default": "Abs",
     "scaled_dot_product_attention.default": "Attention",
 }
 ATEN_PASSTHROUGH = {
