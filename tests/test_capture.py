@@ -334,3 +334,42 @@ def test_integer_tensor_indices_export_and_clip_is_clamp(tmp_path):
     assert res.ort_ok and not res.unmapped
     # measured: 0 steps at both levels
     assert res.parity["default"].max_steps <= 1.001, res.parity
+
+
+class Fill(nn.Module):
+    """A module making a tensor from a shape, as onnx2torch's ConstantOfShape does."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor([0.25]), requires_grad=False)
+
+    def forward(self, like):
+        return self.value.expand_as(like).clone()
+
+
+class AnchorHead(nn.Module):
+    """A detector head decoding boxes against a grid built from the feature map's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.fill = Fill()
+
+    def forward(self, x):
+        y = self.conv(x)
+        h, w = y.shape[2], y.shape[3]
+        gy, gx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        grid = torch.stack([gx, gy], 0).float()
+        grid = grid + self.fill(grid)  # cell centres
+        return (y + grid) * 4.0
+
+
+def test_anchor_grids_from_shapes_are_constants_not_activations():
+    torch.manual_seed(0)
+    sim = rq.QuantSim(AnchorHead().eval(), _imgs()[0], rq.QuantSimConfig(capture="fx"), leaf_modules=[Fill])
+    quantized = {n for n, q in sim.quantizers().items() if n.endswith(".output")}
+    # the box arithmetic on activations is quantized; the grid's (float(), + fill, fill) is not
+    assert not any(n.startswith(("float", "fill", "add.")) for n in quantized), quantized
+    assert {"conv.output", "add_1.output", "mul.output"} <= quantized, quantized
+    sim.compute_encodings(_imgs(), show_progress=False)
+    assert not sim.widened  # was: the grid's add raised to 16 bits (every value on one level)

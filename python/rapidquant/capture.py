@@ -599,8 +599,9 @@ def value_kinds(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
 
 def mask_nodes(gm: fx.GraphModule, kinds: dict) -> tuple[set, set]:
     """(constant nodes, mask-derived nodes). A node is constant when no float model input
-    reaches it except through parameters' own arithmetic: integer inputs (token ids, masks),
-    parameters, buffers and factories. Mask-derived: constant, derived from a model input,
+    reaches it except through parameters' own arithmetic, sizes and shapes: integer inputs
+    (token ids, masks), parameters, buffers, factories, and the small integer values the
+    capture's run recorded (``rq_const``: a detector's anchor grid built from feature-map sizes). Mask-derived: constant, derived from a model input,
     and float (an additive attention mask built from the integer mask)."""
     const, from_input = set(), set()
     for n in gm.graph.nodes:
@@ -610,7 +611,9 @@ def mask_nodes(gm: fx.GraphModule, kinds: dict) -> tuple[set, set]:
                 from_input.add(n)
         elif n.op == "get_attr":
             const.add(n)
-        elif n.op in ("call_function", "call_method"):
+        elif "rq_const" in n.meta:
+            const.add(n)  # shape arithmetic (x.shape[2], a grid size): the same for every input of that shape
+        elif n.op in ("call_function", "call_method", "call_module"):
             ins = n.all_input_nodes
             if n.op == "call_function" and G.function_op_type(n.target) == "Gather":
                 continue  # an embedding lookup makes activations from ids

@@ -185,6 +185,8 @@ class QuantSim:
                             block, use_axis = c.block_size, 0
                     pq[pname] = self._new_quantizer(f"{name}.{pname}", param=True, op_type=info.op_type,
                                                     pname=_param_kind(pname), axis=use_axis, block_size=block)
+                if node in const and not _feeds_layer(node, by_node):
+                    quantize_out = False  # a constant made by a module (ConstantOfShape): no activation
                 oq = self._new_quantizer(f"{name}.output", param=False, op_type=info.op_type) if quantize_out else None
                 if oq is not None:
                     apply_encoding_constraints(oq, self.hw.encoding_constraints(info.op_type))
