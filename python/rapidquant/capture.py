@@ -601,8 +601,10 @@ def mask_nodes(gm: fx.GraphModule, kinds: dict) -> tuple[set, set]:
     """(constant nodes, mask-derived nodes). A node is constant when no float model input
     reaches it except through parameters' own arithmetic, sizes and shapes: integer inputs
     (token ids, masks), parameters, buffers, factories, and the small integer values the
-    capture's run recorded (``rq_const``: a detector's anchor grid built from feature-map sizes). Mask-derived: constant, derived from a model input,
-    and float (an additive attention mask built from the integer mask)."""
+    capture's run recorded (``rq_const``: a detector's anchor grid built from feature-map
+    sizes); a module fed only by constants (ConstantOfShape) too, unless by the ids (an
+    Embedding). Mask-derived: constant, derived from a model input, and float (an additive
+    attention mask built from the integer mask)."""
     const, from_input = set(), set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -611,15 +613,17 @@ def mask_nodes(gm: fx.GraphModule, kinds: dict) -> tuple[set, set]:
                 from_input.add(n)
         elif n.op == "get_attr":
             const.add(n)
-        elif "rq_const" in n.meta:
-            const.add(n)  # shape arithmetic (x.shape[2], a grid size): the same for every input of that shape
         elif n.op in ("call_function", "call_method", "call_module"):
             ins = n.all_input_nodes
             if n.op == "call_function" and G.function_op_type(n.target) == "Gather":
                 continue  # an embedding lookup makes activations from ids
-            if all(a in const for a in ins):
+            ids = any(a in from_input for a in ins)
+            if n.op == "call_module" and ids:
+                continue  # a module on the ids (an Embedding) makes activations
+            # shape arithmetic (x.shape[2], a grid size) is the same for every input of that shape
+            if "rq_const" in n.meta or all(a in const for a in ins):
                 const.add(n)
-                if any(a in from_input for a in ins):
+                if ids:
                     from_input.add(n)
     masks = {n for n in from_input if kinds.get(n) == "float"}
     return const, masks
