@@ -186,29 +186,35 @@ def _channel_from_end(info) -> int | None:
     return 1 if info.op_type == "Gemm" else w.dim() - 1
 
 
+def _affine_run(gm: fx.GraphModule, node: fx.Node, by_node: dict, from_end: int | None) -> list:
+    """The Mul/Add/Sub/Div by constants (per-channel along ``from_end``, or scalars) that follow
+    node, each the only user of the one before."""
+    run, cur = [], node
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        ui = by_node.get(u)
+        if ui is None or ui.op_type not in _AFFINE or u.kwargs or len(u.args) != 2:
+            break
+        others = [a for a in u.args if a is not cur]
+        if len(others) != 1 or (ui.op_type in ("Sub", "Div") and u.args[0] is not cur):
+            break  # c - x or c / x is not an affine map of x
+        if not _per_channel_constant(gm, others[0], from_end):
+            break
+        run.append(u)
+        cur = u
+    return run
+
+
 def spelled_batch_norms(gm: fx.GraphModule, infos, fusable: set) -> dict:
     """{layer node: [affine nodes]}: runs of Mul/Add/Sub/Div by per-channel constants, with both
     a scale and a shift, that follow a layer whose op type is in ``fusable`` (those the hw
-    config fuses with a BatchNormalization), each the only user of the one before."""
+    config fuses with a BatchNormalization)."""
     by_node = {i.node: i for i in infos}
     runs = {}
     for info in infos:
         if info.op_type not in fusable:
             continue
-        from_end = _channel_from_end(info)
-        run, cur = [], info.node
-        while len(cur.users) == 1:
-            u = next(iter(cur.users))
-            ui = by_node.get(u)
-            if ui is None or ui.op_type not in _AFFINE or u.kwargs or len(u.args) != 2:
-                break
-            others = [a for a in u.args if a is not cur]
-            if len(others) != 1 or (ui.op_type in ("Sub", "Div") and u.args[0] is not cur):
-                break  # c - x or c / x is not an affine map of x
-            if not _per_channel_constant(gm, others[0], from_end):
-                break
-            run.append(u)
-            cur = u
+        run = _affine_run(gm, info.node, by_node, _channel_from_end(info))
         kinds = {by_node[n].op_type in ("Mul", "Div") for n in run}
         if kinds == {True, False}:  # a scale and a shift; a lone rescale (attention's q * d^-0.5) is not a norm
             runs[info.node] = run
