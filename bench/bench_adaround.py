@@ -109,7 +109,9 @@ def check_rounding_changed(label, r, sim):
 
 
 AIMET_MISSING = ("aimet-torch not available: create a venv with `python3 -m venv V && V/bin/pip install "
-                 "torch==2.13.0 aimet-torch==2.42.0` and pass --aimet-python V/bin/python")
+                 "torch==2.13.0 aimet-torch==2.42.0` and pass --aimet-python V/bin/python (if pip finds no "
+                 "torchvision for torch 2.13, drop the torch pin: the worker runs in its own process, and the "
+                 "table's title names the torch it used)")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aimet_worker.py")
 MODELS = {"resnet": ("ResNet-style", zoo.DigitsResNet), "mobilenet": ("MobileNetV2-style", zoo.DigitsMobileNet)}
 

