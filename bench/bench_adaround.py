@@ -192,6 +192,7 @@ def main():
     ours_label = "rapidquant defaults"
     for key in args.models.split(","):
         name, make = MODELS[key.strip()]
+        torch.manual_seed(0)  # the initial weights: zoo.train seeds only its own steps (torch seeds itself randomly)
         model = zoo.train(make())
         rq.fold_batch_norms_(model)
         fp = zoo.accuracy(model)

@@ -112,8 +112,6 @@ def test_quantizer_names_and_hw_config_rules():
 def test_exclude_keeps_float_and_bad_inputs_say_what_to_do():
     sim = QuantSim(Wrap0(nn.LSTM(5, 6)).eval(), torch.randn(4, 2, 5), QuantSimConfig(exclude=("rnn",)))
     assert isinstance(sim.model.rnn, nn.LSTM)
-    with pytest.raises(ValueError, match="proj_size"):
-        QuantSim(Wrap0(nn.LSTM(5, 6, proj_size=3)).eval(), torch.randn(4, 2, 5))
     sim = QuantSim(Wrap0(nn.LSTM(5, 6)).eval(), torch.randn(4, 2, 5))
     packed = nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, 5), [4, 3])
     with pytest.raises(TypeError, match="pad the sequences"):
@@ -247,12 +245,14 @@ def test_unrolled_export_warns_and_bad_loop_setting_is_named(monkeypatch):
         torch.export.export(sim.model, (x,), strict=False)
 
 
+@pytest.mark.parametrize("make", [lambda: nn.RNN(5, 6), lambda: nn.LSTM(5, 6, proj_size=3)], ids=["rnn", "lstm_proj"])
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_recurrent_modules_without_a_twin_are_named_not_hidden(capture):
-    """nn.RNN (and an LSTM with proj_size) have no quantized twin: under torch.export their op
-    stays as it is, and QuantSim names the weight matrices it leaves in float."""
+def test_recurrent_modules_without_a_twin_are_named_not_hidden(capture, make):
+    """nn.RNN and an LSTM with proj_size have no quantized twin: under torch.fx they are float
+    leaves, under torch.export their op stays as it is, and QuantSim names the weight matrices
+    it leaves in float (strict=True makes it an error)."""
     import warnings
-    model = Wrap0(nn.RNN(5, 6)).eval()
+    model = Wrap0(make()).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sim = QuantSim(model, torch.randn(7, 3, 5), QuantSimConfig(capture=capture, strict=False))
@@ -260,6 +260,8 @@ def test_recurrent_modules_without_a_twin_are_named_not_hidden(capture):
         assert {"rnn.weight_ih_l0", "rnn.weight_hh_l0"} <= set(sim.float_weights), sim.float_weights
     else:
         assert "rnn" in sim.float_leaves
+        with pytest.raises(TypeError, match="no quantized version"):
+            QuantSim(model, torch.randn(7, 3, 5), QuantSimConfig(capture=capture, strict=True))
     with torch.no_grad(), sim.disabled():
         x = torch.randn(7, 3, 5)
         torch.testing.assert_close(sim.model(x)[0], model(x)[0])

@@ -461,7 +461,7 @@ def _recurrent_owner(node, mods) -> str | None:
     for path, _ in (node.meta.get("nn_module_stack") or {}).values():
         path = re.sub(r"@\d+$", "", path)
         m = mods.get(path)
-        if isinstance(m, _RNN_BASES) and G.twin_factory(m) is not None and not getattr(m, "proj_size", 0):
+        if isinstance(m, _RNN_BASES) and G.twin_factory(m) is not None:
             found = path
     return found
 

@@ -190,16 +190,19 @@ def register_function(target, op_type: str) -> None:
 TWINS: dict[type, Callable] = {}
 
 
-def register_twin(cls: type, factory: Callable) -> None:
-    """Teach QuantSim a module type with its own quantized implementation."""
-    TWINS[cls] = factory
+def register_twin(cls: type, factory: Callable, accepts: Callable[[nn.Module], bool] | None = None) -> None:
+    """Teach QuantSim a module type with its own quantized implementation; ``accepts(module)``
+    says which configurations of the type it covers (the others have no twin)."""
+    TWINS[cls] = (factory, accepts)
 
 
 def twin_factory(m: nn.Module) -> Callable | None:
-    f = TWINS.get(type(m))
-    if f is None:
-        f = next((f for t, f in TWINS.items() if isinstance(m, t)), None)
-    return f
+    entry = TWINS.get(type(m))
+    if entry is None:
+        entry = next((e for t, e in TWINS.items() if isinstance(m, t)), None)
+    if entry is None or (entry[1] is not None and not entry[1](m)):
+        return None
+    return entry[0]
 
 
 def module_spec(m: nn.Module) -> ModuleSpec | None:

@@ -28,7 +28,7 @@ class UnsupportedModuleError(TypeError):
 
 
 for _cls in R.RECURRENT:  # LSTM/GRU(Cell): quantized twins from rapidquant.recurrent
-    G.register_twin(_cls, R.quantized_twin)
+    G.register_twin(_cls, R.quantized_twin, R.has_twin)
 
 _tensors = tensors          # old private names, kept for other modules
 _count_inputs = count_inputs

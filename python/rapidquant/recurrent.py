@@ -310,6 +310,11 @@ class QuantizedCell(_RecurrentBase):
         return h.squeeze(0) if unbatched else h
 
 
+def has_twin(module: nn.Module) -> bool:
+    """LSTM projections (proj_size > 0) have no twin: such a module is a float leaf, named."""
+    return not getattr(module, "proj_size", 0)
+
+
 def quantized_twin(module: nn.Module, name: str, new_quantizer: Callable[..., Quantizer], hw, config):
     """The quantized twin of an nn.LSTM/GRU/LSTMCell/GRUCell, built with QuantSim's rules."""
     make = QuantizerFactory(new_quantizer, hw, config)
