@@ -248,6 +248,9 @@ def aimet_rows(args, aimet, name, model, data, fp_logits, ours_cfg, times):
                              "speed-up": ""})
                 continue
             label = f"aimet-torch {aimet[0]}, {r['iterations_per_layer']}/layer"
+            print(f"{name}, {label}: {r['flipped']} of {r['weights']} weights rounded away from nearest; "
+                  f"{r['soft']} returned between grid points (AIMET folds its soft rounding into the weights; "
+                  f"the frozen quantizer rounds them, as hard rounding would)")
             times[label] = r["adaround_seconds"]
             rows.append({"model": name,
                          "method": f"W{args.bits}A8 AdaRound, aimet-torch {aimet[0]}"
