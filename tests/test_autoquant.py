@@ -255,7 +255,7 @@ def test_block_reconstruction_runs_where_adaround_misses(tmp_path):
 def test_strict_raises(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("equalization exploded")
-    monkeypatch.setattr(AQS, "equalize", boom)
+    monkeypatch.setattr(AQS, "equalize_", boom)
     with pytest.raises(RuntimeError, match="equalization exploded"):
         run(zoo.pretrained("digits_mobilenet"), tmp_path, allowed_drop=0.005, use_adaround=False,
             sim=W2_PER_TENSOR, strict=True)

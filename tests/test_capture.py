@@ -336,6 +336,25 @@ def test_integer_tensor_indices_export_and_clip_is_clamp(tmp_path):
     assert res.parity["default"].max_steps <= 1.001, res.parity
 
 
+def test_integer_tensor_operands_stay_tensors():
+    class MaxIndex(nn.Module):  # torch.maximum takes tensors only: the constant must stay one
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            k = torch.tensor(2)
+            best = torch.maximum(y.argmax(1, keepdim=True), k)  # an index no lower than 2
+            return y.gather(1, best)
+
+    model = MaxIndex().eval()
+    sim = rq.QuantSim(model, _imgs()[0], rq.QuantSimConfig(capture="fx"))  # raised TypeError once
+    with torch.no_grad(), sim.disabled():
+        x = _imgs(1, seed=3)[0]
+        assert torch.equal(sim.model(x), model(x))
+
+
 class Fill(nn.Module):
     """A module making a tensor from a shape, as onnx2torch's ConstantOfShape does."""
 

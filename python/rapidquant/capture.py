@@ -182,14 +182,23 @@ def _fx_capture(model, args, kwargs, leaf_types, leaf_names, concrete_args) -> f
     return gm
 
 
+_INDEX_KWARGS = {"dim", "dims", "axis", "start", "end", "step", "index", "chunks", "split_size_or_sections",
+                 "repeats", "shifts", "source", "destination", "start_dim", "end_dim", "dim0", "dim1", "length"}
+_INDEX_METHODS = {"squeeze", "unsqueeze", "select", "narrow", "flatten", "transpose", "permute", "split", "chunk",
+                  "repeat", "expand", "view", "reshape", "roll", "movedim", "unflatten", "size"}
+_INDEX_FUNCTIONS = {torch.squeeze, torch.unsqueeze, torch.select, torch.narrow, torch.flatten, torch.transpose,
+                    torch.split, torch.chunk, torch.roll, torch.movedim, torch.reshape, torch.permute}
+
+
 def _inline_integer_scalars(gm: fx.GraphModule) -> None:
-    """Turn 0-d integer tensor constants into Python ints where they are arguments.
+    """Turn 0-d integer tensor constants into Python ints where they are indices.
 
     Modules that read their indices from tensors (onnx2torch's Slice, Squeeze, Gather walk
     the ONNX initializers) hand torch.fx 0-d integer tensors that it stores as
     ``_tensor_constantN``. Eager code accepts them as slice bounds and ``dim=``, but the ONNX
     export fakes every tensor, and a fake slice bound is a data-dependent value it cannot
-    specialise. As ints they are what the model meant: fixed indices.
+    specialise. As ints they are what the model meant: fixed indices. Only index positions
+    change (subscripts, dims and sizes of shape ops); a tensor operand stays a tensor.
     """
     g = gm.graph
     changed = False
@@ -199,11 +208,16 @@ def _inline_integer_scalars(gm: fx.GraphModule) -> None:
                 and not t.is_complex() and t.dtype != torch.bool):
             continue
         value = int(t)
+
+        def swap(a, node=node, value=value):
+            return value if a is node else fx.node.map_aggregate(a, lambda x: value if x is node else x)
         for user in list(node.users):
-            if user.op == "call_method" and user.args and user.args[0] is node:
-                continue  # a method called on the tensor itself (t.item()) keeps the tensor
-            user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
-            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+            if user.op == "call_function" and user.target is operator.getitem and user.args[0] is not node:
+                user.args = (user.args[0], swap(user.args[1])) + tuple(user.args[2:])
+            elif (user.op == "call_method" and user.target in _INDEX_METHODS and user.args[0] is not node) or \
+                    (user.op == "call_function" and user.target in _INDEX_FUNCTIONS and user.args[0] is not node):
+                user.args = (user.args[0],) + tuple(swap(a) for a in user.args[1:])
+            user.kwargs = {k: (swap(v) if k in _INDEX_KWARGS else v) for k, v in user.kwargs.items()}
             changed = True
         if not node.users:
             g.erase_node(node)
