@@ -51,14 +51,28 @@ def _attr(gm, target: str):
     return obj
 
 
+def _stateless(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op in ("call_function", "call_method"):
+        return True
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return next(m.parameters(), None) is None and next(m.buffers(), None) is None
+    return False
+
+
+def _run(gm: fx.GraphModule, n: fx.Node, val):
+    args, kwargs = fx.node.map_arg(n.args, val), fx.node.map_arg(n.kwargs, val)
+    if n.op == "call_module":
+        return gm.get_submodule(n.target)(*args, **kwargs)
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    return n.target(*args, **kwargs)
+
+
 def _step_input(gm, node: fx.Node):
     """The one node input of a step that combines it with scalar constants only, else None."""
-    if node.op not in ("call_function", "call_method", "call_module") or node.kwargs.get("out") is not None:
-        return None
-    if node.op == "call_module":  # stateless modules only (ReLU6, a converter's Div): layers are not steps
-        m = gm.get_submodule(node.target)
-        if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
-            return None
+    if not _stateless(gm, node) or node.kwargs.get("out") is not None:
+        return None  # stateless modules only (ReLU6, a converter's Div): layers are not steps
     nodes = [a for a in node.args if isinstance(a, fx.Node) and _scalar(gm, a) is None]
     others = [a for a in node.args if not (isinstance(a, fx.Node) and _scalar(gm, a) is None)]
     if len(nodes) != 1 or any(_scalar(gm, a) is None and a is not None for a in others):
@@ -71,22 +85,10 @@ def _step_input(gm, node: fx.Node):
 def _evaluate(gm: fx.GraphModule, chain: list, x: fx.Node) -> torch.Tensor | None:
     """The chain's output for the test ramp as x (None when a step does not run on it)."""
     env = {x: _RAMP}
-
-    def val(a):
-        if isinstance(a, fx.Node):
-            return env[a] if a in env else _scalar(gm, a)
-        return a
     try:
         with torch.no_grad():
             for n in chain:
-                args = [val(a) for a in n.args]
-                kwargs = {k: val(v) for k, v in n.kwargs.items()}
-                if n.op == "call_module":
-                    out = gm.get_submodule(n.target)(*args, **kwargs)
-                elif n.op == "call_method":
-                    out = getattr(args[0], n.target)(*args[1:], **kwargs)
-                else:
-                    out = n.target(*args, **kwargs)
+                out = _run(gm, n, lambda a: env[a] if a in env else _scalar(gm, a))
                 if not isinstance(out, torch.Tensor) or out.shape != _RAMP.shape:
                     return None
                 env[n] = out
@@ -227,15 +229,6 @@ _NORMS = {"LayerNormalization": (-1, True), "LayerNormalization(channels)": (1, 
           "RMSNormalization": (-1, False)}
 
 
-def _stateless(gm: fx.GraphModule, n: fx.Node) -> bool:
-    if n.op in ("call_function", "call_method"):
-        return True
-    if n.op == "call_module":
-        m = gm.get_submodule(n.target)
-        return next(m.parameters(), None) is None and next(m.buffers(), None) is None
-    return False
-
-
 def _normalized(x: torch.Tensor, dim: int, centred: bool) -> torch.Tensor:
     if centred:
         x = x - x.mean(dim, keepdim=True)
@@ -254,20 +247,17 @@ def _per_channel_affine_of(value: torch.Tensor, ref: torch.Tensor, dim: int) -> 
     return bool(gamma.abs().max() > 1e-6 * scale and (fit - v).abs().max() <= 1e-3 * scale)
 
 
-def _run(gm: fx.GraphModule, n: fx.Node, val):
-    args, kwargs = fx.node.map_arg(n.args, val), fx.node.map_arg(n.kwargs, val)
-    if n.op == "call_module":
-        return gm.get_submodule(n.target)(*args, **kwargs)
-    if n.op == "call_method":
-        return getattr(args[0], n.target)(*args[1:], **kwargs)
-    return n.target(*args, **kwargs)
+_UNKNOWN = object()
 
 
 def _constant(gm: fx.GraphModule, a: fx.Node, cache: dict, depth: int = 0):
     """a's value when it depends on no input (attributes, shape arithmetic, ops on those), else
     raise LookupError."""
     if a in cache:
+        if cache[a] is _UNKNOWN:
+            raise LookupError(a.name)
         return cache[a]
+    cache[a] = _UNKNOWN  # until proven constant (also: a failure is not retried)
     if a.op == "get_attr":
         v = _attr(gm, a.target)
     elif "rq_const" in a.meta:
@@ -301,13 +291,13 @@ def find_spelled_norms(gm: fx.GraphModule) -> dict:
     from the capture's run; shape arithmetic from ``node.meta["rq_const"]``). The output is the
     last node of the run that still equals a normalization times and plus per-channel values."""
     nodes = list(gm.graph.nodes)
-    found, taken = {}, set()
+    found, taken, consts = {}, set(), {}  # constants do not depend on the candidate: one cache
     g = torch.Generator().manual_seed(0)
     for i, x in enumerate(nodes):
         shape = x.meta.get("rq_shape")
         if not shape or len(shape) < 2 or len(x.users) < 2 or x in taken or "rq_const" in x.meta:
             continue
-        region, inside, consts = [], {x}, {}
+        region, inside = [], {x}
         for n in nodes[i + 1: i + 1 + _NORM_WINDOW]:
             if n not in taken and _stateless(gm, n) and any(a in inside for a in n.all_input_nodes) \
                     and _inputs_known(gm, n, inside, consts):
