@@ -97,6 +97,9 @@ class QuantSim:
         self.float_weights: dict[str, str] = {}  # weights no quantizer reaches -> the op that reads them
         self.spelled_ops: dict[str, str] = {}  # node -> 'HardSwish', 'LayerNormalization': arithmetic quantized as one op
         self._build(cap.gm, excluded, args, kwargs)
+        for m in self.model.modules():  # recurrent twins' internals built wider than the act bitwidth
+            if isinstance(m, R.RECURRENT_TWINS):
+                self.widened.update(m.raised)
         self._check_runs(dummy_input)
 
     @property
@@ -503,9 +506,7 @@ class QuantSim:
         not mend it)."""
         from rapidquant.calibration import grid_damage
         target = self.config.widen_destroyed
-        kernels = self.hw.supported_kernels()
-        if target is not None and kernels and not any(
-                k.get("activation", {}).get("bitwidth") == target for k in kernels):
+        if target is not None and not self.hw.runs_activation_bits(target):
             target = None  # the hardware runs no such activations
         measured, damage = {}, {}  # index -> grid_damage record; the ones worth a word
         for i, q in enumerate(quantizers):

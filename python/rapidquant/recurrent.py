@@ -23,6 +23,10 @@ Quantizers (``<m>`` is the module's name in the model, ``<l>`` a layer-direction
   GRU: ``ih``, ``hh`` (Gemm), ``rz`` (Add: r and z pre-activations), ``r``, ``z``
   (Sigmoid), ``r_hn`` (Mul: r*(W_hn h + b_hn)), ``n_pre`` (Add), ``n`` (Tanh),
   ``h_minus_n`` (Sub), ``z_d`` (Mul), ``h`` (Add: h' = n + z*(h - n), the new state).
+  Integer activation quantizers get ``config.recurrent_act_bw`` bits (16 by default) when
+  the hardware config runs activations that wide: 8-bit rounding inside the recurrence
+  compounds over the time steps. The twin lists them in ``raised`` (QuantSim in
+  ``sim.widened``).
 
 Initial states (h0, c0) are used as given (when they are model inputs QuantSim's input
 quantizers quantize them; zeros when omitted). Inputs must be tensors (no
@@ -74,6 +78,7 @@ class QuantizerFactory:
 
     def __init__(self, new_quantizer: Callable[..., Quantizer], hw, config):
         self.new_quantizer, self.hw, self.config = new_quantizer, hw, config
+        self.raised: dict[str, str] = {}  # activation quantizer -> why it has more bits than the config's
 
     def param(self, name: str, p: torch.Tensor, kind: str) -> Quantizer | None:
         hw, c = self.hw, self.config
@@ -91,6 +96,11 @@ class QuantizerFactory:
         if not self.hw.output_quantized(op_type):
             return None
         q = self.new_quantizer(name, param=False, op_type=op_type)
+        bw = self.config.recurrent_act_bw
+        if bw is not None and q.dtype == "int" and q.bitwidth < bw and self.hw.runs_activation_bits(bw):
+            self.raised[name] = (f"{q.bitwidth} -> {bw} bits: inside a recurrent cell, where rounding compounds "
+                                 "over the time steps (QuantSimConfig(recurrent_act_bw=None) keeps the act bitwidth)")
+            q.set_precision("int", bw)
         apply_encoding_constraints(q, self.hw.encoding_constraints(op_type))
         return q
 
@@ -188,6 +198,7 @@ class _RecurrentBase(QuantizedModule):
         super().__init__(module, type(module).__name__.replace("Cell", ""), pq, None)
         self.cells = nn.ModuleDict({(c or "cell"): v for c, v in cellq.items()})
         self.name = name
+        self.raised = dict(make.raised)  # internal activations given more bits (QuantSim lists them in sim.widened)
         self._gates = 4 if isinstance(module, (nn.LSTM, nn.LSTMCell)) else 3
         self.macs: dict[str, int] = {}  # per layer-direction, of the last eager forward
 
@@ -308,6 +319,9 @@ class QuantizedCell(_RecurrentBase):
             return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
         h = gru_step(cq, ih, hx, w_hh, b_hh)
         return h.squeeze(0) if unbatched else h
+
+
+RECURRENT_TWINS = (QuantizedRNN, QuantizedCell)
 
 
 def has_twin(module: nn.Module) -> bool:

@@ -103,7 +103,7 @@ def _stage_rows(res) -> list[dict]:
 
 # stage artifact keys that list what a technique left untreated: key -> how to read an entry
 _UNTREATED = {"not_folded": "BN left unfolded", "skipped": "left untreated", "float_leaves": "kept in float",
-              "float_weights": "weight kept in float", "widened": "activation grid raised (destroyed its data)"}
+              "float_weights": "weight kept in float", "widened": "activation grid given more bits"}
 
 
 def _untreated_rows(res) -> list[dict]:
