@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from rapidquant.quantizer import Quantizer
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}  # the fast path's functional ops
 
 
 _SIMULATE_INT32_BIAS = [True]
@@ -125,8 +125,10 @@ class QuantizedModule(nn.Module):
         m = self.module
         if not self.param_quantizers:
             out = m(*args, **kwargs)
-        elif type(m) in _CONV and set(self.param_quantizers) <= {"weight"} and not kwargs:
-            out = m._conv_forward(args[0], self.quantized_param("weight"), self.quantized_bias())
+        elif type(m) in _CONV and m.padding_mode == "zeros" and set(self.param_quantizers) <= {"weight"} \
+                and not kwargs:  # other padding modes take the functional_call path below
+            out = _CONV[type(m)](args[0], self.quantized_param("weight"), self.quantized_bias(), m.stride, m.padding,
+                                 m.dilation, m.groups)
         elif type(m) is nn.Linear and set(self.param_quantizers) <= {"weight"} and not kwargs:
             out = F.linear(args[0], self.quantized_param("weight"), self.quantized_bias())
         else:
