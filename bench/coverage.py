@@ -55,7 +55,11 @@ STAGES = ("build", "calibrate", "sqnr", "export", "onnxruntime", "parity")
 # the float model (onnxruntime, default options, same input) more than this many dB from the
 # sim's. What it does not fail on, but reports: per element the two differ on deep 8-bit nets
 # (a float sum lands within rounding error of a grid tie, and the flip grows layer by layer;
-# bench/README.md), by single steps of the grid on the way.
+# bench/README.md), by single steps of the grid on the way. Both SQNRs are pooled over the
+# example and the calibration batches: on one small batch a peaky output's SQNR (an OCR
+# recogniser's per-step softmax) is decided by the few positions whose arg-max flips, and
+# sim and file flip different ones (PP-OCR's recogniser: 20.6 vs 11.5 dB on one batch of 4
+# lines, 13.2 vs 12.4 dB pooled over 40).
 PARITY_DB = 1.0
 # Both are compared as at most 40 dB (noise 1% of the output's amplitude): single-step
 # differences of an 8-bit output grid measure about 48 dB, and onnxruntime's fused integer
@@ -234,20 +238,38 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
         state["onnx"] = res.onnx
         return {"qdq_pairs": res.qdq_pairs, "message": f"{res.qdq_pairs} QDQ pairs"}
 
-    def onnxruntime():
-        sess = make_session(state["onnx"])  # default session options: what a deployment runs
+    def feeds(sess, inputs) -> dict:
         names = [i.name for i in sess.get_inputs()]
-        if isinstance(example, Mapping):
-            feeds = {k: v.numpy() for k, v in example.items() if k in names}
+        if isinstance(inputs, Mapping):
+            out = {k: v.numpy() for k, v in inputs.items() if k in names}
         else:
-            args = example if isinstance(example, (tuple, list)) else (example,)
-            feeds = {n: a.numpy() for n, a in zip(names, args)}
-        missing = [n for n in names if n not in feeds]
+            args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+            out = {n: a.numpy() for n, a in zip(names, args)}
+        missing = [n for n in names if n not in out]
         if missing:
             raise RuntimeError(f"the ONNX inputs {names} do not match the example's "
-                               f"({list(example) if isinstance(example, Mapping) else len(feeds)})")
-        state["ort_out"] = [torch.from_numpy(o) for o in sess.run(None, feeds)]
-        return {"message": f"{len(names)} inputs, {len(state['ort_out'])} outputs"}
+                               f"({list(inputs) if isinstance(inputs, Mapping) else len(out)})")
+        return out
+
+    def onnxruntime():
+        sess = state["session"] = make_session(state["onnx"])  # default session options: what a deployment runs
+        f = feeds(sess, example)
+        state["ort_out"] = [torch.from_numpy(o) for o in sess.run(None, f)]
+        return {"message": f"{len(f)} inputs, {len(state['ort_out'])} outputs"}
+
+    def pooled_outputs():
+        """Float, sim and file outputs on the example and every calibration batch the file
+        accepts (a file whose leaves recorded the example's batch size takes only that size)."""
+        outs, skipped = [(state["float_out"], state["sim_out"], state["ort_out"])], 0
+        for batch in calib:
+            try:
+                ort = [torch.from_numpy(o) for o in state["session"].run(None, feeds(state["session"], batch))]
+            except Exception:  # noqa: BLE001 - a shape the file does not take
+                skipped += 1
+                continue
+            with torch.no_grad():
+                outs.append((float_leaves(call(model, batch)), float_leaves(call(state["sim"].model, batch)), ort))
+        return [sum((o[k] for o in outs), []) for k in range(3)], len(outs), skipped
 
     def parity():
         if "sim_out" not in state:
@@ -262,13 +284,18 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
         mx = max(float(d.max()) if d.numel() else 0.0 for d in diffs)
         frac = sum(int((d > 0).sum()) for d in diffs) / max(1, sum(d.numel() for d in diffs))
         scale = max(float(g.abs().max()) if g.numel() else 0.0 for g in got)
-        gap_db, file_db = sqnr_db(got, ort), sqnr_db(state["float_out"], ort)
-        msg = (f"file vs float {file_db:.1f} dB (sim {state['sim_db']:.1f}); file vs sim {gap_db:.1f} dB; "
-               f"max |diff| {mx:.3g} of {scale:.3g}, {100 * frac:.2f}% of elements differ")
-        if abs(min(file_db, PARITY_CEILING_DB) - min(state["sim_db"], PARITY_CEILING_DB)) > PARITY_DB:
+        gap_db = sqnr_db(got, ort)
+        (ref_all, sim_all, ort_all), n, skipped = pooled_outputs()
+        sim_db, file_db = sqnr_db(ref_all, sim_all), sqnr_db(ref_all, [o for o in ort_all if o.is_floating_point()])
+        msg = (f"file vs float {file_db:.1f} dB (sim {sim_db:.1f}) over {n} batches"
+               + (f" ({skipped} of another size skipped)" if skipped else "")
+               + f"; on the example: file vs sim {gap_db:.1f} dB, max |diff| {mx:.3g} of {scale:.3g}, "
+               f"{100 * frac:.2f}% of elements differ")
+        if abs(min(file_db, PARITY_CEILING_DB) - min(sim_db, PARITY_CEILING_DB)) > PARITY_DB:
             raise ParityGap(msg + f": the file's SQNR is not the sim's within {PARITY_DB:.0f} dB")
-        return {"max_abs_diff": mx, "frac_differ": round(frac, 5), "output_absmax": scale,
-                "file_vs_sim_db": round(gap_db, 2), "file_vs_float_db": round(file_db, 2), "message": msg}
+        return {"max_abs_diff": mx, "frac_differ": round(frac, 5), "output_absmax": scale, "batches": n,
+                "file_vs_sim_db": round(gap_db, 2), "file_vs_float_db": round(file_db, 2),
+                "sim_vs_float_db": round(sim_db, 2), "message": msg}
 
     for name, fn in zip(STAGES, (build, calibrate, sqnr, export, onnxruntime, parity)):
         stage(name, fn)
@@ -336,7 +363,9 @@ def _short(stage: str, st: dict) -> str:
     if stage == "export":
         return f"{st['qdq_pairs']} QDQ"
     if stage == "parity":
-        return (f"file {st['file_vs_float_db']:.1f} dB; {100 * st['frac_differ']:.1f}% differ, "
+        pooled = (f"file {st['file_vs_float_db']:.1f} vs sim {st['sim_vs_float_db']:.1f} dB over {st['batches']} batches"
+                  if "sim_vs_float_db" in st else f"file {st['file_vs_float_db']:.1f} dB")
+        return (f"{pooled}; example: {100 * st['frac_differ']:.1f}% differ, "
                 f"max {st['max_abs_diff']:.2g} of {st['output_absmax']:.2g}")
     if stage == "calibrate" and st.get("widened"):
         return f"{st['widened']} raised to 16 bits"

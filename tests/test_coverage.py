@@ -181,8 +181,9 @@ def test_parity_stage_fails_when_the_file_computes_something_else(tmp_path, monk
     """The parity stage compares the file's SQNR against float with the sim's. With the export's
     int16 weight containers switched off, onnxruntime runs this W8A16 MLP's MatMuls with int8
     activations (MatMulNBits): the file loses quality the sim does not, and the stage says so
-    (measured: file 41.3 dB beside the sim's 41.3 with the containers; 38.0 without, two dB
-    under the 40 dB cap, the criterion one)."""
+    (measured, pooled over the example and the calibration batches: file 44.0 dB beside the
+    sim's 44.0 with the containers; 39.3 without. The stage counts both as at most 40 dB,
+    which would hide that loss: the test lifts the cap to 60 dB, 1 dB the criterion.)"""
     import rapidquant as rq
     from rapidquant.export import onnx_qdq
     C = _coverage()
@@ -192,6 +193,7 @@ def test_parity_stage_fails_when_the_file_computes_something_else(tmp_path, monk
     x = torch.randn(2, 8, 256, generator=g)
     calib = [torch.randn(2, 8, 256, generator=g) for _ in range(4)]
     cfg = rq.QuantSimConfig(hw_config="w8a16")
+    monkeypatch.setattr(C, "PARITY_CEILING_DB", 60.0)  # the 40 dB cap would hide this 5 dB loss
     rec = C.Record("mlp_ok")
     C.run_stages(m, x, calib, str(tmp_path / "ok"), rec, config=cfg)
     assert rec.data["stages"]["parity"]["status"] == "ok", rec.data["stages"]["parity"]
