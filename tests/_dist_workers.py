@@ -70,20 +70,26 @@ def amp_phase1(rank, world, port, out):
         _teardown()
 
 
-def autoquant(rank, world, port, out):
+def autoquant_single(results_dir: str) -> dict:
+    """The AutoQuant run of ``autoquant`` in this process (as one rank or alone): plain data."""
     import rapidquant as rq
     from rapidquant import zoo
+    model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
+    cfg = rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=4, act_bw=8, per_channel=False), allowed_drop=0.005,
+                             results_dir=results_dir, num_calibration_batches=8,
+                             adaround=rq.AdaRoundConfig(iterations=60))
+    r = rq.AutoQuant(model, data[0], data, lambda m, n=None: zoo.accuracy(m), cfg, show_progress=False).optimize()
+    return {"score": r.score, "stages": [(s.name, s.status, s.score) for s in r.stages],
+            "messages": [s.message for s in r.stages], "report": r.report_path,
+            "weights": {k: v.tolist() for k, v in r.model.state_dict().items() if k.endswith("weight")}}
+
+
+def autoquant(rank, world, port, out):
     _init(rank, world, port)
     try:
-        model, data = zoo.pretrained("digits_mobilenet"), zoo.calibration_batches(8)
-        cfg = rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=4, act_bw=8, per_channel=False), allowed_drop=0.005, results_dir=os.path.join(out, "aq"),
-                                 num_calibration_batches=8, adaround=rq.AdaRoundConfig(iterations=60))
-        r = rq.AutoQuant(model, data[0], data, lambda m, n=None: zoo.accuracy(m), cfg, show_progress=False).optimize()
-        w = {k: v.tolist() for k, v in r.model.state_dict().items() if k.endswith("weight")}
+        res = autoquant_single(os.path.join(out, "aq"))
         with open(os.path.join(out, f"aq_{rank}.json"), "w") as f:
-            json.dump({"score": r.score, "stages": [(s.name, s.status, s.score) for s in r.stages],
-                       "messages": [s.message for s in r.stages],
-                       "report": r.report_path, "weights": w}, f)
+            json.dump(res, f)
     finally:
         _teardown()
 

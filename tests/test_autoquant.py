@@ -61,12 +61,16 @@ def test_early_exit_on_w32_check(tmp_path):
 def test_w32_failure_with_amp_candidates_goes_on_to_amp(tmp_path):
     """Weight techniques cannot fix 2-bit activations, AMP can: BN folding and CLE still run
     to give it a deployable start, AdaRound does not."""
-    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, sim=dict(act_bw=2), amp_candidates=("W8A2", "W8A8"))
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, sim=dict(act_bw=2), amp_candidates=("W8A2", "W8A8"),
+              amp_cost="latency")
     st = status(res)
     assert record(res, "w32_check").score < res.target
     assert st["bn_fold"] in ("ok", "met") and st["cle"] in ("ok", "met") and st["adaround"] == "skipped"
     assert st["amp"] == "met" and res.met and res.best_stage == "amp"
     assert res.artifact_check == "onnxruntime" and res.score == res.artifact_score
+    amp = record(res, "amp").artifacts  # amp_cost="latency": AMP timed its points in onnxruntime
+    assert amp["cost"] == "latency" and amp["float_latency_ms"] > 0 and amp["chosen"]["latency_ms"] > 0
+    assert "onnxruntime" in record(res, "amp").message
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +330,8 @@ def test_config_validation_and_legacy_fields():
         rq.AutoQuantConfig(sim={"param_bw": 4})
     with pytest.raises(ValueError, match="latency_threads"):
         rq.AutoQuantConfig(latency_threads=0)
+    with pytest.raises(ValueError, match="amp_cost"):
+        rq.AutoQuantConfig(amp_cost="time")
     with pytest.raises(ValueError, match="block_reconstruction"):
         rq.AutoQuantConfig(block_reconstruction=rq.AdaRoundConfig())
     with pytest.warns(DeprecationWarning, match="QuantSimConfig"):

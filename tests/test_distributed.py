@@ -83,6 +83,20 @@ def test_distributed_autoquant_one_report_same_result(tmp_path):
     assert r0["score"] == r1["score"] and r0["weights"] == r1["weights"]  # identical AdaRound rounding
     assert r0["report"] and r1["report"] is None  # only rank 0 writes
     assert os.path.exists(r0["report"]) and os.path.exists(tmp_path / "aq" / "model.onnx")
+    # against one process on all 8 batches: the ranks sample their own rows for AdaRound's
+    # steps (each from its half of the cached inputs), so the rounding may differ, not its quality
+    single = W.autoquant_single(str(tmp_path / "single"))
+    assert [s[:2] for s in r0["stages"]] == [s[:2] for s in single["stages"]]
+    assert "adaround" in [s[0] for s in r0["stages"] if s[1] == "ok"]
+    diff = sum(sum(a != b for a, b in zip(_flat(r0["weights"][k]), _flat(v))) for k, v in single["weights"].items())
+    total = sum(len(_flat(v)) for v in single["weights"].values())
+    print(f"distributed vs single AdaRound: {diff} of {total} weights differ; score {r0['score']} vs {single['score']}")
+    assert diff <= 0.02 * total, (diff, total)  # measured XXX
+    assert abs(r0["score"] - single["score"]) <= 2 / 397  # measured XXX; two test images
+
+
+def _flat(x):
+    return [v for e in x for v in _flat(e)] if isinstance(x, list) else [x]
 
 
 def test_failing_rank_stops_all_ranks_without_hang(tmp_path):

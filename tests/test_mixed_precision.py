@@ -197,3 +197,51 @@ def test_amp_after_adaround_uses_the_float_weights_at_other_precisions():
     params = sim.parameters_quantized()
     for n in r.float_weights:
         assert torch.equal(params[n], r.model.get_parameter(n)) and sim.quantizer(n).frozen
+
+
+def test_amp_latency_cost_picks_the_fastest_point_that_meets(sensitive_model, tmp_path, monkeypatch):
+    """cost="latency": every evaluated point (and the float model) is exported and timed in
+    onnxruntime; the choice is the fastest point meeting the target, not the fewest BitOps.
+    The timings are planted (fewer BitOps = slower, float fastest) so the choice is decided."""
+    from rapidquant.export import latency as L
+    sim = make_sim(sensitive_model)
+    cands = ["W4A8", "W8A8", "W16A16"]
+    by_bitops = rq.amp(sim, cands, accuracy, 0.01, calib_batches(8), show_progress=False)
+    timed = {}
+
+    def planted(runs, repeats=30, rounds=3):
+        for run in runs.values():
+            run()  # the exported files run
+        timed.update(runs)
+        return {k: 0.1 if k == "float" else 10.0 - k for k in runs}  # points by BitOps: cheaper = slower
+
+    monkeypatch.setattr(L, "median_latencies", planted)
+    res = rq.amp(sim, cands, accuracy, 0.01, calib_batches(8), results_dir=str(tmp_path), show_progress=False,
+                 cost="latency")
+    assert res.cost == "latency" and res.float_latency_ms == 0.1 and len(timed) == len(
+        {json.dumps(p.config, sort_keys=True) for p in res.evaluated}) + 1
+    assert all(p.latency_ms is not None for p in res.evaluated)
+    ok = [p for p in res.evaluated if p.score >= res.target]
+    assert res.met and res.chosen.latency_ms == min(p.latency_ms for p in ok)
+    assert res.chosen.config != by_bitops.chosen.config  # the BitOps choice is timed slower here
+    assert "float model runs faster" in res.message
+    assert accuracy(sim.model) == pytest.approx(res.chosen.score)  # the sim is left at the choice
+    front = sorted(res.pareto_front, key=lambda p: p.latency_ms)
+    assert all(a.score < b.score for a, b in zip(front, front[1:]))  # each slower point buys score
+    assert len(os.listdir(tmp_path / "latency")) >= len(timed) and os.path.exists(res.plot_path)
+    # within timing noise (LATENCY_TIE) of the fastest, the fewest BitOps: the BitOps choice again
+    monkeypatch.setattr(L, "median_latencies", lambda runs, **kw: {k: 9.0 if k == "float" else 5.0 - 0.01 * k
+                                                                  for k in runs})  # more BitOps, 0.2% faster
+    tie = rq.amp(sim, cands, accuracy, 0.01, calib_batches(8), show_progress=False, cost="latency")
+    assert tie.chosen.config == by_bitops.chosen.config and "float model runs faster" not in tie.message
+    with pytest.raises(ValueError, match="cost="):
+        rq.amp(sim, cands, accuracy, 0.01, calib_batches(8), show_progress=False, cost="time")
+
+
+def test_amp_latency_cost_measures_real_files(sensitive_model):
+    """Without planted figures: real medians, positive, one per distinct configuration."""
+    sim = make_sim(sensitive_model)
+    res = rq.amp(sim, ["W8A8", "W16A16"], accuracy, 0.01, calib_batches(4), show_progress=False,
+                 cost="latency")
+    assert res.float_latency_ms > 0 and all(p.latency_ms > 0 for p in res.evaluated)
+    assert res.chosen in res.evaluated and res.chosen.score >= res.target

@@ -108,6 +108,7 @@ def cmd_autoquant(args) -> int:
         cfg = rq.AutoQuantConfig(sim=_sim_config(args, pbw, per_channel),
                                  allowed_drop=args.allowed_drop if args.allowed_drop is not None else (0.005 if demo else 0.01),
                                  amp_candidates=tuple(args.amp.split(",")) if args.amp else None,
+                                 amp_cost=args.amp_cost,
                                  results_dir=args.out, time_budget_s=args.time_budget, strict=args.strict,
                                  adaround=ada, block_reconstruction=blocks,
                                  use_block_reconstruction=not args.no_block_reconstruction,
@@ -193,6 +194,8 @@ def main(argv=None) -> int:
     _common(p)
     p.add_argument("--allowed-drop", type=float, default=None, help="absolute drop from FP32 (default 0.01; demo 0.005)")
     p.add_argument("--amp", help="AMP candidates, e.g. W8A8,W8A16,W16A16")
+    p.add_argument("--amp-cost", choices=("bitops", "latency"), default="bitops",
+                   help="AMP picks the point with the fewest BitOps, or the one onnxruntime runs fastest here")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; no new stage starts after that")
     p.add_argument("--strict", action="store_true", help="a failing stage raises instead of being skipped")
     p.add_argument("--no-block-reconstruction", action="store_true",

@@ -40,6 +40,7 @@ class AutoQuantConfig:
     use_block_reconstruction: bool = True        # after AdaRound, when the target is still missed
     block_reconstruction: BlockReconConfig | None = None  # None: defaults at the sim's weight bitwidth
     amp_candidates: tuple | None = None          # e.g. ("W8A8", "W8A16", "W16A16")
+    amp_cost: str = "bitops"                     # AMP's cheapest point: fewest "bitops", or "latency" in onnxruntime
     results_dir: str = "rapidquant-results"
     time_budget_s: float | None = None
     max_evaluations: int | None = None           # eval_fn calls; no new stage starts beyond it
@@ -105,6 +106,8 @@ def _validate(c: AutoQuantConfig) -> None:
                 parse_candidate(cand)
             except ValueError as e:
                 bad("amp_candidates", str(e))
+    if c.amp_cost not in ("bitops", "latency"):
+        bad("amp_cost", "must be 'bitops' or 'latency' (measured in onnxruntime on this machine)")
     if c.latency_threads is not None and (not isinstance(c.latency_threads, int) or c.latency_threads < 1):
         bad("latency_threads", "must be a thread count >= 1, or None to skip the latency measurement")
     if c.confidence is not None and not 0.5 <= c.confidence < 1:

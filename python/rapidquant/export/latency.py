@@ -13,7 +13,7 @@ from rapidquant.batches import model_args
 from rapidquant.export.runtime import OnnxRuntimeModule
 
 
-def _session_run(path: str, dummy_input, n_inputs, threads: int):
+def session_runner(path: str, dummy_input, n_inputs: int, threads: int):
     """A no-argument callable running ``path`` once on the dummy input (default graph
     optimizations, ``threads`` intra-op threads)."""
     module = OnnxRuntimeModule(path, threads=threads)
@@ -32,21 +32,28 @@ def _median_ms(run, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def median_latencies(runs: dict, *, repeats: int = 30, rounds: int = 3) -> dict:
+    """Median milliseconds per call of each named callable, measured in interleaved rounds (a
+    load change hits all of them): the median of the per-round medians."""
+    if repeats < 1 or rounds < 1:
+        raise ValueError(f"repeats and rounds must be >= 1 (got {repeats}, {rounds})")
+    per_round = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            per_round[name].append(_median_ms(run, repeats))
+    return {name: statistics.median(ms) for name, ms in per_round.items()}
+
+
 def float_and_quantized(sim, dummy_input, quantized_onnx: str, folder: str, *, threads: int = 1,
                         repeats: int = 30) -> dict:
     """Latency of the quantized file and of the same sim exported with every quantizer off
     (the float model through the same exporter), measured in alternating rounds (load
     changes hit both). Plain data: ms figures, the ratio, the settings."""
-    with sim.disabled():
-        ref = sim.export(folder, dummy_input, "float_reference", overwrite=True)
     if repeats < 1 or threads < 1:
         raise ValueError(f"repeats and threads must be >= 1 (got {repeats}, {threads})")
-    run_q = _session_run(quantized_onnx, dummy_input, sim.n_inputs, threads)
-    run_f = _session_run(ref.onnx, dummy_input, sim.n_inputs, threads)
-    q, f = [], []
-    for _ in range(3):  # interleaved rounds; the median of the round medians
-        q.append(_median_ms(run_q, repeats))
-        f.append(_median_ms(run_f, repeats))
-    q_ms, f_ms = statistics.median(q), statistics.median(f)
-    return {"quantized_ms": q_ms, "float_ms": f_ms, "speedup": f_ms / q_ms, "threads": threads,
+    with sim.disabled():
+        ref = sim.export(folder, dummy_input, "float_reference", overwrite=True)
+    ms = median_latencies({"q": session_runner(quantized_onnx, dummy_input, sim.n_inputs, threads),
+                           "f": session_runner(ref.onnx, dummy_input, sim.n_inputs, threads)}, repeats=repeats)
+    return {"quantized_ms": ms["q"], "float_ms": ms["f"], "speedup": ms["f"] / ms["q"], "threads": threads,
             "runs": 3 * repeats, "float_onnx": ref.onnx}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -23,6 +24,7 @@ class ParetoPoint:
     score: float
     config: dict           # group name -> candidate name
     prefix: int = -1       # how many phase-1 entries were applied on top of the baseline
+    latency_ms: float | None = None  # its exported file in onnxruntime (cost="latency" only)
 
 
 @dataclass
@@ -42,12 +44,15 @@ class AMPResult:
     phase2_seconds: float = 0.0
     plot_path: str | None = None
     evaluated: list = field(default_factory=list)   # every evaluated point; pareto_front keeps the undominated
+    cost: str = "bitops"                            # what "cheaper" meant: "bitops" or "latency"
+    float_latency_ms: float | None = None           # the float model exported the same way (cost="latency")
+    latency_threads: int | None = None
 
 
-def pareto_filter(points: list) -> list:
+def pareto_filter(points: list, cost=lambda p: p.rel_bitops) -> list:
     """The points no other point beats on both cost and score (cheapest first)."""
     front, best = [], -math.inf
-    for p in sorted(points, key=lambda p: (p.rel_bitops, -p.score)):
+    for p in sorted(points, key=lambda p: (cost(p), -p.score)):
         if p.score > best:
             front.append(p)
             best = p.score
@@ -73,7 +78,8 @@ def _start_key(snap: dict) -> str:
 def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_proxy_batches: int = 4,
         baseline=None, search: str = "binary", results_dir: str | None = None, clean_start: bool = False,
         fp32_score: float | None = None, show_progress: bool = True,
-        eval_fingerprint: str | None = None, float_weights: dict | None = None) -> AMPResult:
+        eval_fingerprint: str | None = None, float_weights: dict | None = None, cost: str = "bitops",
+        latency_threads: int = 1) -> AMPResult:
     """Choose per-group precisions for ``sim`` (modified in place, left calibrated).
 
     candidates: at least two of ((act_bw, dtype), (param_bw, dtype)) or names ("W8A8",
@@ -92,12 +98,22 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
     If the search raises, the sim is restored to the state it started in.
     The binary search assumes scores fall as more groups move to lower precision
     (cumulative prefixes of the phase-1 order); ``search="brute_force"`` evaluates every prefix.
+    cost: "bitops" picks the point with the fewest BitOps that meets the target; "latency"
+    exports every evaluated point (and the float model) and picks the one onnxruntime runs
+    fastest on this machine (CPU, ``latency_threads`` threads, median of interleaved rounds on
+    the dummy input): an int8 layer that runs slower than float is not worth its drop. The
+    search itself still orders groups by the proxy and BitOps.
     """
+    if cost not in ("bitops", "latency"):
+        raise ValueError(f"cost={cost!r}: 'bitops' or 'latency'")
+    if not isinstance(latency_threads, int) or latency_threads < 1:
+        raise ValueError(f"latency_threads={latency_threads!r}: a thread count >= 1")
     start = snapshot(sim)
     swaps = weight_swaps(sim, float_weights, start)
     try:
         return _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, baseline, search,
-                       results_dir, clean_start, fp32_score, show_progress, eval_fingerprint, start, swaps)
+                       results_dir, clean_start, fp32_score, show_progress, eval_fingerprint, start, swaps,
+                       cost, latency_threads)
     except BaseException:
         restore(sim, start)
         sync_weights(sim, swaps, start)
@@ -105,7 +121,8 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
 
 
 def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, baseline, search, results_dir,
-            clean_start, fp32_score, show_progress, eval_fingerprint, start, swaps) -> AMPResult:
+            clean_start, fp32_score, show_progress, eval_fingerprint, start, swaps, cost_kind="bitops",
+            latency_threads=1) -> AMPResult:
     t_start = time.perf_counter()
     cands = [parse_candidate(c) for c in candidates]
     if len(set(cands)) < 2:
@@ -159,6 +176,16 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
             apply_candidate(sim, g, c, snap)
         sync_weights(sim, swaps, snap)
 
+    def set_config(names: dict):
+        for g in groups:
+            apply_candidate(sim, g, parse_candidate(names[g.name]), snap)
+        sync_weights(sim, swaps, snap)
+
+    def done():
+        if cost_kind == "latency":
+            _choose_by_latency(sim, res, set_config, results_dir, latency_threads)
+        return _finish(res, cache, t_start)
+
     cache = _Cache(results_dir, clean_start, {
         "model": model_hash(sim.model), "data": data_hash(proxy),
         "groups": [asdict(g) for g in groups], "candidates": [c.name for c in cands], "baseline": base.name,
@@ -191,12 +218,12 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
         res.pareto_front, res.chosen, res.evaluated = [base_pt], base_pt, [low_pt, base_pt]
         res.message = (f"even {base.name} everywhere scores {base_score:.4f} < target {res.target:.4f}: "
                        "mixed precision cannot meet the allowed drop; left at the baseline")
-        return _finish(res, cache, t_start)
+        return done()
     if res.target is not None and low_score >= res.target:
         res.evaluated = [low_pt, base_pt]
         res.pareto_front, res.chosen, res.met = pareto_filter(res.evaluated), low_pt, True
         res.message = f"the cheapest candidate {low.name} already meets the target everywhere"
-        return _finish(res, cache, t_start)
+        return done()
 
     # ---- phase 1: one group at a time at a lower candidate, everything else float
     t1 = time.perf_counter()
@@ -282,7 +309,52 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
         apply_candidate(sim, g, parse_candidate(chosen.config[g.name]), snap)
     sync_weights(sim, swaps, snap)
     res.chosen = chosen
-    return _finish(res, cache, t_start)
+    return done()
+
+
+LATENCY_TIE = 0.05  # points this much slower than the fastest count as equally fast (median-of-rounds noise)
+
+
+def _choose_by_latency(sim, res: AMPResult, set_config, results_dir: str | None, threads: int) -> None:
+    """Export every evaluated point and the float model, time them in onnxruntime (rank 0;
+    the others take its figures), and move the choice to the fastest point that meets the
+    target (of those within LATENCY_TIE of it, the one with the fewest BitOps); the sim is
+    left at it."""
+    from rapidquant.export.latency import median_latencies, session_runner
+    folder = os.path.join(results_dir, "latency") if results_dir else tempfile.mkdtemp(prefix="rapidquant-amp-")
+    points = list({obj_hash(p.config): p for p in res.evaluated}.values())
+    ms = None
+    if D.is_main():
+        runs = {}
+        with sim.disabled():
+            runs["float"] = session_runner(sim.export(folder, sim.dummy_input, "float", overwrite=True).onnx,
+                                           sim.dummy_input, sim.n_inputs, threads)
+        for i, p in enumerate(points):
+            set_config(p.config)
+            path = sim.export(folder, sim.dummy_input, f"point_{i}", overwrite=True).onnx
+            runs[i] = session_runner(path, sim.dummy_input, sim.n_inputs, threads)
+        ms = median_latencies(runs, repeats=20)
+    if D.active():
+        ms = D.gather_objects(ms)[0]
+    for i, p in enumerate(points):
+        p.latency_ms = ms[i]
+    for p in res.evaluated:  # a repeated configuration has the same file
+        p.latency_ms = next(q.latency_ms for q in points if q.config == p.config)
+    res.cost, res.float_latency_ms, res.latency_threads = "latency", ms["float"], threads
+    res.pareto_front = pareto_filter(res.evaluated, cost=lambda p: p.latency_ms)
+    ok = [p for p in res.evaluated if res.target is not None and p.score >= res.target]
+    if ok:  # within timing noise of the fastest, the fewest BitOps (a target with integer kernels gains most)
+        fastest = min(p.latency_ms for p in ok)
+        res.chosen = min((p for p in ok if p.latency_ms <= fastest * (1 + LATENCY_TIE)), key=lambda p: p.rel_bitops)
+        res.met = True
+        res.message = (f"chose the fastest point that meets the target: {res.chosen.latency_ms:.3f} ms in "
+                       f"onnxruntime ({threads} thread(s); float {res.float_latency_ms:.3f} ms), "
+                       f"{res.chosen.rel_bitops:.3f}x baseline BitOps, score {res.chosen.score:.4f}")
+    if res.chosen is not None:
+        if res.chosen.latency_ms > res.float_latency_ms:
+            res.message += (f"; the float model runs faster on this machine ({res.float_latency_ms:.3f} vs "
+                            f"{res.chosen.latency_ms:.3f} ms): quantization does not pay here in onnxruntime")
+        set_config(res.chosen.config)
 
 
 def _finish(res: AMPResult, cache: "_Cache", t0) -> AMPResult:
@@ -322,17 +394,21 @@ def _plot(res: AMPResult, directory: str) -> str | None:
     from rapidquant.report.plots import pyplot
     plt = pyplot()  # matplotlib is a dependency: plotted the same way as AutoQuant's report
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p.rel_bitops for p in res.evaluated], [p.score for p in res.evaluated], "o", color="#9ab",
+    x = (lambda p: p.latency_ms) if res.cost == "latency" else (lambda p: p.rel_bitops)
+    ax.plot([x(p) for p in res.evaluated], [p.score for p in res.evaluated], "o", color="#9ab",
             label="evaluated points")
-    ax.plot([p.rel_bitops for p in res.pareto_front], [p.score for p in res.pareto_front], "o-", label="Pareto front")
+    ax.plot([x(p) for p in res.pareto_front], [p.score for p in res.pareto_front], "o-", label="Pareto front")
     if res.chosen is not None:
-        ax.plot([res.chosen.rel_bitops], [res.chosen.score], "r*", markersize=14, label="chosen")
+        ax.plot([x(res.chosen)], [res.chosen.score], "r*", markersize=14, label="chosen")
+    if res.float_latency_ms is not None:
+        ax.axvline(res.float_latency_ms, color="gray", ls="-.", label="float model's latency")
     ax.axhline(res.fp32_score, color="gray", ls="--", label="FP32")
     if res.target is not None:
         ax.axhline(res.target, color="red", ls=":", label="target")
-    ax.set_xlabel("relative BitOps (baseline = 1)")
+    ax.set_xlabel(f"median latency in onnxruntime (ms, {res.latency_threads} thread(s))" if res.cost == "latency"
+                  else "relative BitOps (baseline = 1)")
     ax.set_ylabel("score")
-    ax.set_title("AMP Pareto front")
+    ax.set_title("AMP Pareto front" + (": latency and accuracy" if res.cost == "latency" else ""))
     ax.legend()
     fig.tight_layout()
     path = os.path.join(directory, "amp_pareto.png")
