@@ -79,7 +79,9 @@ def autoquant_single(results_dir: str) -> dict:
                              results_dir=results_dir, num_calibration_batches=8,
                              adaround=rq.AdaRoundConfig(iterations=60))
     r = rq.AutoQuant(model, data[0], data, lambda m, n=None: zoo.accuracy(m), cfg, show_progress=False).optimize()
+    ada = next(s for s in r.stages if s.name == "adaround")
     return {"score": r.score, "stages": [(s.name, s.status, s.score) for s in r.stages],
+            "adaround_layers": ada.artifacts.get("layers"),
             "messages": [s.message for s in r.stages], "report": r.report_path,
             "weights": {k: v.tolist() for k, v in r.model.state_dict().items() if k.endswith("weight")}}
 
