@@ -385,6 +385,29 @@ def test_export_runs_in_onnxruntime_and_reloads(tmp_path, fmt):
     assert all(q.frozen for q in sim2.quantizers().values() if q.enabled)
 
 
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_frozen_weights_export(tmp_path, capture):
+    """Layers with requires_grad=False (a frozen backbone, an embedding): under torch.export
+    their parameters are fake tensors without storage, which the quantized-weight cache must
+    not key on (was: "Cannot access data pointer of Tensor")."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv, self.fc = nn.Embedding(10, 8), nn.Conv1d(8, 8, 3), nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.fc(torch.relu(self.conv(self.emb(ids).transpose(1, 2))).mean(-1))
+
+    m = Net().eval().requires_grad_(False)
+    x = torch.randint(0, 10, (2, 7))
+    sim = calibrated(m, x, rq.QuantSimConfig(capture=capture), [torch.randint(0, 10, (2, 7)) for _ in range(3)])
+    res = sim.export(str(tmp_path), x)
+    assert res.ort_ok and res.ort_max_abs_diff <= float(sim.quantizer("fc.output").scale) * 1.0001
+    assert all(not p.requires_grad for p in m.parameters())  # the user's model is left as it was
+
+
 def test_save_load_roundtrip_and_no_silent_overwrite(tmp_path):
     m = MobileNetV2ish().eval()
     x = torch.randn(2, 3, 32, 32)

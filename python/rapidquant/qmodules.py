@@ -45,6 +45,20 @@ def _fresh(out, args) -> bool:
     return True
 
 
+def _cache_key(p: torch.Tensor, q: Quantizer) -> tuple | None:
+    """What a cached quantized parameter depends on: the weight's storage and version, the
+    quantizer's state and its scale tensor. None for a tensor without storage (the fake
+    parameters of torch.export, e.g. of a frozen layer): computed fresh, never cached."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return None
+    try:
+        ptr = p.data_ptr()
+    except RuntimeError:
+        return None
+    return (ptr, p._version, q.version, id(q.scale) if q.scale is not None else 0,
+            q.scale._version if q.scale is not None else 0)
+
+
 class QuantizedModule(nn.Module):
     """Wraps a module: quantized parameters (cached in eval mode) and a quantized output.
 
@@ -87,8 +101,9 @@ class QuantizedModule(nn.Module):
         track_grad = torch.is_grad_enabled() and (p.requires_grad or any(t.requires_grad for t in q.parameters()))
         if self.training or track_grad:
             return q(p)
-        key_now = (p.data_ptr(), p._version, q.version, id(q.scale) if q.scale is not None else 0,
-                   q.scale._version if q.scale is not None else 0)
+        key_now = _cache_key(p, q)
+        if key_now is None:
+            return q(p)
         hit = self._cache.get(key)
         if hit is not None and hit[0] == key_now:
             return hit[1]
@@ -200,8 +215,9 @@ class QuantizedParameter(nn.Module):
         track_grad = torch.is_grad_enabled() and (p.requires_grad or any(t.requires_grad for t in q.parameters()))
         if self.training or track_grad:
             return q(p)
-        key = (p.data_ptr(), p._version, q.version, id(q.scale) if q.scale is not None else 0,
-               q.scale._version if q.scale is not None else 0)
+        key = _cache_key(p, q)
+        if key is None:
+            return q(p)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         qp = q(p)
