@@ -228,6 +228,52 @@ def test_unrolled_export(monkeypatch, tmp_path):
     assert _ort_steps(res.onnx, sim, data[1], ort.GraphOptimizationLevel.ORT_DISABLE_ALL).max() == 0.0
 
 
+def test_scan_that_cannot_be_traced_falls_back_to_unrolled(monkeypatch, tmp_path):
+    """A Scan torch.export cannot trace (ddddocr's LSTM reads a sequence whose length a float
+    leaf computes from tensor values) is exported unrolled, with a warning naming why."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    real = R._export_scan
+
+    def untraceable():
+        if real() is None:
+            return None
+
+        def scan(*args, **kwargs):
+            raise RuntimeError("planted: this loop cannot be traced")
+        return scan
+
+    monkeypatch.setattr(R, "_export_scan", untraceable)
+    torch.manual_seed(0)
+    model = Speech("lstm").eval()
+    data = [torch.randn(2, 20, 5) for _ in range(3)]
+    sim = QuantSim(model, data[0])
+    sim.compute_encodings(data, show_progress=False)
+    with pytest.warns(UserWarning, match=r"Scan failed \(RuntimeError: planted.*unrolled"):
+        res = sim.export(str(tmp_path), data[0])
+    assert "Scan" not in [n.op_type for n in onnx.load(res.onnx).graph.node] and R.EXPORT_LOOP == "scan"
+    assert _ort_steps(res.onnx, sim, data[1], ort.GraphOptimizationLevel.ORT_DISABLE_ALL).max() == 0.0
+
+
+def test_initial_states_that_alias_each_other_export(tmp_path):
+    """lstm(x, (h, h)): scan rejects carries that alias; the twin copies them."""
+    class SameStates(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = x.new_zeros(1, x.shape[1], 6)
+            return self.fc(self.rnn(x, (h, h))[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 5)
+    sim = QuantSim(SameStates().eval(), x)
+    sim.compute_encodings([x, torch.randn(4, 2, 5)], show_progress=False)
+    res = sim.export(str(tmp_path), x)
+    assert res.ort_ok and res.ort_max_abs_diff <= float(sim.quantizer("fc.output").scale) * 1.0001
+
+
 def test_adaround_leaves_recurrent_weights_nearest():
     from rapidquant.techniques.adaround import AdaRoundConfig, adaround
     torch.manual_seed(0)

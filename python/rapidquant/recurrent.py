@@ -49,6 +49,7 @@ with optimizations off matches the sim bit for bit).
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -154,6 +155,22 @@ def _export_scan():
         return None
 
 
+@contextmanager
+def unrolled_loops():
+    """Export recurrent loops unrolled inside this block (the export's fallback when a Scan
+    cannot be traced, e.g. a sequence length computed from tensor values)."""
+    global EXPORT_LOOP
+    was, EXPORT_LOOP = EXPORT_LOOP, "unroll"
+    try:
+        yield
+    finally:
+        EXPORT_LOOP = was
+
+
+def has_twins(model: nn.Module) -> bool:
+    return any(isinstance(m, RECURRENT_TWINS) for m in model.modules())
+
+
 def _warn_if_unrolled(name: str, steps: int) -> None:
     if torch.compiler.is_exporting() and _export_scan() is None:
         warnings.warn(f"{name}: the recurrent loop is unrolled over the dummy input's {steps} steps; "
@@ -168,7 +185,8 @@ def _run_sequence(step, xs: torch.Tensor, state: tuple):
         def body(carry, x):
             new = step(carry, x)
             return new, new[0].clone()  # scan: an output may not alias the carry
-        final, ys = scan(body, state, xs)
+        # nor may two carries alias each other (a model passing (h, h) as its initial states)
+        final, ys = scan(body, tuple(s.clone() for s in state), xs)
         return ys, final
     ys = []
     for t in range(xs.shape[0]):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from rapidquant.export.encodings import aimet_doc, rapidquant_doc, check_writable, write_json, FORMATS
+from rapidquant import recurrent as R
 from rapidquant.batches import unmarked
 from rapidquant.export.leaves import recorded_float_leaves
 from rapidquant.export.onnx_graph import producers
@@ -501,7 +503,7 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
         with warnings.catch_warnings(), named.carrying_names():
             warnings.simplefilter("ignore")
             kw = dict(dynamo=True, opset_version=opset, custom_translation_table=table, verbose=False)
-            prog, failed = None, None
+            prog, failed, scan_failed = None, None, None
             if dynamic_batch:  # batch dimension symbolic where the model allows it
                 try:
                     dims = tuple(_dynamic_dims(a) for a in args)
@@ -510,7 +512,14 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
                     failed = e
                     prog = None
             if prog is None:
-                prog = torch.onnx.export(model, unmarked(args), **kw)
+                try:
+                    prog = torch.onnx.export(model, unmarked(args), **kw)
+                except Exception as e:  # noqa: BLE001 - a Scan that cannot be traced: unroll it
+                    if R.EXPORT_LOOP != "scan" or not R.has_twins(model):
+                        raise
+                    with R.unrolled_loops():
+                        prog = torch.onnx.export(model, unmarked(args), **kw)
+                    scan_failed = e
     finally:
         model.train(was)
         for lg, lv in zip(quiet, levels):
@@ -518,4 +527,12 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
     if failed is not None:
         warnings.warn(f"exporting with a dynamic batch dimension failed ({type(failed).__name__}); "
                       "the ONNX model has the dummy input's fixed shapes", stacklevel=3)
+    if scan_failed is not None:
+        root = scan_failed
+        while root.__cause__ is not None:  # torch.onnx wraps the cause in pages of advice
+            root = root.__cause__
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(root)).strip().splitlines()[0][:160]
+        warnings.warn(f"exporting the recurrent loops as ONNX Scan failed ({type(root).__name__}: "
+                      f"{why}); they are unrolled over the dummy "
+                      "input's time steps, so the file takes only that sequence length", stacklevel=3)
     return prog.model_proto
