@@ -185,6 +185,32 @@ def test_export_captures_what_fx_cannot():
     assert "torch.export" in repr(sim)
 
 
+def test_sizes_torch_export_fixes_are_named():
+    """A loop over an input's first dimension: torch.export fixes that size (and guards it).
+    The build says so, sim.fixed_input_sizes lists it, and a calibration batch of another
+    size gets an error naming the sizes (was: a bare 'Guard failed: x.size()[0] == 5')."""
+    class PointSum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, points):
+            acc = points[0]
+            for i in range(1, points.shape[0]):
+                acc = acc + points[i]
+            return self.fc(acc)
+
+    with pytest.warns(UserWarning, match=r"fixed it to the dummy input's size: points: 5"):
+        sim = rq.QuantSim(PointSum().eval(), torch.randn(5, 4))
+    assert sim.capture_method == "torch.export" and sim.fixed_input_sizes["points"][0] == 5
+    with pytest.raises(ValueError, match=r"points: dim 0 = 5"):
+        sim.compute_encodings([torch.randn(6, 4)], show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a free batch dimension: no word about fixed sizes
+        free = rq.QuantSim(nn.Sequential(nn.Linear(4, 4)).eval(), torch.randn(5, 4), rq.QuantSimConfig(capture="export"))
+    assert free.capture_method == "torch.export" and all(0 not in d for d in free.fixed_input_sizes.values())
+
+
 def test_batches_longer_than_inputs_and_args_kwargs():
     model = nn.Linear(4, 2)
     x = torch.randn(3, 4)

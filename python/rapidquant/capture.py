@@ -47,6 +47,7 @@ class Captured:
     float_leaves: dict = field(default_factory=dict)  # module path -> why it stayed whole in float
     input_names: tuple = ()                          # the graph's real inputs, in call order
     notes: list = field(default_factory=list)        # why earlier capture paths were not used
+    fixed_sizes: dict = field(default_factory=dict)  # torch.export: input -> {dim: size} it could not keep free
 
 
 @dataclass
@@ -307,7 +308,7 @@ def _batch_of_two(x):
     return map_tensors(x, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t)
 
 
-def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
+def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict]:
     quiet = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch._dynamo",
                                             "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
     levels = [lg.level for lg in quiet]
@@ -326,6 +327,7 @@ def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
                 if "data-dependent" in str(e) or "GuardOnDataDependent" in type(e).__name__:
                     raise
                 ep = torch.export.export(model, unmarked(tuple(args)), unmarked(dict(kwargs)), strict=False)
+            fixed = _fixed_sizes(ep)
     except Exception as e:  # noqa: BLE001
         raise _FxFailed(_Failure("torch.export", None, _user_frame(e), _why(e), e)) from e
     finally:
@@ -355,7 +357,23 @@ def _export_capture(model, args, kwargs, is_leaf) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()  # parameters of folded modules
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm
+    return gm, fixed
+
+
+def _fixed_sizes(ep) -> dict:
+    """{input name: {dim: size}} of the input dims the exported program holds constant
+    (every dim was asked to stay free; torch.export fixes what the model's code needs as a
+    Python number, e.g. ``len(points)``, and guards it)."""
+    user = set(ep.graph_signature.user_inputs)
+    out = {}
+    for node in ep.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
+        if isinstance(val, torch.Tensor):
+            dims = {d: int(n) for d, n in enumerate(val.shape)  # a specialised SymInt's expression is a number
+                    if not isinstance(n, torch.SymInt) or n.node.expr.is_number}
+            if dims:
+                out[node.name] = dims
+    return out
 
 
 def _resolve(model: nn.Module, target: str, fallback: nn.Module):
@@ -536,8 +554,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, leaf_types=(), leaf_
         if concrete_args:
             kwargs = {**kwargs, **{k: v for k, v in concrete_args.items() if k not in kwargs}}
         try:
-            gm = _export_capture(model, args, kwargs, is_leaf)
-            return _finish(gm, "torch.export", {}, notes)
+            gm, fixed = _export_capture(model, args, kwargs, is_leaf)
+            cap = _finish(gm, "torch.export", {}, notes)
+            cap.fixed_sizes = fixed
+            return cap
         except _FxFailed as f:
             failures.append(f.failure)
             notes.append(f"torch.export failed: {f.failure.describe()}")

@@ -52,6 +52,27 @@ def destroys(d: dict, bitwidth: int) -> bool:
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "Gather": 0}  # op type -> weight arg index
 
 
+def _warn_fixed_first_dims(fixed: dict) -> None:
+    first = {name: dims[0] for name, dims in fixed.items() if 0 in dims}
+    if first:
+        warnings.warn("torch.export could not keep the first dimension of these inputs free and fixed it to the "
+                      "dummy input's size: " + ", ".join(f"{k}: {v}" for k, v in first.items()) + ". The model's "
+                      "code uses that size as a Python number (a loop over it, len(), int()), so the sim and its "
+                      "ONNX file take only that size: calibrate and evaluate with inputs of it, or write that "
+                      "code with tensor ops (sim.fixed_input_sizes lists every fixed dimension).", stacklevel=3)
+
+
+def _explain_guard(error: BaseException, fixed: dict) -> BaseException:
+    """A batch that fails a shape guard of the captured graph: say which sizes it may have."""
+    if not (isinstance(error, AssertionError) and str(error).startswith("Guard failed") and fixed):
+        return error
+    sizes = "; ".join(f"{k}: " + ", ".join(f"dim {d} = {n}" for d, n in dims.items()) for k, dims in fixed.items())
+    return ValueError(f"a calibration batch does not have the input sizes the captured model was fixed to "
+                      f"({error}). torch.export fixed these (every other dimension may vary): {sizes}. "
+                      "Give batches of those sizes, or write the code that needs them as Python numbers "
+                      "with tensor ops.")
+
+
 class QuantSim:
     """Wrap a model so that its inputs, op outputs and parameters pass through quantizers.
 
@@ -90,6 +111,8 @@ class QuantSim:
         self.model = cap.gm
         self.capture_method = cap.method
         self.capture_notes = cap.notes
+        self.fixed_input_sizes: dict[str, dict] = dict(cap.fixed_sizes)  # torch.export: input -> {dim: size}
+        _warn_fixed_first_dims(self.fixed_input_sizes)
         self.input_signature = InputSignature(cap.input_names, len(args), tuple(kwargs))
         self.float_leaves: dict[str, str] = dict(cap.float_leaves)
         self.calibration_warnings: list[dict] = []
@@ -454,7 +477,10 @@ class QuantSim:
                 D.all_reduce(seen_t)
                 seen = int(seen_t)
             elif error is not None:
-                raise error
+                explained = _explain_guard(error, self.fixed_input_sizes)
+                if explained is error:
+                    raise error
+                raise explained from error
             if seen == 0:
                 raise ValueError("compute_encodings got no batches: the data loader is empty "
                                  "(or num_batches=0); pass at least one batch")
