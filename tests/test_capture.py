@@ -211,6 +211,30 @@ def test_sizes_torch_export_fixes_are_named():
     assert free.capture_method == "torch.export" and all(0 not in d for d in free.fixed_input_sizes.values())
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+def test_computed_weights_are_quantized_as_weights(tmp_path):
+    """weight_norm / spectral_norm (parametrize, and the older hook-based weight_norm, whose
+    modules deepcopy refuses): the sim holds each computed weight as a plain parameter with
+    a weight quantizer (was: the parametrization a float leaf, its output an activation grid);
+    the user's model keeps its parametrizations."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+    torch.manual_seed(0)
+    m = nn.Sequential(weight_norm(nn.Conv1d(4, 8, 3)), nn.ReLU(), torch.nn.utils.weight_norm(nn.Conv1d(8, 8, 1)),
+                      nn.ReLU(), spectral_norm(nn.Linear(6, 5))).eval()
+    x = torch.randn(2, 4, 8)
+    ref = m(x).detach()  # with autograd on, as after training: the hook's weight is then a non-leaf
+    sim = rq.QuantSim(m, x)
+    assert sim.baked_weights == ["0.weight", "2.weight", "4.weight"]
+    assert set(sim.param_quantizers()) == {"0.weight", "2.weight", "4.weight"} and not sim.float_weights
+    assert sim.quantizer("0.weight").axis == 0  # a weight's per-channel grid, not an activation's
+    with torch.no_grad(), sim.disabled():
+        assert torch.equal(sim.model(x), ref)
+    assert parametrize.is_parametrized(m[0]) and parametrize.is_parametrized(m[4]) and hasattr(m[2], "weight_g")
+    sim.compute_encodings([x, torch.randn(2, 4, 8)], show_progress=False)
+    assert sim.export(str(tmp_path), x).ort_ok
+
+
 def test_batches_longer_than_inputs_and_args_kwargs():
     model = nn.Linear(4, 2)
     x = torch.randn(3, 4)

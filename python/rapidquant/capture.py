@@ -531,6 +531,27 @@ def _fold_run(g: fx.Graph, path: str, nodes: list) -> None:
 
 
 # ------------------------------------------------------------------ entry point
+def bake_parametrized_weights(model: nn.Module) -> list[str]:
+    """Replace computed weights (``torch.nn.utils.parametrizations.weight_norm``,
+    ``spectral_norm``, any ``parametrize`` registration, and the older hook-based
+    ``torch.nn.utils.weight_norm``) by plain parameters holding their current value, in place,
+    so that a conv or linear keeps its weight quantizer instead of reading an activation.
+    Returns the names baked ("conv.weight")."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+    baked = []
+    for path, m in list(model.named_modules()):
+        if parametrize.is_parametrized(m):
+            for name in list(m.parametrizations.keys()):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+                baked.append(f"{path}.{name}" if path else name)
+        hooks = [h.name for h in getattr(m, "_forward_pre_hooks", {}).values() if isinstance(h, WeightNorm)]
+        for name in hooks:  # the deprecated hook version: weight = g * v / |v| before each forward
+            torch.nn.utils.remove_weight_norm(m, name)
+            baked.append(f"{path}.{name}" if path else name)
+    return baked
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict, *, leaf_types=(), leaf_names=(),
             concrete_args=None, strict: bool = False, method: str = "auto") -> Captured:
     """Capture model for QuantSim (see the module docstring for the order of attempts)."""

@@ -1,7 +1,6 @@
 """QuantSim: simulate quantization of a model, calibrate it, save/load encodings, export."""
 from __future__ import annotations
 
-import copy
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -15,12 +14,13 @@ from rapidquant import graph as G
 from rapidquant import recurrent as R  # LSTM/GRU(Cell) twins
 from rapidquant.batches import (InputSignature, call_model, cast_floats, count_inputs, model_float_dtype, split_batch,
                                 tensors, to_device)
-from rapidquant.capture import capture, mask_nodes, value_kinds
+from rapidquant.capture import bake_parametrized_weights, capture, mask_nodes, value_kinds
 from rapidquant.config import HwConfig, QuantSimConfig
 from rapidquant.decomposed import fused_nodes
 from rapidquant.progress import progress
 from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule, QuantizedParameter
 from rapidquant.quantizer import Quantizer, apply_encoding_constraints
+from rapidquant.modelcopy import copy_model
 
 
 class UnsupportedModuleError(TypeError):
@@ -101,7 +101,9 @@ class QuantSim:
                 raise ValueError(f"dummy_input is on {t.device} but the model is on {device}; "
                                  f"move it with .to({str(device)!r})")
         args, kwargs = split_batch(dummy_input)
-        src = model if inplace else copy.deepcopy(model)
+        src = model if inplace else copy_model(model)
+        # computed weights (weight_norm, spectral_norm) as plain parameters: quantized as weights
+        self.baked_weights: list[str] = [] if inplace else bake_parametrized_weights(src)
         leaf_modules = tuple(leaf_modules)
         excluded = set(self.config.exclude)
         leaf_types = tuple(t for t in (*leaf_modules, *excluded) if isinstance(t, type))

@@ -2,7 +2,6 @@
 and the post-steps over the pipeline's state (final acceptance, export, report)."""
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import sys
@@ -19,6 +18,7 @@ from rapidquant.autoquant.evaluation import Evaluator
 from rapidquant.autoquant.pipeline import STAGES, accept, peak_rss_mb, prefer_checked, run_pipeline
 from rapidquant.autoquant.state import AutoQuantResult, RunState, StageRecord
 from rapidquant.autoquant.verify import verify
+from rapidquant.modelcopy import copy_model
 
 
 class AutoQuant:
@@ -72,7 +72,7 @@ class AutoQuant:
     def run_inference(self):
         """A plain quantized baseline: (sim, score) with the first scheme candidate."""
         state = self._state()
-        sim = S.calibrated_sim(state, copy.deepcopy(self.model).eval())
+        sim = S.calibrated_sim(state, copy_model(self.model).eval())
         return sim, self.evaluator(sim.model, "the quantized baseline")
 
     def optimize(self) -> AutoQuantResult:

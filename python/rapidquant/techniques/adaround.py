@@ -8,7 +8,6 @@ backward of the soft rounding run in one fused kernel per step (rapidquant.ops).
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -22,6 +21,7 @@ from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.batches import cast_floats, model_float_dtype
+from rapidquant.modelcopy import copy_model
 from rapidquant.techniques.layerwise import (collect_batches, following_activation,
                                              run_layerwise, untreated_weights, check_finite_weights)
 
@@ -294,7 +294,7 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
 
     budget = None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2 ** 20)
     stats = run_layerwise(sim, batches, set(targets), on_layer, quantize_activations=False, budget_bytes=budget)
-    out = copy.deepcopy(model)
+    out = copy_model(model)
     with torch.no_grad():
         for name, wrapper in targets.items():
             out.get_submodule(name).weight.copy_(wrapper.module.weight)
