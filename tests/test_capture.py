@@ -205,6 +205,21 @@ def test_sizes_torch_export_fixes_are_named():
     assert sim.capture_method == "torch.export" and sim.fixed_input_sizes["points"][0] == 5
     with pytest.raises(ValueError, match=r"points: dim 0 = 5"):
         sim.compute_encodings([torch.randn(6, 4)], show_progress=False)
+
+
+    class LenReshape(nn.Module):  # len() needs a Python int: non-strict export fixes it, strict does not
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, points):
+            return self.fc(points.reshape(len(points), -1)) * 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # kept free: no word about fixed sizes
+        sim = rq.QuantSim(LenReshape().eval(), torch.randn(5, 2, 4))
+    assert sim.capture_method == "torch.export" and 0 not in sim.fixed_input_sizes.get("points", {})
+    sim.compute_encodings([torch.randn(6, 2, 4), torch.randn(9, 2, 4)], show_progress=False)  # other sizes
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a free batch dimension: no word about fixed sizes
         free = rq.QuantSim(nn.Sequential(nn.Linear(4, 4)).eval(), torch.randn(5, 4), rq.QuantSimConfig(capture="export"))

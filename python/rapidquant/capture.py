@@ -328,6 +328,9 @@ def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict]
                     raise
                 ep = torch.export.export(model, unmarked(tuple(args)), unmarked(dict(kwargs)), strict=False)
             fixed = _fixed_sizes(ep)
+            if any(0 in dims for dims in fixed.values()):  # non-strict len() fixes a size (Python needs
+                # an int there); torch.export's strict (dynamo) mode keeps len() symbolic
+                ep, fixed = _strict_if_freer(model, a2, k2, ep, fixed)
     except Exception as e:  # noqa: BLE001
         raise _FxFailed(_Failure("torch.export", None, _user_frame(e), _why(e), e)) from e
     finally:
@@ -358,6 +361,18 @@ def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict]
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, fixed
+
+
+def _strict_if_freer(model, args, kwargs, ep, fixed):
+    """The strict-mode export when it succeeds and fixes fewer input sizes, else (ep, fixed)."""
+    try:
+        strict = torch.export.export(model, args, kwargs, strict=True,
+                                     dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+    except Exception:  # noqa: BLE001 - dynamo cannot trace it: keep the non-strict capture
+        return ep, fixed
+    strict_fixed = _fixed_sizes(strict)
+    count = lambda f: sum(len(d) for d in f.values())  # noqa: E731
+    return (strict, strict_fixed) if count(strict_fixed) < count(fixed) else (ep, fixed)
 
 
 def _fixed_sizes(ep) -> dict:
