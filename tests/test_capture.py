@@ -246,6 +246,7 @@ def test_computed_weights_are_quantized_as_weights(tmp_path):
     with torch.no_grad(), sim.disabled():
         assert torch.equal(sim.model(x), ref)
     assert parametrize.is_parametrized(m[0]) and parametrize.is_parametrized(m[4]) and hasattr(m[2], "weight_g")
+    assert torch.equal(m(x), ref)  # the user's model still runs (its parametrized classes untouched)
     sim.compute_encodings([x, torch.randn(2, 4, 8)], show_progress=False)
     assert sim.export(str(tmp_path), x).ort_ok
 

@@ -557,6 +557,10 @@ def bake_parametrized_weights(model: nn.Module) -> list[str]:
     baked = []
     for path, m in list(model.named_modules()):
         if parametrize.is_parametrized(m):
+            # the parametrized class (holding the weight property) is shared with every copy of
+            # the module, the user's included: removal deletes from it, so give this one its own
+            cls = type(m)
+            m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             for name in list(m.parametrizations.keys()):
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
                 baked.append(f"{path}.{name}" if path else name)
