@@ -521,7 +521,7 @@ def test_grids_calibration_raised_are_in_the_result_and_report(tmp_path):
     raised = [s.artifacts["widened"] for s in res.stages if s.artifacts.get("widened")]
     assert raised and all(set(w) == {"input_x.output"} for w in raised), raised
     html = open(os.path.join(str(tmp_path), "report.html")).read()
-    assert "activation grid raised" in html and "input_x.output" in html
+    assert "activation grid given more bits" in html and "input_x.output" in html
 
 
 def test_weights_left_in_float_are_in_the_result_and_report(tmp_path):

@@ -6,7 +6,7 @@ import html
 import os
 from collections import Counter
 
-from rapidquant.export.onnx_qdq import PARITY_WARN_STEPS
+from rapidquant.export.onnx_qdq import PARITY_WARN_STEPS, Parity
 from rapidquant.report.plots import fig_to_img, page, pyplot, table
 
 COLORS = {"met": "#2e9d42", "ok": "#3b78c2", "cached": "#3b78c2", "failed": "#c0392b", "skipped": "#b9b9b9",
@@ -189,12 +189,18 @@ def _export_section(res) -> list[str]:
            f"<p>{html.escape(str(res.onnx_path))}<br>{html.escape(str(res.encodings_path))}</p>"]
     parity = ec.get("parity") or {}
     if parity:
+        def db(v):
+            return "" if v is None else f"{v:.1f}"
         out += ["<p>Sim vs onnxruntime on the dummy input, per session optimization level (a step is one "
-                "quantization step of the model's output):</p>",
+                "quantization step of the model's output), and each one's output SQNR against the float model: "
+                "a few steps apart with equal SQNR is rounding ties resolved the other way; a lower file "
+                "SQNR is a file worse than the sim.</p>",
                 table([{"optimization": level, "max |diff|": f"{p['max_abs_diff']:.3g}",
                         "max steps": "float output" if p.get("max_steps") is None else f"{p['max_steps']:.0f}",
                         "elements differing": f"{100 * p['frac_differing']:.2f} %", "elements": p["elements"],
-                        **({"_class": "bad"} if (p.get("max_steps") or 0) > PARITY_WARN_STEPS else {})}
+                        "file SQNR (dB)": db(p.get("file_sqnr_db")), "sim SQNR (dB)": db(p.get("sim_sqnr_db")),
+                        **({"_class": "bad"} if (p.get("max_steps") or 0) > PARITY_WARN_STEPS
+                           and not Parity(**p).same_quality() else {})}
                        for level, p in parity.items()])]
     out += _latency_lines(res.latency)
     if ec.get("unmapped"):
