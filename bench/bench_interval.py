@@ -6,7 +6,7 @@ Each repetition shuffles the Fashion-MNIST test set (10,000 images) with its own
 three parts: 1,000 images for the search (eval_fn), 2,000 held out for the verification
 (verify_fn, per-sample scores, confidence 0.95) and the remaining 7,000, which AutoQuant
 never sees. AutoQuant runs W4A8 per-channel with nearest rounding (no AdaRound: a drop of
-a few points, so the interval has something to measure) and an allowed drop of 0.05; the
+a few tenths of a point, so the interval has something to measure) and an allowed drop of 0.05; the
 exported file's drop (FP32 accuracy minus the file's, paired on the same images) is then
 measured on the unseen part and on all 10,000 images.
 

@@ -131,6 +131,10 @@ def test_a_parity_gap_is_warned_loudly():
                    sim_sqnr_db=31.3)
     with pytest.warns(UserWarning, match=r"PARITY GAP.*the file measures 25\.0 dB, the sim 31\.3 dB"):
         _warn_parity(ExportResult("m.onnx", "m.json", parity={"default": worse}))
+    # above the output grid's ceiling both count as equal: 8-bit outputs 40 dB, 16-bit ones 88 dB
+    high = dict(max_abs_diff=0.01, max_steps=9.0, frac_differing=0.02, elements=1000, file_sqnr_db=48.0,
+                sim_sqnr_db=74.0)
+    assert Parity(**high, output_bits=8).same_quality() and not Parity(**high, output_bits=16).same_quality()
 
 
 def test_bias_runs_as_int32_on_the_input_times_weight_grid(tmp_path):

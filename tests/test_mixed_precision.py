@@ -239,9 +239,12 @@ def test_amp_latency_cost_picks_the_fastest_point_that_meets(sensitive_model, tm
 
 
 def test_amp_latency_cost_measures_real_files(sensitive_model):
-    """Without planted figures: real medians, positive, one per distinct configuration."""
+    """Without planted figures: real medians, positive, the same for a repeated configuration."""
     sim = make_sim(sensitive_model)
     res = rq.amp(sim, ["W8A8", "W16A16"], accuracy, 0.01, calib_batches(4), show_progress=False,
                  cost="latency")
     assert res.float_latency_ms > 0 and all(p.latency_ms > 0 for p in res.evaluated)
+    by_config = {}
+    for p in res.evaluated:
+        assert by_config.setdefault(json.dumps(p.config, sort_keys=True), p.latency_ms) == p.latency_ms
     assert res.chosen in res.evaluated and res.chosen.score >= res.target

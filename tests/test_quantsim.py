@@ -406,6 +406,8 @@ def test_frozen_weights_export(tmp_path, capture):
     res = sim.export(str(tmp_path), x)
     assert res.ort_ok and res.ort_max_abs_diff <= float(sim.quantizer("fc.output").scale) * 1.0001
     assert all(not p.requires_grad for p in m.parameters())  # the user's model is left as it was
+    p = res.parity["default"]  # the check measured both against the float model
+    assert p.output_bits == 8 and abs(p.file_sqnr_db - p.sim_sqnr_db) < 0.5 and p.same_quality()
 
 
 def test_save_load_roundtrip_and_no_silent_overwrite(tmp_path):

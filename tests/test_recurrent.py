@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from rapidquant import recurrent as R
 from rapidquant.config import QuantSimConfig
+from rapidquant.mixed_precision import amp as rq_amp
 from rapidquant.quantsim import QuantSim
 
 
@@ -177,6 +178,20 @@ def test_cell_internals_get_16_bits_where_the_hardware_runs_them():
     assert {only8.quantizer(n).bitwidth for n in cell_acts} == {8} and not only8.widened
     with pytest.raises(ValueError, match="recurrent_act_bw"):
         QuantSimConfig(recurrent_act_bw=32)
+
+
+def test_mixed_precision_keeps_widened_cell_internals():
+    """AMP moves a recurrent layer's group to W8A8: its cell internals keep their 16 bits (a
+    grid widened to keep its data is never narrowed), the weights take the candidate's."""
+    torch.manual_seed(0)
+    model = Speech("lstm").eval()
+    data = [torch.randn(4, 20, 16) for _ in range(4)]
+    sim = QuantSim(model, data[0])
+    sim.compute_encodings(data, show_progress=False)
+    res = rq_amp(sim, ["W8A8", "W16A16"], lambda m: 1.0, 0.5, data, show_progress=False)
+    assert res.met and set(res.chosen.config.values()) == {"W8A8"}
+    assert {sim.quantizer(f"rnn.l{k}.{a}").bitwidth for k in range(2) for a in R.LSTM_ACTS} == {16}
+    assert sim.quantizer("fc.output").bitwidth == 8 and sim.quantizer("rnn.weight_ih_l0").bitwidth == 8
 
 
 def _ort_steps(path, sim, x, level):

@@ -160,6 +160,28 @@ def test_adaround_beats_nearest_and_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["reflect_weight_norm", "spectral_norm"])
+def test_adaround_writes_computed_weights_where_the_layer_reads_them(kind):
+    """A weight_norm/spectral_norm layer (and a reflect-padded conv): the returned model holds
+    the learned rounding as a plain weight on the frozen grid, not written into a tensor its
+    parametrization recomputes (was: lost, the model kept float weights)."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect" if kind.startswith("reflect") else "zeros")
+    wrap = weight_norm if kind.endswith("weight_norm") else spectral_norm
+    m = nn.Sequential(wrap(conv), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
+    data = [torch.randn(4, 3, 8, 8) for _ in range(4)]
+    cfg = rq.AdaRoundConfig(param_bw=4, per_channel=False, iterations=50, num_batches=4)
+    res = rq.adaround(m, data[0], data, cfg, show_progress=False)
+    assert [layer.name for layer in res.layers] == ["0", "3"]
+    sim = rq.QuantSim(res.model, data[0], rq.QuantSimConfig(param_bw=4, per_channel=False))
+    res.apply_to(sim)
+    w = res.model[0].weight.detach()
+    q = sim.quantizer("0.weight")
+    assert q.frozen and torch.equal(q(w), w)  # on the grid AdaRound froze: its rounding is in the model
+    assert res.layers[0].flipped > 0
+
+
 def test_adaround_fp16_cache_and_disk_spill_match_closely():
     fp = trained_digits_net()
     x = calib_batches(1)[0]

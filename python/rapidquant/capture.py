@@ -48,6 +48,7 @@ class Captured:
     input_names: tuple = ()                          # the graph's real inputs, in call order
     notes: list = field(default_factory=list)        # why earlier capture paths were not used
     fixed_sizes: dict = field(default_factory=dict)  # torch.export: input -> {dim: size} it could not keep free
+    fixed_why: str = ""                              # why, when no size could be kept free
 
 
 @dataclass
@@ -308,7 +309,7 @@ def _batch_of_two(x):
     return map_tensors(x, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t)
 
 
-def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict]:
+def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict, str]:
     quiet = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch._dynamo",
                                             "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
     levels = [lg.level for lg in quiet]
@@ -321,14 +322,16 @@ def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict]
             warnings.simplefilter("ignore")
             _register_output_dataclasses(model, args, kwargs)
             a2, k2 = unmarked(_batch_of_two(tuple(args))), unmarked(_batch_of_two(dict(kwargs)))
+            why = ""
             try:
                 ep = torch.export.export(model, a2, k2, strict=False, dynamic_shapes=_dynamic_shapes(model, a2, k2))
             except Exception as e:  # noqa: BLE001
                 if "data-dependent" in str(e) or "GuardOnDataDependent" in type(e).__name__:
                     raise
+                why = _why(e)  # every size is the dummy's from here on
                 ep = torch.export.export(model, unmarked(tuple(args)), unmarked(dict(kwargs)), strict=False)
             fixed = _fixed_sizes(ep)
-            if any(0 in dims for dims in fixed.values()):  # non-strict len() fixes a size (Python needs
+            if not why and any(0 in dims for dims in fixed.values()):  # non-strict len() fixes a size (Python needs
                 # an int there); torch.export's strict (dynamo) mode keeps len() symbolic
                 ep, fixed = _strict_if_freer(model, a2, k2, ep, fixed)
     except Exception as e:  # noqa: BLE001
@@ -360,7 +363,7 @@ def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict]
     gm.graph.eliminate_dead_code()  # parameters of folded modules
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm, fixed
+    return gm, fixed, why
 
 
 def _strict_if_freer(model, args, kwargs, ep, fixed):
@@ -546,31 +549,6 @@ def _fold_run(g: fx.Graph, path: str, nodes: list) -> None:
 
 
 # ------------------------------------------------------------------ entry point
-def bake_parametrized_weights(model: nn.Module) -> list[str]:
-    """Replace computed weights (``torch.nn.utils.parametrizations.weight_norm``,
-    ``spectral_norm``, any ``parametrize`` registration, and the older hook-based
-    ``torch.nn.utils.weight_norm``) by plain parameters holding their current value, in place,
-    so that a conv or linear keeps its weight quantizer instead of reading an activation.
-    Returns the names baked ("conv.weight")."""
-    from torch.nn.utils import parametrize
-    from torch.nn.utils.weight_norm import WeightNorm
-    baked = []
-    for path, m in list(model.named_modules()):
-        if parametrize.is_parametrized(m):
-            # the parametrized class (holding the weight property) is shared with every copy of
-            # the module, the user's included: removal deletes from it, so give this one its own
-            cls = type(m)
-            m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-            for name in list(m.parametrizations.keys()):
-                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
-                baked.append(f"{path}.{name}" if path else name)
-        hooks = [h.name for h in getattr(m, "_forward_pre_hooks", {}).values() if isinstance(h, WeightNorm)]
-        for name in hooks:  # the deprecated hook version: weight = g * v / |v| before each forward
-            torch.nn.utils.remove_weight_norm(m, name)
-            baked.append(f"{path}.{name}" if path else name)
-    return baked
-
-
 def capture(model: nn.Module, args: tuple, kwargs: dict, *, leaf_types=(), leaf_names=(),
             concrete_args=None, strict: bool = False, method: str = "auto") -> Captured:
     """Capture model for QuantSim (see the module docstring for the order of attempts)."""
@@ -594,9 +572,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, leaf_types=(), leaf_
         if concrete_args:
             kwargs = {**kwargs, **{k: v for k, v in concrete_args.items() if k not in kwargs}}
         try:
-            gm, fixed = _export_capture(model, args, kwargs, is_leaf)
+            gm, fixed, why = _export_capture(model, args, kwargs, is_leaf)
             cap = _finish(gm, "torch.export", {}, notes)
-            cap.fixed_sizes = fixed
+            cap.fixed_sizes, cap.fixed_why = fixed, why
             return cap
         except _FxFailed as f:
             failures.append(f.failure)

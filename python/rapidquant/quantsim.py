@@ -14,13 +14,13 @@ from rapidquant import graph as G
 from rapidquant import recurrent as R  # LSTM/GRU(Cell) twins
 from rapidquant.batches import (InputSignature, call_model, cast_floats, count_inputs, model_float_dtype, split_batch,
                                 tensors, to_device)
-from rapidquant.capture import bake_parametrized_weights, capture, mask_nodes, value_kinds
+from rapidquant.capture import capture, mask_nodes, value_kinds
 from rapidquant.config import HwConfig, QuantSimConfig
 from rapidquant.decomposed import fused_nodes
 from rapidquant.progress import progress
 from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule, QuantizedParameter
 from rapidquant.quantizer import Quantizer, apply_encoding_constraints
-from rapidquant.modelcopy import copy_model
+from rapidquant.modelcopy import bake_computed_weights, copy_model, has_computed_weights
 
 
 class UnsupportedModuleError(TypeError):
@@ -52,9 +52,14 @@ def destroys(d: dict, bitwidth: int) -> bool:
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "Gather": 0}  # op type -> weight arg index
 
 
-def _warn_fixed_first_dims(fixed: dict) -> None:
+def _warn_fixed_first_dims(fixed: dict, why: str) -> None:
     first = {name: dims[0] for name, dims in fixed.items() if 0 in dims}
-    if first:
+    if first and why:
+        warnings.warn(f"torch.export could not capture the model with free input sizes ({why}), so the sim and "
+                      "its ONNX file take only the dummy input's shapes: " + ", ".join(
+                          f"{k}: {tuple(d.values())}" for k, d in fixed.items()) + " (sim.fixed_input_sizes)",
+                      stacklevel=3)
+    elif first:
         warnings.warn("torch.export could not keep the first dimension of these inputs free and fixed it to the "
                       "dummy input's size: " + ", ".join(f"{k}: {v}" for k, v in first.items()) + ". The model's "
                       "code uses that size as a Python number (a loop over it, len(), int()), so the sim and its "
@@ -67,10 +72,12 @@ def _explain_guard(error: BaseException, fixed: dict) -> BaseException:
     if not (isinstance(error, AssertionError) and str(error).startswith("Guard failed") and fixed):
         return error
     sizes = "; ".join(f"{k}: " + ", ".join(f"dim {d} = {n}" for d, n in dims.items()) for k, dims in fixed.items())
-    return ValueError(f"a calibration batch does not have the input sizes the captured model was fixed to "
-                      f"({error}). torch.export fixed these (every other dimension may vary): {sizes}. "
-                      "Give batches of those sizes, or write the code that needs them as Python numbers "
-                      "with tensor ops.")
+    explained = ValueError(f"a calibration batch does not have the input sizes the captured model was fixed to "
+                           f"({error}). torch.export fixed these (every other dimension may vary): {sizes}. "
+                           "Give batches of those sizes, or write the code that needs them as Python numbers "
+                           "with tensor ops.")
+    explained.__cause__ = error
+    return explained
 
 
 class QuantSim:
@@ -103,7 +110,11 @@ class QuantSim:
         args, kwargs = split_batch(dummy_input)
         src = model if inplace else copy_model(model)
         # computed weights (weight_norm, spectral_norm) as plain parameters: quantized as weights
-        self.baked_weights: list[str] = [] if inplace else bake_parametrized_weights(src)
+        self.baked_weights: list[str] = [] if inplace else bake_computed_weights(src)
+        if inplace and has_computed_weights(model):
+            warnings.warn("inplace=True leaves the model's computed weights (weight_norm, spectral_norm) as they "
+                          "are: their layers' weights stay float (named below); without inplace the sim holds "
+                          "them as plain parameters and quantizes them", stacklevel=2)
         leaf_modules = tuple(leaf_modules)
         excluded = set(self.config.exclude)
         leaf_types = tuple(t for t in (*leaf_modules, *excluded) if isinstance(t, type))
@@ -114,11 +125,11 @@ class QuantSim:
         self.capture_method = cap.method
         self.capture_notes = cap.notes
         self.fixed_input_sizes: dict[str, dict] = dict(cap.fixed_sizes)  # torch.export: input -> {dim: size}
-        _warn_fixed_first_dims(self.fixed_input_sizes)
+        _warn_fixed_first_dims(self.fixed_input_sizes, cap.fixed_why)
         self.input_signature = InputSignature(cap.input_names, len(args), tuple(kwargs))
         self.float_leaves: dict[str, str] = dict(cap.float_leaves)
         self.calibration_warnings: list[dict] = []
-        self.widened: dict[str, str] = {}  # activation quantizers calibration raised (why)
+        self.widened: dict[str, str] = {}  # activation quantizers given more bits than the config says (why)
         self.float_weights: dict[str, str] = {}  # weights no quantizer reaches -> the op that reads them
         self.spelled_ops: dict[str, str] = {}  # node -> 'HardSwish', 'LayerNormalization': arithmetic quantized as one op
         self._build(cap.gm, excluded, args, kwargs)
@@ -469,7 +480,7 @@ class QuantSim:
                         call_model(model, batch, self.input_signature)
                         seen += 1
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            error = e
+            error = _explain_guard(e, self.fixed_input_sizes)
         finally:
             model.train(was)
         try:
@@ -479,10 +490,7 @@ class QuantSim:
                 D.all_reduce(seen_t)
                 seen = int(seen_t)
             elif error is not None:
-                explained = _explain_guard(error, self.fixed_input_sizes)
-                if explained is error:
-                    raise error
-                raise explained from error
+                raise error
             if seen == 0:
                 raise ValueError("compute_encodings got no batches: the data loader is empty "
                                  "(or num_batches=0); pass at least one batch")

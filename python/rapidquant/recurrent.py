@@ -98,7 +98,7 @@ class QuantizerFactory:
             return None
         q = self.new_quantizer(name, param=False, op_type=op_type)
         bw = self.config.recurrent_act_bw
-        if bw is not None and q.dtype == "int" and q.bitwidth < bw and self.hw.runs_activation_bits(bw):
+        if bw is not None and q.dtype == "int" and q.bitwidth < bw and self.hw.runs_activation_bits(bw, op_type):
             self.raised[name] = (f"{q.bitwidth} -> {bw} bits: inside a recurrent cell, where rounding compounds "
                                  "over the time steps (QuantSimConfig(recurrent_act_bw=None) keeps the act bitwidth)")
             q.set_precision("int", bw)

@@ -108,6 +108,8 @@ def _validate(c: AutoQuantConfig) -> None:
                 bad("amp_candidates", str(e))
     if c.amp_cost not in ("bitops", "latency"):
         bad("amp_cost", "must be 'bitops' or 'latency' (measured in onnxruntime on this machine)")
+    if c.amp_cost == "latency" and c.latency_threads is None:
+        bad("amp_cost", "'latency' times files with latency_threads threads: give a thread count, not None")
     if c.latency_threads is not None and (not isinstance(c.latency_threads, int) or c.latency_threads < 1):
         bad("latency_threads", "must be a thread count >= 1, or None to skip the latency measurement")
     if c.confidence is not None and not 0.5 <= c.confidence < 1:

@@ -241,7 +241,7 @@ def amp_stage(state: RunState) -> Outcome:
     r = amp(sim, c.amp_candidates, lambda m: state.evaluator(m, "AMP point"), c.allowed_drop, state.batches,
             num_proxy_batches=c.num_proxy_batches, results_dir=os.path.join(c.results_dir, "amp"),
             fp32_score=state.fp32_score, show_progress=state.show_progress, eval_fingerprint=c.eval_fingerprint,
-            float_weights=float_weights, cost=c.amp_cost, latency_threads=c.latency_threads or 1)
+            float_weights=float_weights, cost=c.amp_cost, latency_threads=c.latency_threads or 1)  # None: bitops only
     state.calibrations += r.calibration_passes
     artifacts = {"pareto_plot": r.plot_path, "pareto_front": [asdict(p) for p in r.pareto_front],
                  "chosen": asdict(r.chosen) if r.chosen else None, "proxy_evaluations": r.proxy_evaluations,

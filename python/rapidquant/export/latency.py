@@ -56,4 +56,4 @@ def float_and_quantized(sim, dummy_input, quantized_onnx: str, folder: str, *, t
     ms = median_latencies({"q": session_runner(quantized_onnx, dummy_input, sim.n_inputs, threads),
                            "f": session_runner(ref.onnx, dummy_input, sim.n_inputs, threads)}, repeats=repeats)
     return {"quantized_ms": ms["q"], "float_ms": ms["f"], "speedup": ms["f"] / ms["q"], "threads": threads,
-            "runs": 3 * repeats, "float_onnx": ref.onnx}
+            "runs": 3 * repeats, "float_onnx": ref.onnx}  # median_latencies' default 3 rounds

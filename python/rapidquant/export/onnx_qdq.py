@@ -54,11 +54,18 @@ TAG = "rapidquant.quantizer"  # node metadata: the quantizer a node belongs to
 ROLE = "rapidquant.role"      # quantize / clamp / dequantize
 LEVELS = ("default", "disable_all")  # onnxruntime graph optimization levels the check runs
 PARITY_WARN_STEPS = 2.0  # largest |sim - onnxruntime| (in output steps) the check accepts quietly
-# file and sim equally good: their output SQNRs against the float model (on the dummy input,
-# both counted as at most QUALITY_CEILING_DB) within QUALITY_TOL_DB. Deep nets resolve some
-# rounding ties the other way in onnxruntime's kernels and carry the flip on: outputs then
-# differ by a few steps while the quality is the sim's.
-QUALITY_TOL_DB, QUALITY_CEILING_DB = 1.0, 40.0
+# file and sim equally good: their output SQNRs against the float model (on the dummy input)
+# within QUALITY_TOL_DB, both counted as at most a ceiling 8 dB under the ideal SQNR of the
+# output grid (6.02 dB per bit: 40 dB for 8-bit outputs, 88 dB for 16-bit ones), where single
+# steps of that grid are all that differs. Deep nets resolve some rounding ties the other way
+# in onnxruntime's kernels and carry the flip on: outputs then differ by a few steps while the
+# quality is the sim's.
+QUALITY_TOL_DB = 1.0
+
+
+def quality_ceiling_db(output_bits: int | None) -> float:
+    """The SQNR above which file and sim count as equal (float outputs: no ceiling)."""
+    return float("inf") if output_bits is None else 6.02 * output_bits - 8.0
 
 
 @dataclass
@@ -70,12 +77,13 @@ class Parity:
     elements: int
     file_sqnr_db: float | None = None  # the file's output against the float model (dummy input)
     sim_sqnr_db: float | None = None   # the sim's
+    output_bits: int | None = None     # the narrowest output grid (None: a float output)
 
     def same_quality(self) -> bool | None:
         """Whether file and sim are equally close to the float model (None: not measured)."""
         if self.file_sqnr_db is None or self.sim_sqnr_db is None:
             return None
-        cap = QUALITY_CEILING_DB
+        cap = quality_ceiling_db(self.output_bits)
         return abs(min(self.file_sqnr_db, cap) - min(self.sim_sqnr_db, cap)) <= QUALITY_TOL_DB
 
 
@@ -369,13 +377,21 @@ def _add_int32_bias(model_proto, sim) -> dict:
 
 def output_steps(model_proto, sim) -> list:
     """Per graph output: the scale of the quantizer that produced it (None: not quantized)."""
+    return [None if q is None or q.axis is not None or q.block_size is not None
+            else float(q.scale.detach().reshape(-1)[0]) for q in _output_quantizers(model_proto, sim)]
+
+
+def _output_quantizers(model_proto, sim) -> list:
     producer = producers(model_proto.graph)
-    out = []
-    for o in model_proto.graph.output:
-        q = _quantizer_of(o.name, producer, sim)
-        out.append(None if q is None or q.axis is not None or q.block_size is not None
-                   else float(q.scale.detach().reshape(-1)[0]))
-    return out
+    return [_quantizer_of(o.name, producer, sim) for o in model_proto.graph.output]
+
+
+def _output_bits(model_proto, sim) -> int | None:
+    """The narrowest integer grid among the outputs (None when some output is not on one)."""
+    qs = _output_quantizers(model_proto, sim)
+    if not qs or any(q is None or q.dtype != "int" for q in qs):
+        return None
+    return min(q.bitwidth for q in qs)
 
 
 def _flat_outputs(out) -> list:
@@ -425,7 +441,8 @@ def check_parity(path: str, sim, dummy_input, model_proto=None, levels=LEVELS):
         want = _flat_outputs(sim.model(*args))
         with sim.disabled():
             ref = _flat_outputs(sim.model(*args))
-    steps = output_steps(model_proto if model_proto is not None else onnx.load(path), sim)
+    proto = model_proto if model_proto is not None else onnx.load(path)
+    steps, bits = output_steps(proto, sim), _output_bits(proto, sim)
     parity, errors = {}, {}
     for level in levels:
         try:
@@ -434,6 +451,7 @@ def check_parity(path: str, sim, dummy_input, model_proto=None, levels=LEVELS):
             parity[level] = compare([g.numpy() for g in got], want, steps)
             parity[level].file_sqnr_db = _sqnr_db(ref, [g.numpy() for g in got])
             parity[level].sim_sqnr_db = _sqnr_db(ref, want)
+            parity[level].output_bits = bits
         except Exception as e:  # noqa: BLE001 - reported: the file does not load/run at this level
             errors[level] = f"{type(e).__name__}: {e}"
     return parity, errors
@@ -546,23 +564,26 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
         with warnings.catch_warnings(), named.carrying_names():
             warnings.simplefilter("ignore")
             kw = dict(dynamo=True, opset_version=opset, custom_translation_table=table, verbose=False)
-            prog, failed, scan_failed = None, None, None
-            if dynamic_batch:  # batch dimension symbolic where the model allows it
+            scan_failed = []
+
+            def export(**shapes):
                 try:
-                    dims = tuple(_dynamic_dims(a) for a in args)
-                    prog = torch.onnx.export(model, unmarked(args), dynamic_shapes=dims, **kw)
-                except Exception as e:  # noqa: BLE001 - fall back to the dummy input's shapes
-                    failed = e
-                    prog = None
-            if prog is None:
-                try:
-                    prog = torch.onnx.export(model, unmarked(args), **kw)
+                    return torch.onnx.export(model, unmarked(args), **shapes, **kw)
                 except Exception as e:  # noqa: BLE001 - a Scan that cannot be traced: unroll it
                     if R.EXPORT_LOOP != "scan" or not R.has_twins(model):
                         raise
                     with R.unrolled_loops():
-                        prog = torch.onnx.export(model, unmarked(args), **kw)
-                    scan_failed = e
+                        prog = torch.onnx.export(model, unmarked(args), **shapes, **kw)
+                    scan_failed.append(e)  # only when unrolling is what made it export
+                    return prog
+            prog, failed = None, None
+            if dynamic_batch:  # batch dimension symbolic where the model allows it
+                try:
+                    prog = export(dynamic_shapes=tuple(_dynamic_dims(a) for a in args))
+                except Exception as e:  # noqa: BLE001 - fall back to the dummy input's shapes
+                    failed = e
+            if prog is None:
+                prog = export()
     finally:
         model.train(was)
         for lg, lv in zip(quiet, levels):
@@ -570,8 +591,8 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
     if failed is not None:
         warnings.warn(f"exporting with a dynamic batch dimension failed ({type(failed).__name__}); "
                       "the ONNX model has the dummy input's fixed shapes", stacklevel=3)
-    if scan_failed is not None:
-        root = scan_failed
+    if scan_failed:
+        root = scan_failed[-1]
         while root.__cause__ is not None:  # torch.onnx wraps the cause in pages of advice
             root = root.__cause__
         why = re.sub(r"\x1b\[[0-9;]*m", "", str(root)).strip().splitlines()[0][:160]

@@ -312,7 +312,9 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
     return done()
 
 
-LATENCY_TIE = 0.05  # points this much slower than the fastest count as equally fast (median-of-rounds noise)
+# points this much slower than the fastest count as equally fast: medians of interleaved rounds
+# of points at the same precision spread +-4% here (digits MobileNet, 5.8-6.3 ms, one thread)
+LATENCY_TIE = 0.05
 
 
 def _choose_by_latency(sim, res: AMPResult, set_config, results_dir: str | None, threads: int) -> None:
@@ -320,20 +322,18 @@ def _choose_by_latency(sim, res: AMPResult, set_config, results_dir: str | None,
     the others take its figures), and move the choice to the fastest point that meets the
     target (of those within LATENCY_TIE of it, the one with the fewest BitOps); the sim is
     left at it."""
-    from rapidquant.export.latency import median_latencies, session_runner
-    folder = os.path.join(results_dir, "latency") if results_dir else tempfile.mkdtemp(prefix="rapidquant-amp-")
     points = list({obj_hash(p.config): p for p in res.evaluated}.values())
-    ms = None
+    ms, error = None, None
     if D.is_main():
-        runs = {}
-        with sim.disabled():
-            runs["float"] = session_runner(sim.export(folder, sim.dummy_input, "float", overwrite=True).onnx,
-                                           sim.dummy_input, sim.n_inputs, threads)
-        for i, p in enumerate(points):
-            set_config(p.config)
-            path = sim.export(folder, sim.dummy_input, f"point_{i}", overwrite=True).onnx
-            runs[i] = session_runner(path, sim.dummy_input, sim.n_inputs, threads)
-        ms = median_latencies(runs, repeats=20)
+        try:
+            if results_dir:
+                ms = _time_points(sim, points, set_config, os.path.join(results_dir, "latency"), threads)
+            else:
+                with tempfile.TemporaryDirectory(prefix="rapidquant-amp-") as folder:
+                    ms = _time_points(sim, points, set_config, folder, threads)
+        except Exception as e:  # noqa: BLE001 - re-raised after telling the other ranks
+            error = e
+    D.check_failures(error, "AMP latency")
     if D.active():
         ms = D.gather_objects(ms)[0]
     for i, p in enumerate(points):
@@ -355,6 +355,20 @@ def _choose_by_latency(sim, res: AMPResult, set_config, results_dir: str | None,
             res.message += (f"; the float model runs faster on this machine ({res.float_latency_ms:.3f} vs "
                             f"{res.chosen.latency_ms:.3f} ms): quantization does not pay here in onnxruntime")
         set_config(res.chosen.config)
+
+
+def _time_points(sim, points, set_config, folder: str, threads: int) -> dict:
+    """{index: ms, "float": ms}: each point's exported file and the float model in onnxruntime."""
+    from rapidquant.export.latency import median_latencies, session_runner
+    runs = {}
+    with sim.disabled():
+        runs["float"] = session_runner(sim.export(folder, sim.dummy_input, "float", overwrite=True).onnx,
+                                       sim.dummy_input, sim.n_inputs, threads)
+    for i, p in enumerate(points):
+        set_config(p.config)
+        path = sim.export(folder, sim.dummy_input, f"point_{i}", overwrite=True).onnx
+        runs[i] = session_runner(path, sim.dummy_input, sim.n_inputs, threads)
+    return median_latencies(runs, repeats=20)
 
 
 def _finish(res: AMPResult, cache: "_Cache", t0) -> AMPResult:

@@ -255,8 +255,12 @@ def apply_candidate(sim, group: QuantizerGroup, c: Candidate | None, snap: dict 
     from the kept calibration statistics (or the snapshot for the original precision):
     no calibration pass."""
     qs = sim.quantizers()
+    widened = getattr(sim, "widened", {})  # grids given more bits to keep their data: never fewer
     for names, bw, dt in ((group.act_quantizers, c.act_bw if c else None, c.act_dtype if c else None),
                           (group.param_quantizers, c.param_bw if c else None, c.param_dtype if c else None)):
         fmt = {16: "fp16", 8: "fp8_e4m3"}.get(bw) if dt == "float" else None
         for n in names:
-            set_quantizer(qs[n], c is not None, dt, bw, fmt, snap.get(n) if snap else None)
+            start = snap.get(n) if snap else None
+            floor = start.precision()[1] if (start is not None and n in widened and dt == "int"
+                                             and start.precision()[0] == "int") else 0
+            set_quantizer(qs[n], c is not None, dt, max(bw, floor) if bw else bw, fmt, start)

@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from rapidquant import distributed as D
 from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.batches import cast_floats, model_float_dtype
-from rapidquant.modelcopy import copy_model
+from rapidquant.modelcopy import bake_computed_weights, copy_model
 from rapidquant.techniques.layerwise import (collect_batches, following_activation,
                                              run_layerwise, untreated_weights, check_finite_weights)
 
@@ -93,6 +94,7 @@ def _bias(layer: nn.Module, w: torch.Tensor):
     return b.to(w.dtype) if b is not None and b.dtype != w.dtype else b
 
 
+_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
               nn.ConvTranspose3d: F.conv_transpose3d}
 
@@ -105,7 +107,11 @@ def _layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.
     if type(layer) in _CONV_T_FN:
         return _CONV_T_FN[type(layer)](x, w, b, layer.stride, layer.padding, layer.output_padding,
                                        layer.groups, layer.dilation)
-    return layer._conv_forward(x, w, b)  # Conv1d/2d/3d, any padding_mode
+    if layer.padding_mode == "zeros":  # Conv1d/2d/3d (subclasses too: their own padding logic is not this op's)
+        conv = next(fn for cls, fn in _CONV_FN.items() if isinstance(layer, cls))
+        return conv(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    params = {"weight": w} if b is None else {"weight": w, "bias": b}
+    return functional_call(layer, params, (x,))  # reflect/replicate/circular padding
 
 
 def _rows(t: torch.Tensor, layer) -> torch.Tensor:
@@ -295,6 +301,7 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     budget = None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2 ** 20)
     stats = run_layerwise(sim, batches, set(targets), on_layer, quantize_activations=False, budget_bytes=budget)
     out = copy_model(model)
+    bake_computed_weights(out)  # as the sim did: the learned weights replace what the layers use
     with torch.no_grad():
         for name, wrapper in targets.items():
             out.get_submodule(name).weight.copy_(wrapper.module.weight)

@@ -32,7 +32,7 @@ from rapidquant.quantizer import Quantizer
 from rapidquant.techniques.adaround import (RoundingSettings, anneal, hard_weight, init_rounding, rounding_sim,
                                             rounding_targets, soft_weight, undecided)
 from rapidquant.techniques.layerwise import ActivationStore, collect_batches, run_node
-from rapidquant.modelcopy import copy_model
+from rapidquant.modelcopy import bake_computed_weights, copy_model
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -419,6 +419,7 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
     finally:
         store.close()
     out = copy_model(model)
+    bake_computed_weights(out)  # as the sim did: the learned weights replace what the layers use
     with torch.no_grad():
         for name, wrapper in targets.items():
             out.get_submodule(name).weight.copy_(wrapper.module.weight)
