@@ -62,7 +62,7 @@ def test_w32_failure_with_amp_candidates_goes_on_to_amp(tmp_path):
     """Weight techniques cannot fix 2-bit activations, AMP can: BN folding and CLE still run
     to give it a deployable start, AdaRound does not."""
     res = run(zoo.pretrained("digits_mobilenet"), tmp_path, sim=dict(act_bw=2), amp_candidates=("W8A2", "W8A8"),
-              amp_cost="latency")
+              amp_cost="latency", latency_threads=1)
     st = status(res)
     assert record(res, "w32_check").score < res.target
     assert st["bn_fold"] in ("ok", "met") and st["cle"] in ("ok", "met") and st["adaround"] == "skipped"
