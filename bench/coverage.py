@@ -262,12 +262,12 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
     def pooled_outputs():
         """Float, sim and file outputs on the example and every calibration batch the file
         accepts (a file whose leaves recorded the example's batch size takes only that size)."""
-        outs, skipped = [(state["float_out"], state["sim_out"], state["ort_out"])], 0
+        outs, skipped = [(state["float_out"], state["sim_out"], state["ort_out"])], []
         for batch in calib:
             try:
                 ort = [torch.from_numpy(o) for o in state["session"].run(None, feeds(state["session"], batch))]
-            except Exception:  # noqa: BLE001 - a shape the file does not take
-                skipped += 1
+            except Exception as e:  # noqa: BLE001 - named in the message (a shape the file does not take)
+                skipped.append(one_line(e, 160))
                 continue
             with torch.no_grad():
                 outs.append((float_leaves(call(model, batch)), float_leaves(call(state["sim"].model, batch)), ort))
@@ -290,7 +290,7 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
         (ref_all, sim_all, ort_all), n, skipped = pooled_outputs()
         sim_db, file_db = sqnr_db(ref_all, sim_all), sqnr_db(ref_all, [o for o in ort_all if o.is_floating_point()])
         msg = (f"file vs float {file_db:.1f} dB (sim {sim_db:.1f}) over {n} batches"
-               + (f" ({skipped} of another size skipped)" if skipped else "")
+               + (f" ({len(skipped)} the file rejects skipped: {skipped[0]})" if skipped else "")
                + f"; on the example: file vs sim {gap_db:.1f} dB, max |diff| {mx:.3g} of {scale:.3g}, "
                f"{100 * frac:.2f}% of elements differ")
         if abs(min(file_db, PARITY_CEILING_DB) - min(sim_db, PARITY_CEILING_DB)) > PARITY_DB:
