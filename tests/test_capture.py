@@ -252,6 +252,33 @@ def test_computed_weights_are_quantized_as_weights(tmp_path):
     assert sim.export(str(tmp_path), x).ort_ok
 
 
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_functional_conv1d_glu_and_einsum_are_known_ops(method, tmp_path):
+    """F.conv1d with a raw weight, nn.GLU and an einsum reading a parameter (found on a
+    conformer and a graph network): quantized outputs and weights, not unknown float ops."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(8, 4, 3) * 0.3)
+            self.w2 = nn.Parameter(torch.randn(5, 4) * 0.3)
+            self.glu = nn.GLU(1)
+
+        def forward(self, x):
+            y = F.adaptive_avg_pool1d(self.glu(F.conv1d(x, self.w1, padding=1)), 1).squeeze(-1)
+            return torch.einsum("bi,oi->bo", y, self.w2)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unknown ops, no float weights
+        sim = rq.QuantSim(Net().eval(), x, rq.QuantSimConfig(capture=method))
+    assert set(sim.quantizers()) == {"input_x.output", "w1", "conv1d.output", "glu.output",
+                                     "adaptive_avg_pool1d.output", "w2", "einsum.output"}
+    sim.compute_encodings([x, torch.randn(2, 4, 10)], show_progress=False)
+    res = sim.export(str(tmp_path), x)
+    assert res.ort_ok and res.parity["default"].max_steps <= 1.001, res.parity
+
+
 def test_batches_longer_than_inputs_and_args_kwargs():
     model = nn.Linear(4, 2)
     x = torch.randn(3, 4)

@@ -52,6 +52,19 @@ def destroys(d: dict, bitwidth: int) -> bool:
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "Gather": 0}  # op type -> weight arg index
 
 
+def _weight_operands(node: fx.Node, op_type: str) -> list:
+    """(position, node) of the operands of a functional op that may be weights: both of a
+    matmul, every einsum operand (``einsum(eq, *ops)`` or aten's ``einsum(eq, [ops])``),
+    the weight argument of a conv, linear or embedding."""
+    if op_type == "Einsum":
+        ops = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        pairs = list(enumerate(ops, 1))
+    else:
+        idx = (0, 1) if op_type == "MatMul" else (_WEIGHT_OPS[op_type],)
+        pairs = [(i, node.args[i]) for i in idx if i < len(node.args)]
+    return [(i, a) for i, a in pairs if isinstance(a, fx.Node)]
+
+
 def _warn_fixed_first_dims(fixed: dict, why: str) -> None:
     first = {name: dims[0] for name, dims in fixed.items() if 0 in dims}
     if first and why:
@@ -321,19 +334,17 @@ class QuantSim:
                           "or wrap it in a module registered with rapidquant.register_module.", stacklevel=4)
 
     def _quantize_used_params(self, gm: fx.GraphModule, infos) -> None:
-        """Give a weight quantizer to every parameter that a functional conv, linear, matmul or
-        embedding uses directly (a Conv2d subclass's own forward, ``x @ self.w``)."""
+        """Give a weight quantizer to every parameter that a functional conv, linear, matmul,
+        einsum or embedding uses directly (a Conv2d subclass's own forward, ``x @ self.w``; an
+        einsum operand gets a per-tensor grid: which of its dims are outputs is the equation's)."""
         g, c = gm.graph, self.config
         done: dict = {}
         for info in infos:
             node = info.node
-            if node.op != "call_function" or info.op_type not in (*_WEIGHT_OPS, "MatMul"):
+            if node.op != "call_function" or info.op_type not in (*_WEIGHT_OPS, "MatMul", "Einsum"):
                 continue
-            idx = (0, 1) if info.op_type == "MatMul" else (_WEIGHT_OPS[info.op_type],)
-            for i in idx:
-                if i >= len(node.args) or not isinstance(node.args[i], fx.Node):
-                    continue
-                src, direct = _param_source(node.args[i])
+            for i, arg in _weight_operands(node, info.op_type):
+                src, direct = _param_source(arg)
                 if src is None or src.target in done:
                     continue
                 try:
