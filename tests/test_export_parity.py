@@ -165,6 +165,28 @@ def test_bias_runs_as_int32_on_the_input_times_weight_grid(tmp_path):
     assert conv.bias_grid() is None and torch.equal(conv.quantized_bias(), b)
 
 
+def test_bias_runs_as_int32_whatever_the_padding_mode(tmp_path):
+    """A reflect-padded conv adds its bias on the int32 grid too (the sim once took a float-bias
+    path for padding modes other than zeros) and its file matches the sim."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect")).eval()
+    x = torch.randn(2, 3, 12, 12)
+    sim = rq.QuantSim(m, x)
+    sim.compute_encodings([x, torch.randn(2, 3, 12, 12)], show_progress=False)
+    conv = sim.model.get_submodule("2")
+    b, want = conv.module.bias.detach(), conv.quantized_bias()
+    assert conv.bias_grid() is not None and not torch.equal(want, b)
+    xin = torch.relu(torch.randn(2, 8, 12, 12))
+    conv.output_quantizer.enabled = False  # the layer's own arithmetic
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(xin, (1, 1, 1, 1), mode="reflect")
+        assert torch.equal(conv(xin), torch.nn.functional.conv2d(padded, conv.quantized_param("weight"), want))
+    conv.output_quantizer.enabled = True
+    res = sim.export(str(tmp_path), x)
+    assert res.ort_ok and res.parity["default"].max_steps <= 1.001, res.parity
+
+
 @pytest.mark.parametrize("hw,integer_kernel", [("w8a16", False), ("default_per_channel", True)])
 def test_16_bit_activation_matmuls_keep_their_computation_in_onnxruntime(tmp_path, hw, integer_kernel):
     """onnxruntime's default level fuses int8 weight DQ -> MatMul with a non-8-bit activation

@@ -206,9 +206,9 @@ def test_adaround_treats_every_conv_and_transposed_conv():
 def test_adaround_layer_function_matches_module(layer):
     # AdaRound reconstructs each layer with its own weight: the functional form must be
     # the module's forward. (ConvTranspose3d: QuantSim has no twin yet, so only here.)
-    from rapidquant.techniques.adaround import _layer_forward
+    from rapidquant.techniques.adaround import layer_forward
     x = torch.randn(2, 3, *([6] * (layer.weight.dim() - 2)))
-    torch.testing.assert_close(_layer_forward(layer, x, layer.weight), layer(x), rtol=0, atol=0)
+    torch.testing.assert_close(layer_forward(layer, x, layer.weight), layer(x), rtol=0, atol=0)
 
 
 def test_adaround_per_block_grid_beats_nearest():

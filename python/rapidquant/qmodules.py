@@ -10,7 +10,16 @@ from torch.func import functional_call
 
 from rapidquant.quantizer import Quantizer
 
-_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}  # the fast path's functional ops
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def conv_with_weight(m: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The convolution of Conv1d/2d/3d ``m`` (a subclass: its base class's op, not its own
+    forward) with weight ``w`` and bias ``b``; other padding modes pad as ``m`` does."""
+    if m.padding_mode == "zeros":
+        conv = _CONV.get(type(m)) or next(fn for cls, fn in _CONV.items() if isinstance(m, cls))
+        return conv(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+    return functional_call(m, {"weight": w} if b is None else {"weight": w, "bias": b}, (x,))
 
 
 _SIMULATE_INT32_BIAS = [True]
@@ -140,10 +149,8 @@ class QuantizedModule(nn.Module):
         m = self.module
         if not self.param_quantizers:
             out = m(*args, **kwargs)
-        elif type(m) in _CONV and m.padding_mode == "zeros" and set(self.param_quantizers) <= {"weight"} \
-                and not kwargs:  # other padding modes take the functional_call path below
-            out = _CONV[type(m)](args[0], self.quantized_param("weight"), self.quantized_bias(), m.stride, m.padding,
-                                 m.dilation, m.groups)
+        elif type(m) in _CONV and set(self.param_quantizers) <= {"weight"} and not kwargs:
+            out = conv_with_weight(m, args[0], self.quantized_param("weight"), self.quantized_bias())
         elif type(m) is nn.Linear and set(self.param_quantizers) <= {"weight"} and not kwargs:
             out = F.linear(args[0], self.quantized_param("weight"), self.quantized_bias())
         else:

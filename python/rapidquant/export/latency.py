@@ -7,6 +7,7 @@ what onnxruntime does with the QDQ graph here, not what a phone NPU will do with
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from rapidquant.batches import model_args
@@ -32,7 +33,10 @@ def _median_ms(run, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def median_latencies(runs: dict, *, repeats: int = 30, rounds: int = 3) -> dict:
+ROUNDS = 3  # interleaved rounds per measurement
+
+
+def median_latencies(runs: dict, *, repeats: int = 30, rounds: int = ROUNDS) -> dict:
     """Median milliseconds per call of each named callable, measured in interleaved rounds (a
     load change hits all of them): the median of the per-round medians."""
     if repeats < 1 or rounds < 1:
@@ -44,16 +48,23 @@ def median_latencies(runs: dict, *, repeats: int = 30, rounds: int = 3) -> dict:
     return {name: statistics.median(ms) for name, ms in per_round.items()}
 
 
-def float_and_quantized(sim, dummy_input, quantized_onnx: str, folder: str, *, threads: int = 1,
-                        repeats: int = 30) -> dict:
-    """Latency of the quantized file and of the same sim exported with every quantizer off
-    (the float model through the same exporter), measured in alternating rounds (load
-    changes hit both). Plain data: ms figures, the ratio, the settings."""
+def against_float(sim, dummy_input, files: dict, folder: str, *, threads: int = 1, repeats: int = 30) -> dict:
+    """{name: ms} for each exported file in ``files`` ({name: path}) and, under "float", for
+    the same sim exported with every quantizer off (the float model through the same
+    exporter, written to ``folder``), all measured in the same interleaved rounds."""
     if repeats < 1 or threads < 1:
         raise ValueError(f"repeats and threads must be >= 1 (got {repeats}, {threads})")
     with sim.disabled():
         ref = sim.export(folder, dummy_input, "float_reference", overwrite=True)
-    ms = median_latencies({"q": session_runner(quantized_onnx, dummy_input, sim.n_inputs, threads),
-                           "f": session_runner(ref.onnx, dummy_input, sim.n_inputs, threads)}, repeats=repeats)
-    return {"quantized_ms": ms["q"], "float_ms": ms["f"], "speedup": ms["f"] / ms["q"], "threads": threads,
-            "runs": 3 * repeats, "float_onnx": ref.onnx}  # median_latencies' default 3 rounds
+    runs = {name: session_runner(path, dummy_input, sim.n_inputs, threads)
+            for name, path in {"float": ref.onnx, **files}.items()}
+    return median_latencies(runs, repeats=repeats)
+
+
+def float_and_quantized(sim, dummy_input, quantized_onnx: str, folder: str, *, threads: int = 1,
+                        repeats: int = 30) -> dict:
+    """Latency of the quantized file and of its float twin (``against_float``). Plain data:
+    ms figures, the ratio, the settings."""
+    ms = against_float(sim, dummy_input, {"quantized": quantized_onnx}, folder, threads=threads, repeats=repeats)
+    return {"quantized_ms": ms["quantized"], "float_ms": ms["float"], "speedup": ms["float"] / ms["quantized"],
+            "threads": threads, "runs": ROUNDS * repeats, "float_onnx": os.path.join(folder, "float_reference.onnx")}

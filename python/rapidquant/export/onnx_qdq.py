@@ -45,6 +45,7 @@ from rapidquant import recurrent as R
 from rapidquant.batches import unmarked
 from rapidquant.export.leaves import recorded_float_leaves
 from rapidquant.export.onnx_graph import producers
+from rapidquant.scoring import sqnr_db
 from rapidquant.export.ort_guards import unsigned_weight_containers, widen_weight_only_matmul_containers
 from rapidquant.ops import named
 from rapidquant.ops.float_qdq import FORMAT_MAX
@@ -377,8 +378,7 @@ def _add_int32_bias(model_proto, sim) -> dict:
 
 def output_steps(model_proto, sim) -> list:
     """Per graph output: the scale of the quantizer that produced it (None: not quantized)."""
-    return [None if q is None or q.axis is not None or q.block_size is not None
-            else float(q.scale.detach().reshape(-1)[0]) for q in _output_quantizers(model_proto, sim)]
+    return _steps(_output_quantizers(model_proto, sim))
 
 
 def _output_quantizers(model_proto, sim) -> list:
@@ -386,9 +386,13 @@ def _output_quantizers(model_proto, sim) -> list:
     return [_quantizer_of(o.name, producer, sim) for o in model_proto.graph.output]
 
 
-def _output_bits(model_proto, sim) -> int | None:
-    """The narrowest integer grid among the outputs (None when some output is not on one)."""
-    qs = _output_quantizers(model_proto, sim)
+def _steps(qs: list) -> list:
+    return [None if q is None or q.axis is not None or q.block_size is not None
+            else float(q.scale.detach().reshape(-1)[0]) for q in qs]
+
+
+def _narrowest_bits(qs: list) -> int | None:
+    """The narrowest integer grid among the outputs' quantizers (None when some output is not on one)."""
     if not qs or any(q is None or q.dtype != "int" for q in qs):
         return None
     return min(q.bitwidth for q in qs)
@@ -422,13 +426,8 @@ def _sqnr_db(ref: list, got: list) -> float | None:
     all outputs together; None when some output is not floating point."""
     if len(ref) != len(got) or not all(r.is_floating_point() for r in ref):
         return None
-    sig = noise = 0.0
-    for r, g in zip(ref, got):
-        r = r.detach().double().cpu().numpy()
-        g = (g.detach().double().cpu().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, np.float64))
-        g = g.reshape(r.shape)
-        sig, noise = sig + float((r ** 2).sum()), noise + float(((r - g) ** 2).sum())
-    return float("inf") if noise == 0 else float(10 * np.log10(max(sig, 1e-300) / noise))
+    flat = [torch.cat([torch.as_tensor(t).detach().double().reshape(-1) for t in ts]) for ts in (got, ref)]
+    return sqnr_db(*flat)
 
 
 def check_parity(path: str, sim, dummy_input, model_proto=None, levels=LEVELS):
@@ -442,7 +441,8 @@ def check_parity(path: str, sim, dummy_input, model_proto=None, levels=LEVELS):
         with sim.disabled():
             ref = _flat_outputs(sim.model(*args))
     proto = model_proto if model_proto is not None else onnx.load(path)
-    steps, bits = output_steps(proto, sim), _output_bits(proto, sim)
+    qs = _output_quantizers(proto, sim)
+    steps, bits = _steps(qs), _narrowest_bits(qs)
     parity, errors = {}, {}
     for level in levels:
         try:

@@ -359,16 +359,12 @@ def _choose_by_latency(sim, res: AMPResult, set_config, results_dir: str | None,
 
 def _time_points(sim, points, set_config, folder: str, threads: int) -> dict:
     """{index: ms, "float": ms}: each point's exported file and the float model in onnxruntime."""
-    from rapidquant.export.latency import median_latencies, session_runner
-    runs = {}
-    with sim.disabled():
-        runs["float"] = session_runner(sim.export(folder, sim.dummy_input, "float", overwrite=True).onnx,
-                                       sim.dummy_input, sim.n_inputs, threads)
+    from rapidquant.export.latency import against_float
+    files = {}
     for i, p in enumerate(points):
         set_config(p.config)
-        path = sim.export(folder, sim.dummy_input, f"point_{i}", overwrite=True).onnx
-        runs[i] = session_runner(path, sim.dummy_input, sim.n_inputs, threads)
-    return median_latencies(runs, repeats=20)
+        files[i] = sim.export(folder, sim.dummy_input, f"point_{i}", overwrite=True).onnx
+    return against_float(sim, sim.dummy_input, files, folder, threads=threads, repeats=20)
 
 
 def _finish(res: AMPResult, cache: "_Cache", t0) -> AMPResult:

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from rapidquant import distributed as D
 from rapidquant import ops
@@ -23,6 +22,7 @@ from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.batches import cast_floats, model_float_dtype
 from rapidquant.modelcopy import bake_computed_weights, copy_model
+from rapidquant.qmodules import conv_with_weight
 from rapidquant.techniques.layerwise import (collect_batches, following_activation,
                                              run_layerwise, untreated_weights, check_finite_weights)
 
@@ -94,12 +94,11 @@ def _bias(layer: nn.Module, w: torch.Tensor):
     return b.to(w.dtype) if b is not None and b.dtype != w.dtype else b
 
 
-_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
               nn.ConvTranspose3d: F.conv_transpose3d}
 
 
-def _layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The layer's function with weight w (in w's dtype: fp16 layers are optimized in fp32)."""
     x, b = x.to(w.dtype), _bias(layer, w)
     if isinstance(layer, nn.Linear):
@@ -107,11 +106,7 @@ def _layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.
     if type(layer) in _CONV_T_FN:
         return _CONV_T_FN[type(layer)](x, w, b, layer.stride, layer.padding, layer.output_padding,
                                        layer.groups, layer.dilation)
-    if layer.padding_mode == "zeros":  # Conv1d/2d/3d (subclasses too: their own padding logic is not this op's)
-        conv = next(fn for cls, fn in _CONV_FN.items() if isinstance(layer, cls))
-        return conv(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
-    params = {"weight": w} if b is None else {"weight": w, "bias": b}
-    return functional_call(layer, params, (x,))  # reflect/replicate/circular padding
+    return conv_with_weight(layer, x, w, b)  # Conv1d/2d/3d, any padding mode
 
 
 def _rows(t: torch.Tensor, layer) -> torch.Tensor:
@@ -201,7 +196,7 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
         x, target = xq[idx].float(), y[idx].float()
         beta, lam = anneal(it, cfg)
         wt, reg = soft_weight(w, V, s, z, (qmin, qmax), axis, beta, block, cfg.use_reference_math)
-        loss = reconstruction_loss(_layer_forward(layer, x, wt), target, act)
+        loss = reconstruction_loss(layer_forward(layer, x, wt), target, act)
         if lam:
             loss = loss + lam * reg
         opt.zero_grad(set_to_none=True)
@@ -217,8 +212,8 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
         nearest = ops.quantize_dequantize(w, s, z, qmin, qmax, axis=axis, block_size=block)
         m = min(n, 256)
         x, target = xq[:m].float(), y[:m].float()
-        e_near = reconstruction_loss(_layer_forward(layer, x, nearest), target, act).item()
-        e_ada = reconstruction_loss(_layer_forward(layer, x, hard), target, act).item()
+        e_near = reconstruction_loss(layer_forward(layer, x, nearest), target, act).item()
+        e_ada = reconstruction_loss(layer_forward(layer, x, hard), target, act).item()
         flipped = (hard != nearest).float().mean().item()
         layer.weight.copy_(hard)
     return LayerReport("", it + 1, e_near, e_ada, flipped, time.perf_counter() - t0)
@@ -286,7 +281,7 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
         xq = torch.cat([_rows(a[0], layer) for a in q_args])
         xf = torch.cat([_rows(a[0], layer) for a in f_args])
         with torch.no_grad():
-            y = _layer_forward(fp_layer, xf, layer.weight)
+            y = layer_forward(fp_layer, xf, layer.weight)
         del xf
         if store_dtype is not None:
             xq, y = xq.to(store_dtype), y.to(store_dtype)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rapidquant.progress import progress
-from rapidquant.techniques.adaround import SUPPORTED, _layer_forward
+from rapidquant.techniques.adaround import SUPPORTED, layer_forward
 from rapidquant.batches import model_float_dtype
 from rapidquant.techniques.layerwise import collect_batches, run_layerwise, untreated_weights
 from rapidquant.techniques.bn_fold import folded_bn
@@ -89,7 +89,7 @@ def correct_bias(sim, data=None, config: BiasCorrectionConfig = BiasCorrectionCo
         with torch.no_grad():
             diff_sum, count = None, 0
             for qa, fa in zip(q_args, f_args):
-                d = _layer_forward(layer, qa[0], wq) - _layer_forward(layer, fa[0], layer.weight)
+                d = layer_forward(layer, qa[0], wq) - layer_forward(layer, fa[0], layer.weight)
                 ch = d.dim() - 1 if isinstance(layer, nn.Linear) else 1  # output channels
                 dims = [i for i in range(d.dim()) if i != ch]
                 s = d.double().sum(dim=dims)

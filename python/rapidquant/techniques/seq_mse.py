@@ -10,7 +10,7 @@ import torch
 from rapidquant import ops
 from rapidquant.progress import progress
 from rapidquant.techniques.patterns import out_axis
-from rapidquant.techniques.adaround import SUPPORTED, _layer_forward, _rows
+from rapidquant.techniques.adaround import SUPPORTED, layer_forward, _rows
 from rapidquant.batches import model_float_dtype
 from rapidquant.techniques.layerwise import (collect_batches, following_activation, run_layerwise,
                                              untreated_weights, check_finite_weights)
@@ -95,14 +95,14 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
         act = following_activation(sim.model, node) if config.use_activation else None
         w = layer.weight.detach()
         with torch.no_grad():
-            y = _layer_forward(layer, xf, w)
+            y = layer_forward(layer, xf, w)
             y = act(y) if act is not None else y
             cands = _candidates(q, w, ratios)
             ch_axis = 1 if y.dim() > 1 else 0
             losses = []
             for s, z in cands:
                 q.set_encoding(s, z)
-                out = _layer_forward(layer, xq, q(w))
+                out = layer_forward(layer, xq, q(w))
                 out = act(out) if act is not None else out
                 err = (out - y).pow(2)
                 losses.append(err.sum(dim=[d for d in range(err.dim()) if d != ch_axis]))  # per out channel
