@@ -349,14 +349,26 @@ def _ancestors_within(n: fx.Node, region: set) -> list:
 
 
 # arithmetic a log's input is typically computed with (power spectra, magnitudes, energies)
-_TO_LOG = {"Mul", "Add", "Sub", "Div", "Pow", "Sqrt", "Abs", "ReduceSum", "ReduceMean", "Clip", "Relu"}
+_TO_LOG = {"Mul", "Add", "Sub", "Div", "Pow", "Sqrt", "Abs", "ReduceSum", "ReduceMean", "Clip", "Relu",
+           "MatMul"}
+
+
+def _pools_energy(module) -> bool:
+    """A layer whose weights are all >= 0 (a mel or band filterbank): it sums energies, so its
+    input spans the decades its output does."""
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.numel() > 0 and bool((w >= 0).all())
 
 
 def log_inputs(infos) -> set:
-    """The arithmetic that only feeds a Log (|CQT|^2 -> sum -> sqrt -> + eps -> log): a linear
-    grid there rounds the quiet values the log then blows up (a pitch tracker's front end: 10.6 dB
-    with those grids, 21.7 without). They stay float; the log's output is quantized. The walk
-    stops at a layer, at a value read elsewhere and at anything else."""
+    """The values that only feed a Log (|CQT|^2 -> sum -> sqrt -> + eps -> log; a power
+    spectrum -> mel filterbank matmul -> log): a linear grid there rounds the quiet values the
+    log then blows up (a pitch tracker's front end: 10.6 dB with those grids, 21.7 without; a
+    wake-word mel front end whose pre-log power spans 0..1e10: 13.9 dB). They stay float; the
+    log's output is quantized. The walk goes up through that arithmetic and moves of data; a
+    layer it reaches keeps its output float; a filterbank (weights >= 0) is walked through, any
+    other layer (a DFT as a conv) keeps its input grid and ends the walk, as does a value read
+    elsewhere and anything else."""
     by_node = {i.node: i for i in infos}
     keep = set()
     for info in infos:
@@ -367,12 +379,18 @@ def log_inputs(infos) -> set:
             n = stack.pop()
             i = by_node.get(n)
             readers = [u for u in n.users if "rq_const" not in u.meta]  # not counting shape reads
-            moves = i is not None and i.op_type is None and i.passthrough  # a permute, a reshape
-            if n in keep or i is None or len(readers) != 1 or i.node.op == "call_module" and not moves \
-                    or not (moves or i.op_type in _TO_LOG):
+            if n in keep or i is None or len(readers) != 1:
                 continue
-            keep.add(n)
-            stack.extend(n.all_input_nodes)
+            moves = i.op_type is None and i.passthrough  # a permute, a reshape
+            if i.node.op == "call_module" and not moves:
+                if i.op_type is not None:  # a layer: its output stays float
+                    keep.add(n)
+                    if _pools_energy(i.module):  # a filterbank: its input is a power spectrum too
+                        stack.extend(n.all_input_nodes)
+                continue
+            if moves or i.op_type in _TO_LOG:
+                keep.add(n)
+                stack.extend(n.all_input_nodes)
     return keep
 
 
