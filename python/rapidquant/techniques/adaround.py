@@ -219,17 +219,22 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
     return LayerReport("", it + 1, e_near, e_ada, flipped, time.perf_counter() - t0)
 
 
-def rounding_sim(model: nn.Module, dummy_input, config, sim_config: QuantSimConfig | None):
+def rounding_sim(model: nn.Module, dummy_input, config, sim_config: QuantSimConfig | None, precisions_from=None):
     """(uncalibrated sim, model dtype) for learning the rounding: sim_config (exclusions,
     activations, formats) with the weight settings of config (AdaRound or block
-    reconstruction) over it."""
+    reconstruction) over it; then each quantizer at its precision in ``precisions_from`` (a
+    sim of the same model: a mixed configuration), when given."""
     from rapidquant.quantsim import QuantSim
     check_finite_weights(model)
     dtype = model_float_dtype(model)  # fp32 inputs for an fp16 model are cast, like the batches
     weights = dict(param_bw=config.param_bw, per_channel=config.per_channel, param_scheme=config.param_scheme,
                    hw_config=config.hw_config, block_size=config.block_size)
     sim_cfg = replace(sim_config, **weights) if sim_config is not None else QuantSimConfig(**weights)
-    return QuantSim(model, cast_floats(dummy_input, dtype), sim_cfg), dtype
+    sim = QuantSim(model, cast_floats(dummy_input, dtype), sim_cfg)
+    if precisions_from is not None:
+        from rapidquant.mixed_precision.manual import copy_precisions
+        copy_precisions(precisions_from, sim)
+    return sim, dtype
 
 
 def rounding_targets(sim, skip: tuple, technique: str) -> tuple[dict, list]:
@@ -252,17 +257,20 @@ def rounding_targets(sim, skip: tuple, technique: str) -> tuple[dict, list]:
 
 
 def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRoundConfig(),
-             show_progress: bool = True, sim_config: QuantSimConfig | None = None) -> AdaRoundResult:
+             show_progress: bool = True, sim_config: QuantSimConfig | None = None,
+             precisions_from=None) -> AdaRoundResult:
     """Learn the weight rounding of Conv1d/Conv2d/ConvTranspose2d/Linear layers.
 
     Returns a copy of the model with rounded weights and the weight encodings to freeze
     in a QuantSim built on that copy (``result.apply_to(sim)``). The input model is not
     modified. Deterministic for a given ``config.seed`` (and thread count). sim_config:
     the QuantSimConfig of the sim the result goes into (its exclusions, symmetry and
-    formats); the weight settings of ``config`` override it.
+    formats); the weight settings of ``config`` override it. precisions_from: a QuantSim of
+    this model with a mixed configuration (AMP's choice, ``set_precision``): each layer's
+    weights are rounded on the grid of its bitwidth there.
     """
     t0 = time.perf_counter()
-    sim, dtype = rounding_sim(model, dummy_input, config, sim_config)
+    sim, dtype = rounding_sim(model, dummy_input, config, sim_config, precisions_from)
     sim.calibrate_params()
     targets, skipped = rounding_targets(sim, config.skip, "AdaRound")
     float_weights = {m.param_quantizers["weight"].name: m.module.weight.detach().clone() for m in targets.values()}
