@@ -366,7 +366,8 @@ def log_inputs(infos) -> set:
     log then blows up (a pitch tracker's front end: 10.6 dB with those grids, 21.7 without; a
     wake-word mel front end whose pre-log power spans 0..1e10: 13.9 dB). They stay float; the
     log's output is quantized. The walk goes up through that arithmetic and moves of data; a
-    layer it reaches keeps its output float; a filterbank (weights >= 0) is walked through, any
+    layer it reaches keeps its output float; a filterbank (weights >= 0) and a module run whole in
+    float without weights (an exotic max(eps, x)) are walked through, any
     other layer (a DFT as a conv) keeps its input grid and ends the walk, as does a value read
     elsewhere and anything else."""
     by_node = {i.node: i for i in infos}
@@ -382,6 +383,10 @@ def log_inputs(infos) -> set:
             if n in keep or i is None or len(readers) != 1:
                 continue
             moves = i.op_type is None and i.passthrough  # a permute, a reshape
+            if i.node.op == "call_module" and i.float_leaf and not any(True for _ in i.module.parameters()):
+                keep.add(n)  # a module run whole in float without weights (onnx2torch's Max(eps, x))
+                stack.extend(n.all_input_nodes)
+                continue
             if i.node.op == "call_module" and not moves:
                 if i.op_type is not None:  # a layer: its output stays float
                     keep.add(n)
