@@ -85,6 +85,43 @@ def test_bn_fold_and_cle_preserve_function(make):
         assert res.relu6_replaced
 
 
+class _Untraceable(nn.Module):
+    """conv -> BN -> ReLU behind a Python branch on the data (as onnx2torch's Resize reads
+    its sizes): torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if x.mean() > 1e9:
+            return x
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _WithUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.act, self.inner = nn.ReLU(), _Untraceable()
+
+    def forward(self, x):
+        return self.inner(self.c2(self.act(self.bn1(self.c1(x)))))
+
+
+def test_bn_fold_and_cle_keep_an_untraceable_module_whole_and_say_so():
+    torch.manual_seed(0)
+    data = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    m = randomize_bn(_WithUntraceable(), data)
+    ref = m(data[0])
+    res = rq.equalize_(m, rq.CLEConfig(high_bias_fold=False))
+    assert ("c1", "bn1", "backward") in res.folded and ("c1", "c2") in res.scaled  # around it: as usual
+    assert ("inner.bn", "inside inner, which torch.fx cannot trace (its pairs are not seen)") in \
+        rq.fold_batch_norms_(copy.deepcopy(_WithUntraceable())).not_folded
+    assert any(names == ("inner.conv",) and "inner" in why for names, why in res.skipped)
+    assert rel_err(m(data[0]), ref) < 1e-5
+
+
 def test_cle_skip_mode_reports_relu6():
     m = randomize_bn(MobileNetV2ish(), [torch.randn(8, 3, 32, 32)])
     res = rq.equalize_(m, rq.CLEConfig(bounded="skip"))

@@ -264,6 +264,18 @@ def _fx_with_float_leaves(model, args, kwargs, leaf_types, leaf_names, concrete_
     raise RuntimeError("too many untraceable modules")
 
 
+def trace_modules(model: nn.Module) -> tuple[fx.GraphModule, dict]:
+    """The module graph BN folding and CLE walk: torch.fx, keeping each module whose forward
+    cannot be traced whole, as QuantSim's capture does (onnx2torch's Resize, Python shape
+    logic). Returns (graph module, {module path: why it stayed whole})."""
+    try:
+        return _fx_with_float_leaves(model, (), {}, (), (), None)
+    except _FxFailed as f:
+        raise G.TraceError(f"BN folding and CLE need a torch.fx trace of the model, and the model's own forward "
+                           f"cannot be traced ({f.failure.describe()}); apply them to its traceable submodules "
+                           "(e.g. model.backbone) instead") from f
+
+
 # ------------------------------------------------------------------ torch.export
 def _dynamic_shapes(model, args, kwargs):
     """Every dim of every tensor input dynamic (torch.export specialises what it must)."""

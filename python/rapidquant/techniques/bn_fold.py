@@ -145,6 +145,8 @@ def fold_batch_norms_(model: nn.Module, fold_forward_too: bool = True) -> BNFold
     res = BNFoldResult()
     mg = ModuleGraph(model)
     used = set()
+    for name, path in mg.inside_opaque(BNS):
+        res.not_folded.append((name, f"inside {path}, which torch.fx cannot trace (its pairs are not seen)"))
     for node in mg.module_nodes(BNS):
         why = unfoldable_reason(mg.module(node))
         if why:

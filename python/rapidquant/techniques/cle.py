@@ -10,7 +10,7 @@ from torch import nn
 
 from rapidquant import graph as G
 from rapidquant.techniques.bn_fold import _shape_along, fold_batch_norms_, folded_bn
-from rapidquant.techniques.patterns import CONV_T, CONVS, ModuleGraph, in_axis, is_depthwise, out_axis, set_module
+from rapidquant.techniques.patterns import CONV_T, CONVS, LAYERS, ModuleGraph, in_axis, is_depthwise, out_axis, set_module
 
 # activations that commute with positive per-channel scaling: relu(s x) = s relu(x)
 SCALE_INVARIANT = (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.Identity, nn.Dropout)
@@ -194,6 +194,11 @@ def equalize_(model: nn.Module, config: CLEConfig = CLEConfig()) -> CLEResult:
     if bn is not None:
         res.folded = bn.folded
     mg = ModuleGraph(model)
+    hidden = {}
+    for name, path in mg.inside_opaque(LAYERS):
+        hidden.setdefault(path, []).append(name)
+    for path, names in hidden.items():
+        res.skipped.append((tuple(names), f"inside {path}, which torch.fx cannot trace: not equalized"))
     scales = {}
     if config.bounded not in ("exact", "skip"):
         raise ValueError("CLEConfig.bounded must be 'exact' or 'skip'")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from rapidquant import graph as G
-
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d)
 LAYERS = CONVS + CONV_T + (nn.Linear,)
@@ -12,13 +10,21 @@ BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class ModuleGraph:
-    """Which module feeds which: call_module nodes of a traced model, by module name."""
+    """Which module feeds which: call_module nodes of a traced model, by module name.
+    ``opaque``: modules torch.fx cannot trace, kept whole ({path: why}); nothing inside them
+    is seen."""
 
     def __init__(self, model: nn.Module):
+        from rapidquant.capture import trace_modules
         self.model = model
-        self.gm = G.trace(model)
+        self.gm, self.opaque = trace_modules(model)
         self.modules = dict(model.named_modules())
         self.nodes = [n for n in self.gm.graph.nodes]
+
+    def inside_opaque(self, types) -> list[tuple[str, str]]:
+        """(name, opaque module around it) for each module of ``types`` hidden in an opaque one."""
+        return [(name, path) for path in self.opaque for name, m in self.model.get_submodule(path).named_modules(
+                    prefix=path) if isinstance(m, types)]
 
     def module(self, node: fx.Node):
         return self.modules.get(node.target) if node.op == "call_module" else None
