@@ -224,18 +224,18 @@ def test_a_failing_stage_changes_nothing(tmp_path, monkeypatch, stage):
 
 
 def test_block_reconstruction_runs_where_adaround_misses(tmp_path):
-    """W4A4 per-tensor digits MobileNet, allowed drop 0.005 (target 0.9774): AdaRound reaches
-    0.9773 and misses; block reconstruction runs. Measured with 100 iterations per block:
-    0.9798 on an AVX-512 CPU (met: the returned sim and file are its own), 0.9748 on an
-    AVX2-only AMD EPYC (its float kernels train other roundings; missed by one image, AdaRound's
-    file stands). Both hold here: every block's error falls, and the result is the best file."""
+    """W4A4 per-tensor digits MobileNet, allowed drop 0.005 (target 0.9774): with 4-bit
+    activations AdaRound is skipped (it reached 0.9773 and missed here) and block
+    reconstruction runs. Measured with 100 iterations per block: 0.9798 on an AVX-512 CPU
+    (met: the returned sim and file are its own), 0.9748 on an AVX2-only AMD EPYC (missed by
+    one image). Both hold here: every block's error falls, and the result is the best file."""
     cfg = rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=4, act_bw=4, per_channel=False), allowed_drop=0.005,
                              results_dir=str(tmp_path), scheme_candidates=(("minmax", "minmax"), ("mse", "sqnr")),
                              block_reconstruction=rq.BlockReconConfig(iterations=100))
     res = rq.AutoQuant(zoo.pretrained("digits_mobilenet"), data(1)[0], data(16), ev, cfg,
                        show_progress=False).optimize()
     st = status(res)
-    assert st["adaround"] == "ok" and record(res, "adaround").score < res.target
+    assert st["adaround"] == "skipped" and "4-bit activations" in record(res, "adaround").message
     rec = record(res, "block_reconstruction")
     assert sum(len(b["layers"]) for b in rec.artifacts["blocks"]) == 18
     assert all(b["mse_reconstructed"] < b["mse_nearest"] for b in rec.artifacts["blocks"])
@@ -247,7 +247,7 @@ def test_block_reconstruction_runs_where_adaround_misses(tmp_path):
     deployed = zoo.accuracy(OnnxRuntimeModule(res.onnx_path, output_like=torch.zeros(1, 10)))
     assert deployed == res.score
     page = open(res.report_path).read()
-    assert "block_reconstruction: error per block" in page and "adaround: error per layer" in page
+    assert "block_reconstruction: error per block" in page and "adaround: error per layer" not in page
     # the file's latency beside its float twin's, measured and reported
     lat = res.latency
     assert lat["quantized_ms"] > 0 and lat["float_ms"] > 0 and lat["speedup"] == lat["float_ms"] / lat["quantized_ms"]
