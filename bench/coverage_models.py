@@ -659,6 +659,15 @@ def magika_onnx2torch():
 
 # ---------------------------------------------------------------------------- audio
 CREPE = "pip install --no-deps torchcrepe==0.0.24"
+SPEECHMOS = "pip install --no-deps onnx2torch==1.5.15 speechmos==0.0.1.1"
+
+
+@model("dnsmos_onnx2torch", "speech-quality CNN (ONNX): in-graph STFT -> power -> max(eps, .) -> log", "speechmos + onnx2torch",
+       SPEECHMOS)
+def dnsmos_onnx2torch():
+    m = _onnx_file_to_torch(pkg_file("speechmos", "dnsmos_models", "sig_bak_ovr.onnx"), SPEECHMOS, "speechmos")
+    wav = voiced_audio(8, 144160, 16000, seed=53)  # the 9.01 s at 16 kHz DNSMOS rates
+    return m, wav[:2], batches(wav[2:], 2)
 
 
 def _stub_audio_libs():
