@@ -129,6 +129,9 @@ def test_deterministic_and_knobs_matter(resnet):
     biases = [k for k, v in resnet.state_dict().items() if k.endswith("bias")]
     assert biases and all(not torch.equal(w3[k], resnet.state_dict()[k]) for k in biases)
     w5, _ = run(bias_lr=None)
+    # more rows per step than one cached batch holds (32): rows of two batches, not ignored
+    w6, _ = run(batch_rows=64)
+    assert not all(torch.equal(w6[k], w3[k]) for k in w3)
     assert all(torch.equal(w5[k], resnet.state_dict()[k]) for k in biases)
     with pytest.raises(ValueError, match="bias_lr"):
         rq.BlockReconConfig(bias_lr=-1.0)

@@ -18,6 +18,7 @@ each block learns on the quantized path's input after all earlier blocks were le
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -284,6 +285,23 @@ def _rows(values: list, n_rows: int, idx):
     return [v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_rows else v for v in values]
 
 
+def _gather(values: list, picked: list) -> list:
+    """Each cached value over the picked batches: batch-first tensors concatenated, anything
+    else (a shared mask, a scalar) from the first."""
+    if len(picked) == 1:
+        return [v[picked[0]] for v in values]
+    lead = next((v[picked[0]] for v in values if isinstance(v[picked[0]], torch.Tensor) and v[picked[0]].dim() > 0),
+                None)
+    out = []
+    for v in values:
+        first = v[picked[0]]
+        rowwise = lead is not None and isinstance(first, torch.Tensor) and first.dim() > 0 \
+            and all(isinstance(v[b], torch.Tensor) and v[b].shape[1:] == first.shape[1:] for b in picked) \
+            and first.shape[0] == lead.shape[0]
+        out.append(torch.cat([v[b] for b in picked]) if rowwise else first)
+    return out
+
+
 def _error(outs, targets) -> torch.Tensor:
     total = 0.0
     for o, t in zip(outs, targets):
@@ -297,11 +315,15 @@ def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, 
     """Optimize one block; returns the number of iterations run."""
     n_b = len(q_in[0]) if q_in else 1
     warm = int(cfg.warm_start * cfg.iterations)
+    lead0 = next((v[0] for v in q_in if isinstance(v[0], torch.Tensor) and v[0].dim() > 0), None)
+    # batch_rows beyond one cached batch: rows of several batches per step
+    k = 1 if lead0 is None else max(1, min(n_b, math.ceil(cfg.batch_rows / max(1, lead0.shape[0]))))
     it = 0
     for it in range(cfg.iterations):
-        b = int(torch.randint(0, n_b, (1,), generator=gen))
-        cached = [v[b] for v in q_in]
-        xq, xf, tgt = cached, [v[b] for v in f_in], [v[b] for v in f_out]
+        picked = torch.randperm(n_b, generator=gen)[:k].tolist() if k > 1 else \
+            [int(torch.randint(0, n_b, (1,), generator=gen))]
+        cached = _gather(q_in, picked)
+        xq, xf, tgt = cached, _gather(f_in, picked), _gather(f_out, picked)
         lead = next((v for v in xq if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         if lead is not None and lead.shape[0] > cfg.batch_rows:
             n = lead.shape[0]
