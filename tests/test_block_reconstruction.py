@@ -206,8 +206,8 @@ def test_a_mixed_configuration_is_learned_at_its_precisions(resnet, technique):
         assert torch.equal(q(w), w)  # learned on that grid
         assert len(torch.unique(w)) > 16 if bits == 8 else len(torch.unique(w)) <= 16
     if technique == "block_reconstruction":
-        assert [sim.quantizer(n).bitwidth for n in ("input_x.output", "pool.output", "fc.output", "layer1.relu1.output")] \
-            == [8, 8, 8, 4]
+        names = ("input_x.output", "pool.output", "fc.output", "layer1.relu1.output")
+        assert [sim.quantizer(n).bitwidth for n in names] == [8, 8, 8, 4]
     other = rq.QuantSim(zoo.pretrained("digits_mobilenet"), x, W4A4)
     with pytest.raises(ValueError, match="same model"):
         rq.reconstruct_blocks(resnet, x, data, rq.BlockReconConfig(**weights), show_progress=False,

@@ -365,11 +365,11 @@ def log_inputs(infos) -> set:
     spectrum -> mel filterbank matmul -> log): a linear grid there rounds the quiet values the
     log then blows up (a pitch tracker's front end: 10.6 dB with those grids, 21.7 without; a
     wake-word mel front end whose pre-log power spans 0..1e10: 13.9 dB). They stay float; the
-    log's output is quantized. The walk goes up through that arithmetic and moves of data; a
-    layer it reaches keeps its output float; a filterbank (weights >= 0) and a module run whole in
-    float without weights (an exotic max(eps, x)) are walked through, any
-    other layer (a DFT as a conv) keeps its input grid and ends the walk, as does a value read
-    elsewhere and anything else."""
+    log's output is quantized. The walk goes up through that arithmetic, moves of data, modules
+    run whole in float without weights (onnx2torch's max(eps, x)) and filterbanks (layers with
+    weights >= 0), whose outputs stay float; any other layer (a DFT as a conv) keeps its input
+    grid, its output stays float and the walk ends there, as it does at a value read elsewhere
+    and at anything else."""
     by_node = {i.node: i for i in infos}
     keep = set()
     for info in infos:

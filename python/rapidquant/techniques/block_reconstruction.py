@@ -181,8 +181,8 @@ class _Learning:
         # biases learn through the sim's int32 bias rounding (straight-through)
         self.biases = {name: w.module.bias for name, w in wrappers.items()
                        if cfg.bias_lr and isinstance(getattr(w.module, "bias", None), nn.Parameter)}
+        self.bias_grad_was = {name: b.requires_grad for name, b in self.biases.items()}
         for b in self.biases.values():
-            self.grad_was[id(b)] = b.requires_grad
             b.requires_grad_(True)
         if self.biases:
             groups.append({"params": list(self.biases.values()), "lr": cfg.bias_lr})
@@ -236,7 +236,7 @@ class _Learning:
                 p.copy_(hard)
                 p.requires_grad_(self.grad_was[name])
                 if name in self.biases:
-                    self.biases[name].requires_grad_(self.grad_was[id(self.biases[name])])
+                    self.biases[name].requires_grad_(self.bias_grad_was[name])
                 q.frozen = True
                 w.clear_cache()
             for q, (s0, u) in self.steps.items():

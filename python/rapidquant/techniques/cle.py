@@ -10,7 +10,8 @@ from torch import nn
 
 from rapidquant import graph as G
 from rapidquant.techniques.bn_fold import _shape_along, fold_batch_norms_, folded_bn
-from rapidquant.techniques.patterns import CONV_T, CONVS, LAYERS, ModuleGraph, in_axis, is_depthwise, out_axis, set_module
+from rapidquant.techniques.patterns import (CONV_T, CONVS, LAYERS, ModuleGraph, in_axis, is_depthwise, out_axis,
+                                            set_module)
 
 # activations that commute with positive per-channel scaling: relu(s x) = s relu(x)
 SCALE_INVARIANT = (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.Identity, nn.Dropout)
