@@ -8,8 +8,8 @@ with 128 calibration crops, W4 weights and 16-bit activations (hw config w8a16),
 0.01, min/max ranges, so the rounding stages run (AdaRound and block reconstruction at 20
 iterations per layer/block, since memory does not grow with iterations), in a fresh process:
 the process's peak resident memory by the end of each stage (AutoQuant's own per-stage
-record, with each stage's status and message), against the 2 GB goal. The process's memory before
-AutoQuant starts (torch, the model, the crops) is printed beside it.
+record, with each stage's status and message), against the 2 GB goal; beside it the peak the
+process had reached before AutoQuant started (torch, the model, the crops, the float top-1).
 
 For each model and setting: the final score (the exported ONNX model scored in onnxruntime),
 the sim's score, FP32, the stage that met the target, eval_fn calls, the time of every stage
