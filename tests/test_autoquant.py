@@ -223,7 +223,7 @@ def test_a_failing_stage_changes_nothing(tmp_path, monkeypatch, stage):
     assert f"{stage} exploded" in open(res.report_path).read()
 
 
-def test_block_reconstruction_runs_where_adaround_misses(tmp_path):
+def test_block_reconstruction_replaces_adaround_below_8_bit_activations(tmp_path):
     """W4A4 per-tensor digits MobileNet, allowed drop 0.005 (target 0.9774): with 4-bit
     activations AdaRound is skipped (it reached 0.9773 and missed here) and block
     reconstruction runs. Measured with 100 iterations per block: 0.9798 on an AVX-512 CPU

@@ -213,3 +213,23 @@ def test_a_mixed_configuration_is_learned_at_its_precisions(resnet, technique):
     with pytest.raises(ValueError, match="same model"):
         rq.reconstruct_blocks(resnet, x, data, rq.BlockReconConfig(**weights), show_progress=False,
                               sim_config=W4A4, precisions_from=other)
+
+
+def test_fp16_model_keeps_its_biases_and_learns_finite_steps():
+    """Adam on an fp16 bias underflows (eps and squared gradients round to 0: NaN), so only
+    fp32 biases learn; an fp16 model's reconstruction must stay finite."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).half().eval()
+    data = [torch.randn(16, 16).half() for _ in range(4)]
+    cfg = rq.QuantSimConfig(param_bw=4, act_bw=8)
+    r = rq.reconstruct_blocks(net, data[0], data, rq.BlockReconConfig(param_bw=4, iterations=30), show_progress=False,
+                              sim_config=cfg)
+    assert all(torch.equal(r.model.state_dict()[k], v) for k, v in net.state_dict().items() if k.endswith("bias"))
+    assert all(torch.isfinite(torch.as_tensor(e["scale"])).all() for e in r.encodings["quantizers"].values() if e)
+
+
+def test_rows_of_several_batches_are_only_batch_first_values():
+    from rapidquant.techniques.block_reconstruction import _gather
+    mask, x, seq_first = torch.ones(1, 4), torch.randn(8, 4), torch.randn(10, 8, 4)
+    got = _gather([[mask] * 3, [x] * 3, [seq_first] * 3], [0, 2], rows=[8, 8, 8])
+    assert [tuple(t.shape) for t in got] == [(1, 4), (16, 4), (10, 8, 4)]

@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from rapidquant import graph as G
 
@@ -354,10 +354,11 @@ _TO_LOG = {"Mul", "Add", "Sub", "Div", "Pow", "Sqrt", "Abs", "ReduceSum", "Reduc
 
 
 def _pools_energy(module) -> bool:
-    """A layer whose weights are all >= 0 (a mel or band filterbank): it sums energies, so its
-    input spans the decades its output does."""
+    """A Linear/Conv layer whose weights are all >= 0 (a mel or band filterbank): it sums
+    energies, so its input spans the decades its output does."""
     w = getattr(module, "weight", None)
-    return isinstance(w, torch.Tensor) and w.numel() > 0 and bool((w >= 0).all())
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and isinstance(w, torch.Tensor) \
+        and w.numel() > 0 and bool((w >= 0).all())
 
 
 def log_inputs(infos) -> set:

@@ -9,7 +9,8 @@ The pipeline (``PIPELINE``, in order; each stage is a function in ``stages.py``)
   w32_check         activations only: stop early when no weight technique can help
   bn_fold           fold BatchNorms
   cle               cross-layer equalization on the BN-folded model
-  adaround          learn the weight rounding (skipped below 8-bit activations: the next stage)
+  adaround          learn the weight rounding (below 8-bit activations, block_reconstruction
+                    takes its place when it is on)
   block_reconstruction  learn rounding and activation steps per block (when still missed)
   amp               mixed precision over the AMP candidates
   export            the accepted candidate's ONNX + encodings into results_dir

@@ -37,7 +37,7 @@ class AutoQuantConfig:
     num_proxy_batches: int = 4
     use_adaround: bool = True
     adaround: AdaRoundConfig | None = None       # None: defaults at the sim's weight bitwidth
-    use_block_reconstruction: bool = True        # after AdaRound, when the target is still missed
+    use_block_reconstruction: bool = True        # after AdaRound when still missed; in its place below A8
     block_reconstruction: BlockReconConfig | None = None  # None: defaults at the sim's weight bitwidth
     amp_candidates: tuple | None = None          # e.g. ("W8A8", "W8A16", "W16A16")
     amp_cost: str = "bitops"                     # AMP's cheapest point: fewest "bitops", or "latency" in onnxruntime

@@ -105,7 +105,5 @@ def copy_precisions(src, dst) -> list[str]:
         o = theirs[name]
         if (q.enabled, q.precision()) != (o.enabled, o.precision()):
             changed.append(name)
-        q.enabled = o.enabled
-        if o.enabled:
-            q.set_precision(*o.precision())
+        set_quantizer(q, o.enabled, *o.precision())
     return changed

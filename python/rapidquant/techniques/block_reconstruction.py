@@ -47,11 +47,11 @@ class BlockReconConfig(RoundingSettings):
     lr: float = 5e-2                      # rounding variables (Adam); measured best of 1e-2..8e-2 at 500 it
     learn_act_steps: bool = True          # learn the activation step sizes inside each block (LSQ)
     act_lr: float = 2e-3                  # on log(step): a relative change per step, scale-free
-    # learn the biases of the block's layers too (they absorb the shift the rounding leaves;
-    # measured +0.3..0.5 dB logit SQNR on the bench CNNs); Adam on the bias itself
+    # learn the (fp32) biases of the block's layers too: they absorb the shift the rounding
+    # leaves (digits ResNet W4A8: +0.3 dB logit SQNR at 500 iterations, +0.6 at 2,000)
     bias_lr: float | None = 1e-2
     # QDrop: chance that an activation element stays float while learning. Off by default:
-    # measured on 13 configurations (bench/README.md) it lowered logit SQNR in 12 and cost
+    # measured on 16 configurations (bench/README.md) it lowered logit SQNR in all 16 and cost
     # MobileNetV2 W4A8 2.3 points of agreement; QDrop's paper uses 0.5
     drop_prob: float = 0.0
     min_block_layers: int = 1             # merge graph segments until a block has this many layers
@@ -178,9 +178,10 @@ class _Learning:
         self.steps = {q: (q.scale.detach().clone(), torch.zeros_like(q.scale, requires_grad=cfg.learn_act_steps))
                       for q in acts}
         groups = [{"params": [s.V for s in self.soft.values()], "lr": cfg.lr}]
-        # biases learn through the sim's int32 bias rounding (straight-through)
+        # biases learn through the sim's int32 bias rounding (straight-through); fp32 ones only:
+        # Adam's update of an fp16 parameter underflows (eps and squared gradients to 0: NaN)
         self.biases = {name: w.module.bias for name, w in wrappers.items()
-                       if cfg.bias_lr and isinstance(getattr(w.module, "bias", None), nn.Parameter)}
+                       if cfg.bias_lr and _learnable_bias(w.module)}
         self.bias_grad_was = {name: b.requires_grad for name, b in self.biases.items()}
         for b in self.biases.values():
             b.requires_grad_(True)
@@ -246,6 +247,11 @@ class _Learning:
         return flipped / max(1, total)
 
 
+def _learnable_bias(layer) -> bool:
+    b = getattr(layer, "bias", None)
+    return isinstance(b, nn.Parameter) and b.dtype == torch.float32
+
+
 def _seed(gen) -> int:
     """A fresh seed for one QDrop choice (the kernels hash it with the element index)."""
     return int(torch.randint(0, 2 ** 62, (1,), generator=gen))
@@ -285,20 +291,17 @@ def _rows(values: list, n_rows: int, idx):
     return [v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_rows else v for v in values]
 
 
-def _gather(values: list, picked: list) -> list:
-    """Each cached value over the picked batches: batch-first tensors concatenated, anything
-    else (a shared mask, a scalar) from the first."""
+def _gather(values: list, picked: list, rows: list) -> list:
+    """Each cached value over the picked batches: a tensor whose first dim is the batch's row
+    count (``rows[b]``) in every picked batch is concatenated; anything else (a shared mask,
+    a sequence-first value, a scalar) comes from the first."""
     if len(picked) == 1:
         return [v[picked[0]] for v in values]
-    lead = next((v[picked[0]] for v in values if isinstance(v[picked[0]], torch.Tensor) and v[picked[0]].dim() > 0),
-                None)
     out = []
     for v in values:
-        first = v[picked[0]]
-        rowwise = lead is not None and isinstance(first, torch.Tensor) and first.dim() > 0 \
-            and all(isinstance(v[b], torch.Tensor) and v[b].shape[1:] == first.shape[1:] for b in picked) \
-            and first.shape[0] == lead.shape[0]
-        out.append(torch.cat([v[b] for b in picked]) if rowwise else first)
+        rowwise = all(isinstance(v[b], torch.Tensor) and v[b].dim() > 0 and v[b].shape[0] == rows[b]
+                      and v[b].shape[1:] == v[picked[0]].shape[1:] for b in picked)
+        out.append(torch.cat([v[b] for b in picked]) if rowwise else v[picked[0]])
     return out
 
 
@@ -311,19 +314,19 @@ def _error(outs, targets) -> torch.Tensor:
     return total
 
 
-def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, gen) -> int:
-    """Optimize one block; returns the number of iterations run."""
+def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, gen, rows: list) -> int:
+    """Optimize one block; returns the number of iterations run. rows: each cached batch's
+    row count (its inputs' first dim)."""
     n_b = len(q_in[0]) if q_in else 1
     warm = int(cfg.warm_start * cfg.iterations)
-    lead0 = next((v[0] for v in q_in if isinstance(v[0], torch.Tensor) and v[0].dim() > 0), None)
     # batch_rows beyond one cached batch: rows of several batches per step
-    k = 1 if lead0 is None else max(1, min(n_b, math.ceil(cfg.batch_rows / max(1, lead0.shape[0]))))
+    k = max(1, min(n_b, math.ceil(cfg.batch_rows / max(1, min(rows, default=cfg.batch_rows)))))
     it = 0
     for it in range(cfg.iterations):
         picked = torch.randperm(n_b, generator=gen)[:k].tolist() if k > 1 else \
             [int(torch.randint(0, n_b, (1,), generator=gen))]
-        cached = _gather(q_in, picked)
-        xq, xf, tgt = cached, _gather(f_in, picked), _gather(f_out, picked)
+        cached = _gather(q_in, picked, rows)
+        xq, xf, tgt = cached, _gather(f_in, picked, rows), _gather(f_out, picked, rows)
         lead = next((v for v in xq if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         if lead is not None and lead.shape[0] > cfg.batch_rows:
             n = lead.shape[0]
@@ -349,14 +352,15 @@ def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, 
     return it + 1
 
 
-def _learn_one(blk: Block, wrappers: dict, acts: list, io: tuple, cached: tuple, run_q, cfg, gen) -> BlockReport:
+def _learn_one(blk: Block, wrappers: dict, acts: list, io: tuple, cached: tuple, run_q, cfg, gen,
+               rows: list) -> BlockReport:
     """Learn one block's rounding and steps; its report (error before/after on a batch)."""
     t0 = time.perf_counter()
     (ins, outs), (q_in, f_in, f_out) = io, cached
     e0 = _block_error(ins, outs, q_in, f_out, run_q)
     learning = _Learning(wrappers, acts, cfg, gen)
     with torch.enable_grad():
-        its = _learn_block(ins, outs, q_in, f_in, f_out, learning, run_q, cfg, gen)
+        its = _learn_block(ins, outs, q_in, f_in, f_out, learning, run_q, cfg, gen, rows)
     flipped = learning.close()
     e1 = _block_error(ins, outs, q_in, f_out, run_q)
     name = blk.layers[0] if len(blk.layers) == 1 else f"{blk.layers[0]}..{blk.layers[-1]}"
@@ -412,6 +416,7 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
                 later[a] = k
     gen = torch.Generator().manual_seed(config.seed + 7919 * D.rank())
     store_dtype = torch.float16 if config.cache_fp16 else None
+    rows = [next((t.shape[0] for t in b if isinstance(t, torch.Tensor) and t.dim() > 0), 0) for b in batches]
 
     def run_path(path, blk, ins, values, outs):
         mods, owner = (q_mods, gm) if path == "q" else (fp_mods, fp)
@@ -447,7 +452,7 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
                            else v for v in vals] for vals in q_in]
                 reports.append(_learn_one(blk, {n: targets[n] for n in blk.layers}, acts, (ins, outs),
                                           (q_in_f, f_in, f_out), lambda i, v, o, b=blk: run_path("q", b, i, v, o),
-                                          config, gen))
+                                          config, gen, rows))
                 next(bar_iter, None)
             with torch.no_grad():
                 q_res = [run_path("q", blk, ins, [v[b] for v in q_in], outs) for b in range(n_b)]
@@ -465,7 +470,7 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
         for name, wrapper in targets.items():
             layer = out.get_submodule(name)
             layer.weight.copy_(wrapper.module.weight)
-            if config.bias_lr and isinstance(getattr(layer, "bias", None), nn.Parameter):
+            if config.bias_lr and _learnable_bias(wrapper.module):
                 layer.bias.copy_(wrapper.module.bias)  # learned with the rounding
     from rapidquant.export.encodings import rapidquant_doc
     doc = rapidquant_doc(sim)

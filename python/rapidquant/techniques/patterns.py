@@ -23,7 +23,8 @@ class ModuleGraph:
 
     def inside_opaque(self, types) -> list[tuple[str, str]]:
         """(name, opaque module around it) for each module of ``types`` hidden in an opaque one."""
-        return [(name, path) for path in self.opaque for name, m in self.model.get_submodule(path).named_modules(
+        outer = [p for p in self.opaque if not any(p.startswith(o + ".") for o in self.opaque)]
+        return [(name, path) for path in outer for name, m in self.model.get_submodule(path).named_modules(
                     prefix=path) if isinstance(m, types)]
 
     def module(self, node: fx.Node):
