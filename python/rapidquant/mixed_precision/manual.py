@@ -89,21 +89,16 @@ def set_precision(sim, target, activation: str | None = None, param: str | None 
     return log
 
 
-def copy_precisions(src, dst) -> list[str]:
+def copy_precisions(src, dst) -> None:
     """Put every quantizer of sim ``dst`` at the precision and on/off state of the same-named
     quantizer of sim ``src`` (a mixed configuration AMP or set_precision made), so a technique
-    that builds its own sim of the same model learns on that configuration. Returns the names
-    whose precision changed. Both sims must come from the same model and sim config."""
+    that builds its own sim of the same model learns on that configuration. Both sims must
+    come from the same model and sim config."""
     theirs, ours = src.quantizers(), dst.quantizers()
     missing = [n for n in ours if n not in theirs]
     if missing:
         raise ValueError(f"precisions_from: that sim has no quantizers named {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}; build it on the same model with the same "
                          "QuantSimConfig (exclusions, capture) as this technique's sim_config")
-    changed = []
     for name, q in ours.items():
-        o = theirs[name]
-        if (q.enabled, q.precision()) != (o.enabled, o.precision()):
-            changed.append(name)
-        set_quantizer(q, o.enabled, *o.precision())
-    return changed
+        set_quantizer(q, theirs[name].enabled, *theirs[name].precision())

@@ -327,9 +327,8 @@ def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, 
             [int(torch.randint(0, n_b, (1,), generator=gen))]
         cached = _gather(q_in, picked, rows)
         xq, xf, tgt = cached, _gather(f_in, picked, rows), _gather(f_out, picked, rows)
-        lead = next((v for v in xq if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-        if lead is not None and lead.shape[0] > cfg.batch_rows:
-            n = lead.shape[0]
+        n = sum(rows[b] for b in picked)
+        if n > cfg.batch_rows:
             idx = torch.randperm(n, generator=gen)[: cfg.batch_rows]
             xq, xf, tgt = _rows(xq, n, idx), _rows(xf, n, idx), _rows(tgt, n, idx)
         if cfg.drop_prob > 0:  # QDrop on the block input too (one fused pass per input)
