@@ -107,10 +107,22 @@ def test_met_means_the_exported_file_meets_it(tmp_path):
     assert rec.status == "met" and rec.artifact_score == deployed and rec.score is not None
     page = open(res.report_path).read()
     assert "ONNX score" in page and "The exported file" in page and "data:image/png;base64" in page
-    # peak memory per stage: the process's peak so far, so it never falls from stage to stage
-    peaks = [s.peak_rss_mb for s in res.stages if s.status != "skipped"]
-    assert all(p is not None and p > 50 for p in peaks) and peaks == sorted(peaks)
+    peaks = [s.peak_rss_mb for s in res.stages if s.status != "skipped"]  # per stage
+    assert all(p is not None and p > 50 for p in peaks)
     assert "peak memory (MB)" in page
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-stage peaks use Linux's VmHWM")
+def test_stage_peak_memory_is_the_stage_own():
+    """A stage's peak memory is measured from its start: a large allocation freed before it
+    does not show in it (the process-wide peak keeps it)."""
+    from rapidquant.autoquant.pipeline import peak_rss_mb, start_peak_window, window_peak_rss_mb
+    big = torch.ones(300 * 2 ** 18)  # 300 MB, touched
+    del big
+    assert start_peak_window()
+    small = torch.ones(2 ** 18)  # 1 MB
+    window = window_peak_rss_mb(True)
+    assert window < peak_rss_mb() - 250 and small.sum() > 0
 
 
 def test_sim_meets_but_file_misses_goes_on(tmp_path):

@@ -15,7 +15,8 @@ from rapidquant.autoquant import stages as S
 from rapidquant.autoquant.cache import StageCache, cache_key
 from rapidquant.autoquant.config import AutoQuantConfig
 from rapidquant.autoquant.evaluation import Evaluator
-from rapidquant.autoquant.pipeline import STAGES, accept, peak_rss_mb, prefer_checked, run_pipeline
+from rapidquant.autoquant.pipeline import (STAGES, accept, prefer_checked, run_pipeline, start_peak_window,
+                                           window_peak_rss_mb)
 from rapidquant.autoquant.state import AutoQuantResult, RunState, StageRecord
 from rapidquant.autoquant.verify import verify
 from rapidquant.modelcopy import copy_model
@@ -95,6 +96,7 @@ def finish(state: RunState) -> AutoQuantResult:
     """Accept the best candidate on its artifact (if no stage did), export, report."""
     c = state.config
     t0, ev0 = time.perf_counter(), state.evaluator.count  # the export record carries this step's cost
+    window = start_peak_window()
     if state.best.sim is not None and state.best.artifact is None and (c.export or c.verify_artifact):
         accept(state, state.stages[state.best.stage], state.outputs[state.best.stage])
         prefer_checked(state)
@@ -115,7 +117,7 @@ def finish(state: RunState) -> AutoQuantResult:
     state.stages["export"] = export_rec = _export(state, res)
     res.latency = _latency(state, res)
     export_rec.seconds, export_rec.evaluations = time.perf_counter() - t0, state.evaluator.count - ev0
-    export_rec.peak_rss_mb = peak_rss_mb()
+    export_rec.peak_rss_mb = window_peak_rss_mb(window)
     res.stages = [state.stages[n] for n in STAGES if n in state.stages]
     res.evaluations, res.calibrations = state.evaluator.count, state.calibrations
     res.seconds = time.perf_counter() - state.started

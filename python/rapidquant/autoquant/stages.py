@@ -18,6 +18,7 @@ from rapidquant.progress import progress
 from rapidquant.quantsim import QuantSim
 from rapidquant.scoring import model_outputs, output_sqnr
 from rapidquant.techniques import AdaRoundConfig, adaround, equalize_, fold_batch_norms_
+from rapidquant.techniques.adaround import CACHE_FP16_OVER_MB
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -201,6 +202,9 @@ def adaround_stage(state: RunState) -> Outcome:
     msg = f"rounded {len(layers)} layers in {sum(layer['iterations'] for layer in layers)} iterations"
     if r.skipped:
         msg += f"; left {len(r.skipped)} layers with nearest rounding (see artifacts)"
+    if r.fp16_cached[0]:
+        msg += (f"; its layer cache kept {r.fp16_cached[0]} of {r.fp16_cached[1]} values in fp16, past "
+                f"{CACHE_FP16_OVER_MB} MB (cache_fp16)")
     return Outcome(state.evaluator(sim.model, "AdaRound model"), r.model, sim,
                    {"layers": layers, "skipped": [list(s) for s in r.skipped]}, msg)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,13 @@ from rapidquant.techniques.layerwise import (collect_batches, following_activati
 
 SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 ZETA, GAMMA = 1.1, -0.1
+# past this much cached activation memory, AdaRound's layer cache holds fp16 (cache_fp16=None):
+# fp16's 5e-4 relative error is far below a weight grid's, and MobileNetV2's 224x224 maps
+# for 128 images would otherwise take over 2 GB in fp32
+CACHE_FP16_OVER_MB = 256
+# elements per forward/backward piece of a step (output x kernel size): a step over 32
+# ImageNet-sized maps is split (gradients summed, the same step) so its memory stays bounded
+STEP_PIECE_ELEMENTS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,10 @@ class RoundingSettings:
     warm_start: float = 0.2               # fraction of iterations without the regularizer
     early_stop: bool = True
     settled_fraction: float = 1e-2        # stop when fewer weights than this are undecided
-    cache_fp16: bool = False              # store cached inputs/targets in fp16
+    # cached activations in fp16. AdaRound: None (auto) switches to fp16 once its layer cache
+    # holds CACHE_FP16_OVER_MB (ImageNet-sized maps), True from the start, False never.
+    # Block reconstruction: True keeps the quantized-path values in fp16; None is False.
+    cache_fp16: bool | None = None
     memory_budget_mb: float | None = None  # spill activations to disk beyond this
     seed: int = 0
     skip: tuple = ()                      # layer names left with round-to-nearest
@@ -83,6 +94,7 @@ class AdaRoundResult:
     # weights before rounding, by weight quantizer name: what a layer moved to another
     # precision (mixed precision) must start from, not the rounded weights
     float_weights: dict = field(default_factory=dict)
+    fp16_cached: tuple = (0, 0)      # (layer outputs the cache kept in fp16, all it kept): cache_fp16
 
     def apply_to(self, sim) -> None:
         """Load and freeze the weight encodings in a sim built on ``self.model``."""
@@ -112,6 +124,20 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.T
 def _rows(t: torch.Tensor, layer) -> torch.Tensor:
     """Linear inputs as [rows, features]; conv inputs keep their samples."""
     return t.reshape(-1, t.shape[-1]) if isinstance(layer, nn.Linear) else t
+
+
+def take_rows(parts: list, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of the parts as if concatenated, without concatenating them (fp32)."""
+    if len(parts) == 1:
+        return parts[0][idx].float()
+    out = torch.empty((len(idx),) + parts[0].shape[1:], dtype=torch.float32, device=parts[0].device)
+    start = 0
+    for p in parts:
+        sel = (idx >= start) & (idx < start + p.shape[0])
+        if sel.any():
+            out[sel] = p[idx[sel] - start].float()
+        start += p.shape[0]
+    return out
 
 
 def _grid(w, s, z, axis, block):
@@ -172,14 +198,19 @@ def undecided(V: torch.Tensor) -> float:
 
 
 def reconstruction_loss(out, target, act):
+    """Squared error summed over output channels (dim 1), averaged over the rest; one fused
+    op, so a step holds no squared-difference copies of the output."""
     if act is not None:
         out, target = act(out), act(target)
-    d = (out - target).pow(2)
-    return d.sum(1).mean() if d.dim() > 1 else d.mean()
+    channels = out.shape[1] if out.dim() > 1 else 1
+    return F.mse_loss(out, target, reduction="sum") * (channels / max(out.numel(), 1))
 
 
 @torch.enable_grad()
-def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRoundConfig, gen) -> LayerReport:
+def optimize_layer(layer, q, xq: list, target: Callable, act, cfg: AdaRoundConfig, gen) -> LayerReport:
+    """Learn the rounding of layer's weight. xq: the layer's quantized-path input as a list of
+    per-batch row tensors (sampled across, never concatenated); target(idx): the float
+    layer's output for those rows, fp32."""
     t0 = time.perf_counter()
     w = layer.weight.detach().float()  # optimized in fp32 whatever the layer dtype
     s, z = q.scale.detach(), q.zero_point.detach()
@@ -188,19 +219,27 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
     block = q.block_size
     V = init_rounding(w, s, z, axis, block).requires_grad_()
     opt = torch.optim.Adam([V], lr=cfg.lr)
-    n = xq.shape[0]
+    n = sum(p.shape[0] for p in xq)
     warm = int(cfg.warm_start * cfg.iterations)
+    # a conv's backward on CPU unfolds its input: kernel-size times the output per row
+    row_cost = target(torch.zeros(1, dtype=torch.long))[0].numel() * math.prod(w.shape[2:])
+    piece = max(1, STEP_PIECE_ELEMENTS // max(1, row_cost))
     it = 0
     for it in range(cfg.iterations):
         idx = torch.randint(0, n, (min(cfg.batch_rows, n),), generator=gen)
-        x, target = xq[idx].float(), y[idx].float()
         beta, lam = anneal(it, cfg)
         wt, reg = soft_weight(w, V, s, z, (qmin, qmax), axis, beta, block, cfg.use_reference_math)
-        loss = reconstruction_loss(layer_forward(layer, x, wt), target, act)
-        if lam:
-            loss = loss + lam * reg
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if len(idx) <= piece:
+            loss = reconstruction_loss(layer_forward(layer, take_rows(xq, idx), wt), target(idx), act)
+            (loss + lam * reg if lam else loss).backward()
+        else:  # the same gradient, summed over pieces of the rows: d(loss)/d(wt), then through wt
+            leaf = wt.detach().requires_grad_()
+            for c in idx.split(piece):
+                part = reconstruction_loss(layer_forward(layer, take_rows(xq, c), leaf), target(c), act)
+                (part * (len(c) / len(idx))).backward()
+            surrogate = (wt * leaf.grad).sum()
+            (surrogate + lam * reg if lam else surrogate).backward()
         if D.active():  # data-parallel: every rank applies the same averaged update
             D.all_reduce(V.grad)
             V.grad /= D.world()
@@ -210,13 +249,39 @@ def optimize_layer(layer, q, xq: torch.Tensor, y: torch.Tensor, act, cfg: AdaRou
     with torch.no_grad():
         hard = hard_weight(w, V, s, z, (qmin, qmax), axis, block)
         nearest = ops.quantize_dequantize(w, s, z, qmin, qmax, axis=axis, block_size=block)
+        e_near, e_ada = 0.0, 0.0
         m = min(n, 256)
-        x, target = xq[:m].float(), y[:m].float()
-        e_near = reconstruction_loss(layer_forward(layer, x, nearest), target, act).item()
-        e_ada = reconstruction_loss(layer_forward(layer, x, hard), target, act).item()
+        for c in torch.arange(m).split(min(piece, cfg.batch_rows)):  # peak memory as a step's
+            x, y = take_rows(xq, c), target(c)
+            e_near += reconstruction_loss(layer_forward(layer, x, nearest), y, act).item() * len(c) / m
+            e_ada += reconstruction_loss(layer_forward(layer, x, hard), y, act).item() * len(c) / m
         flipped = (hard != nearest).float().mean().item()
         layer.weight.copy_(hard)
     return LayerReport("", it + 1, e_near, e_ada, flipped, time.perf_counter() - t0)
+
+
+def float_target(layer: nn.Module, xf: list, store_dtype) -> Callable:
+    """target(idx): the float layer's output for rows idx of its float-path input xf (fp32).
+    The output is cached (in store_dtype when given) where it takes less memory than the
+    input already held; other layers (MobileNetV2's expanding 1x1 convs, its depthwise convs)
+    recompute it per step instead: one forward more per step, the cache's size less."""
+    w = layer.weight.detach().clone()  # the float weights: the layer's are rounded in place later
+    if xf[0].dtype == torch.float16 and w.dtype == torch.float32:
+        store_dtype = torch.float16  # the cache went fp16: the target follows it
+    with torch.no_grad():
+        first = layer_forward(layer, xf[0], w)
+    size = first.element_size() if store_dtype is None else torch.finfo(store_dtype).bits // 8
+    if first[0].numel() * size < xf[0][0].numel() * xf[0].element_size():
+        with torch.no_grad():
+            y = [first] + [layer_forward(layer, x, w) for x in xf[1:]]
+            y = [t.to(store_dtype) for t in y] if store_dtype is not None else y
+        return lambda idx: take_rows(y, idx)
+    del first
+
+    @torch.no_grad()
+    def recompute(idx):
+        return layer_forward(layer, take_rows(xf, idx), w).float()
+    return recompute
 
 
 def rounding_sim(model: nn.Module, dummy_input, config, sim_config: QuantSimConfig | None, precisions_from=None):
@@ -281,20 +346,15 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     reports = []
     bar = progress(range(len(targets)), total=len(targets), desc="AdaRound", enabled=show_progress and D.is_main())
     bar_iter = iter(bar)
-    store_dtype = torch.float16 if config.cache_fp16 else None
+    store_dtype = torch.float16 if config.cache_fp16 is True else None
 
     def on_layer(name, wrapper, q_args, f_args, node):
         layer = wrapper.module
-        fp_layer = layer  # FP weights: the master weights, not yet rounded
-        xq = torch.cat([_rows(a[0], layer) for a in q_args])
-        xf = torch.cat([_rows(a[0], layer) for a in f_args])
-        with torch.no_grad():
-            y = layer_forward(fp_layer, xf, layer.weight)
-        del xf
-        if store_dtype is not None:
-            xq, y = xq.to(store_dtype), y.to(store_dtype)
+        # per-batch lists: the cached inputs are used in place (no copy)
+        xq, xf = [_rows(a[0], layer) for a in q_args], [_rows(a[0], layer) for a in f_args]
         act = following_activation(sim.model, node)
-        rep = optimize_layer(layer, wrapper.param_quantizers["weight"], xq, y, act, config, gen)
+        rep = optimize_layer(layer, wrapper.param_quantizers["weight"], xq,
+                             float_target(layer, xf, store_dtype), act, config, gen)
         rep.name = name
         wrapper.param_quantizers["weight"].frozen = True
         wrapper.clear_cache()
@@ -302,7 +362,9 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
         next(bar_iter, None)
 
     budget = None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2 ** 20)
-    stats = run_layerwise(sim, batches, set(targets), on_layer, quantize_activations=False, budget_bytes=budget)
+    half_over = {True: 0, False: None, None: int(CACHE_FP16_OVER_MB * 2 ** 20)}[config.cache_fp16]
+    stats = run_layerwise(sim, batches, set(targets), on_layer, quantize_activations=False, budget_bytes=budget,
+                          half_over_bytes=half_over)
     out = copy_model(model)
     bake_computed_weights(out)  # as the sim did: the learned weights replace what the layers use
     with torch.no_grad():
@@ -314,4 +376,4 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     doc["adaround"] = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
                                   if not isinstance(v, dict)}}
     return AdaRoundResult(out, doc, reports, time.perf_counter() - t0, stats["spilled_bytes"], skipped,
-                          float_weights)
+                          float_weights, (stats["halved_values"], stats["values"]))

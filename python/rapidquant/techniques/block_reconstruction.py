@@ -30,13 +30,19 @@ from rapidquant import ops
 from rapidquant.config import QuantSimConfig
 from rapidquant.progress import progress
 from rapidquant.quantizer import Quantizer
-from rapidquant.techniques.adaround import (RoundingSettings, anneal, hard_weight, init_rounding, rounding_sim,
-                                            rounding_targets, soft_weight, undecided)
+from rapidquant.techniques.adaround import (CACHE_FP16_OVER_MB, RoundingSettings, anneal, hard_weight,
+                                            init_rounding, rounding_sim, rounding_targets, soft_weight, undecided)
 from rapidquant.techniques.layerwise import ActivationStore, collect_batches, run_node
 from rapidquant.modelcopy import bake_computed_weights, copy_model
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# elements a block computes per training piece (autograd keeps about all of them): a step
+# over 32 ImageNet-sized rows is split into pieces whose gradients sum to the same step
+BLOCK_PIECE_ELEMENTS = 1 << 24
+# a block boundary is cached for every row on both paths: values larger than this (per path)
+# are kept inside a block instead (MobileNetV2's 96x112x112 expansion: 616 MB for 128 images)
+BOUNDARY_MAX_BYTES = 256 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,10 @@ class Block:
 
 
 # ---------------------------------------------------------------- finding blocks
-def find_blocks(gm: fx.GraphModule, targets: set, min_layers: int = 1) -> list[Block]:
+def find_blocks(gm: fx.GraphModule, targets: set, min_layers: int = 1, wide: frozenset = frozenset()) -> list[Block]:
     """Partition the graph's nodes into consecutive blocks (see the module docstring).
-    Every node belongs to one block; blocks without target layers are only run."""
+    Every node belongs to one block; blocks without target layers are only run. No block
+    ends at a node in ``wide`` (a value too large to cache for every row: an expanding conv's)."""
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     pos = {n: i for i, n in enumerate(nodes)}
     weighted = {}
@@ -119,7 +126,7 @@ def find_blocks(gm: fx.GraphModule, targets: set, min_layers: int = 1) -> list[B
     for i, n in enumerate(nodes):
         count += live[i]
         cur.append(n)
-        if count <= 1:
+        if count <= 1 and n not in wide:
             segments.append(cur)
             cur = []
     if cur:
@@ -208,9 +215,12 @@ class _Learning:
     def regularizer(self):
         return sum(s.reg for s in self.soft.values() if s.reg is not None)
 
-    def step(self, loss) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+    def step(self, loss=None) -> None:
+        """One optimizer step on loss's gradients; loss None: on gradients already accumulated
+        (after ``zero_grad`` and a backward per piece of the rows)."""
+        if loss is not None:
+            self.zero_grad()
+            loss.backward()
         if D.active():  # data-parallel: every rank applies the same averaged update
             for g in self.opt.param_groups:
                 for p in g["params"]:
@@ -218,6 +228,9 @@ class _Learning:
                         D.all_reduce(p.grad)
                         p.grad /= D.world()
         self.opt.step()
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
 
     def undecided(self) -> float:
         fr = [undecided(s.V) for s in self.soft.values()]
@@ -274,6 +287,31 @@ def _run(nodes, mods, owner, env: dict) -> dict:
     return env
 
 
+@torch.no_grad()
+def _wide_values(gm, fp_mods, fp, batches) -> frozenset:
+    """Nodes whose value, over every cached batch, would take more than BOUNDARY_MAX_BYTES
+    (measured on the first batch in float, scaled by the batches' row counts)."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    first = batches[0]
+    env = {p: first[i] if i < len(first) else None for i, p in enumerate(placeholders)}
+    last_use = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    rows = [next((t.shape[0] for t in b if isinstance(t, torch.Tensor) and t.dim() > 0), 0) for b in batches]
+    scale = sum(rows) / rows[0] if rows[0] else len(batches)
+    wide = set()
+    for i, n in enumerate(nodes):
+        _run([n], fp_mods, fp, env)
+        v = env[n]
+        nbytes = sum(t.numel() * t.element_size() for t in (v if isinstance(v, (tuple, list)) else [v])
+                     if isinstance(t, torch.Tensor))
+        if nbytes * scale > BOUNDARY_MAX_BYTES:
+            wide.add(n)
+        for a in n.all_input_nodes:  # one value at a time, not the whole network's
+            if last_use[a] == i:
+                del env[a]
+    return frozenset(wide)
+
+
 def _boundary(block: Block) -> tuple[list, list]:
     """(inputs, outputs) of a block: values it reads from before it, values read after it."""
     inside = set(block.nodes)
@@ -314,9 +352,11 @@ def _error(outs, targets) -> torch.Tensor:
     return total
 
 
-def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, gen, rows: list) -> int:
+def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, gen, rows: list,
+                 piece: int) -> int:
     """Optimize one block; returns the number of iterations run. rows: each cached batch's
-    row count (its inputs' first dim)."""
+    row count (its inputs' first dim). piece: rows per forward/backward (a step over more rows
+    sums their gradients: the same step, the memory of one piece)."""
     n_b = len(q_in[0]) if q_in else 1
     warm = int(cfg.warm_start * cfg.iterations)
     # batch_rows beyond one cached batch: rows of several batches per step
@@ -331,6 +371,7 @@ def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, 
         if n > cfg.batch_rows:
             idx = torch.randperm(n, generator=gen)[: cfg.batch_rows]
             xq, xf, tgt = _rows(xq, n, idx), _rows(xf, n, idx), _rows(tgt, n, idx)
+            n = cfg.batch_rows
         if cfg.drop_prob > 0:  # QDrop on the block input too (one fused pass per input)
             xq = [ops.drop_select(q, f.to(q.dtype), cfg.drop_prob, _seed(gen))
                   if isinstance(q, torch.Tensor) and q.dtype in _KERNEL_DTYPES and isinstance(f, torch.Tensor)
@@ -340,26 +381,38 @@ def _learn_block(ins, outs, q_in, f_in, f_out, learning: _Learning, run_q, cfg, 
               for x, c in zip(xq, cached)]
         beta, lam = anneal(it, cfg)
         learning.set_beta(beta)
-        learning.set_steps()
-        learning.set_drop(True)
-        loss = _error(run_q(ins, xq, outs), tgt)
-        if lam:
-            loss = loss + lam * learning.regularizer()
-        learning.step(loss)
+        if n <= piece:
+            learning.set_steps()
+            learning.set_drop(True)
+            loss = _error(run_q(ins, xq, outs), tgt)
+            if lam:
+                loss = loss + lam * learning.regularizer()
+            learning.step(loss)
+        else:
+            learning.zero_grad()
+            parts = torch.arange(n).split(piece)
+            for j, sel in enumerate(parts):
+                learning.set_steps()  # the step graph is freed by each backward
+                learning.set_drop(True)
+                loss = _error(run_q(ins, _rows(xq, n, sel), outs), _rows(tgt, n, sel)) * (len(sel) / n)
+                if lam and j == len(parts) - 1:  # the regularizer once per step
+                    loss = loss + lam * learning.regularizer()
+                loss.backward()
+            learning.step()
         if cfg.early_stop and it >= warm and (it - warm) % 50 == 49 and learning.undecided() < cfg.settled_fraction:
             break
     return it + 1
 
 
 def _learn_one(blk: Block, wrappers: dict, acts: list, io: tuple, cached: tuple, run_q, cfg, gen,
-               rows: list) -> BlockReport:
+               rows: list, piece: int) -> BlockReport:
     """Learn one block's rounding and steps; its report (error before/after on a batch)."""
     t0 = time.perf_counter()
     (ins, outs), (q_in, f_in, f_out) = io, cached
     e0 = _block_error(ins, outs, q_in, f_out, run_q)
     learning = _Learning(wrappers, acts, cfg, gen)
     with torch.enable_grad():
-        its = _learn_block(ins, outs, q_in, f_in, f_out, learning, run_q, cfg, gen, rows)
+        its = _learn_block(ins, outs, q_in, f_in, f_out, learning, run_q, cfg, gen, rows, piece)
     flipped = learning.close()
     e1 = _block_error(ins, outs, q_in, f_out, run_q)
     name = blk.layers[0] if len(blk.layers) == 1 else f"{blk.layers[0]}..{blk.layers[-1]}"
@@ -400,9 +453,12 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
         if isinstance(q, Quantizer):
             q.enabled = False
     q_mods, fp_mods = dict(gm.named_modules()), dict(fp.named_modules())
-    blocks = find_blocks(gm, set(targets), config.min_block_layers)
+    blocks = find_blocks(gm, set(targets), config.min_block_layers, _wide_values(gm, fp_mods, fp, batches))
     output_uses = set(next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes)
-    store = ActivationStore(None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2 ** 20))
+    # the float path (targets, QDrop's float inputs) goes fp16 past the same size as AdaRound's
+    # cache (cache_fp16=None); the quantized path stays as the sim computes it
+    store = ActivationStore(None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2 ** 20),
+                            int(CACHE_FP16_OVER_MB * 2 ** 20) if config.cache_fp16 is None else None)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, ph in enumerate(placeholders):
         vals = [b[i] if i < len(b) else None for b in batches]
@@ -417,18 +473,20 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
     store_dtype = torch.float16 if config.cache_fp16 else None
     rows = [next((t.shape[0] for t in b if isinstance(t, torch.Tensor) and t.dim() > 0), 0) for b in batches]
 
-    def run_path(path, blk, ins, values, outs):
+    def run_path(path, blk, ins, values, outs, sizes=None):
         mods, owner = (q_mods, gm) if path == "q" else (fp_mods, fp)
         env = _run(blk.nodes, mods, owner, dict(zip(ins, values)))
+        if sizes is not None:  # elements the block computes: what a training step holds per row
+            sizes.append(sum(v.numel() for v in env.values() if isinstance(v, torch.Tensor)))
         return [env[o] for o in outs]
 
-    def store_outs(path, outs, per_batch):
+    def store_outs(path, outs, per_batch, halved=False):
         for j, o in enumerate(outs):
             vals = [r[j] for r in per_batch]
             if store_dtype is not None and path == "q":
                 vals = [v.to(store_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                         for v in vals]
-            store.put((path, o), vals)
+            store.put((path, o), vals, halved)
 
     reports = []
     n_learn = sum(1 for b in blocks if b.layers)
@@ -440,9 +498,14 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
             ins, outs = _boundary(blk)
             q_in = [store.get(("q", a)) for a in ins]
             f_in = [store.get(("f", a)) for a in ins]
+            f_read = [store.reader(("f", a)) for a in ins]
             n_b = len(batches)
+            sizes, f_res, half_f = [], [], store.halving()
             with torch.no_grad():
-                f_res = [run_path("f", blk, ins, [v[b] for v in f_in], outs) for b in range(n_b)]
+                for b in range(n_b):
+                    r = run_path("f", blk, ins, [rd(v[b]) for v, rd in zip(f_in, f_read)], outs, None if b else sizes)
+                    f_res.append([store.half(t) for t in r] if half_f else r)
+            piece = max(1, BLOCK_PIECE_ELEMENTS * rows[0] // sizes[0]) if rows[0] and sizes[0] else config.batch_rows
             f_out = [[r[j] for r in f_res] for j in range(len(outs))]
             if blk.layers:
                 acts = [q for q in (getattr(q_mods[n.target], "output_quantizer", None) for n in blk.nodes
@@ -451,12 +514,12 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
                            else v for v in vals] for vals in q_in]
                 reports.append(_learn_one(blk, {n: targets[n] for n in blk.layers}, acts, (ins, outs),
                                           (q_in_f, f_in, f_out), lambda i, v, o, b=blk: run_path("q", b, i, v, o),
-                                          config, gen, rows))
+                                          config, gen, rows, piece))
                 next(bar_iter, None)
             with torch.no_grad():
                 q_res = [run_path("q", blk, ins, [v[b] for v in q_in], outs) for b in range(n_b)]
             store_outs("q", outs, q_res)
-            store_outs("f", outs, f_res)
+            store_outs("f", outs, f_res, half_f)
             for a in ins:  # free what no later block reads
                 if later.get(a, -1) <= k and a not in output_uses:
                     store.drop(("q", a))

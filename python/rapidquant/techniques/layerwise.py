@@ -23,12 +23,19 @@ from rapidquant.quantsim import to_device
 
 
 class ActivationStore:
-    """Lists of per-batch tensors by key, spilled to disk past a byte budget."""
+    """Lists of per-batch tensors by key, spilled to disk past a byte budget. With
+    half_over_bytes, values put while the store holds more than that are kept in fp16
+    (``half``), and the caller computes on them in fp32 (``full``)."""
 
-    def __init__(self, budget_bytes: int | None):
+    def __init__(self, budget_bytes: int | None, half_over_bytes: int | None = None):
         self.budget = budget_bytes
+        self.half_over = half_over_bytes
+        self.values = self.halved_values = 0  # lists put, and of those stored in fp16
+        self.halved: set = set()  # keys stored in fp16 (an fp16 model's own values are not in it)
+        self.halving_on = False
         self.mem: dict = {}
         self.disk: dict = {}
+        self.sizes: dict = {}  # bytes counted at put: elements freed since are still counted
         self.bytes = 0
         self.spilled_bytes = 0
         self._dir = None
@@ -37,9 +44,31 @@ class ActivationStore:
     def _size(v) -> int:
         return sum(t.numel() * t.element_size() for t in v if isinstance(t, torch.Tensor))
 
-    def put(self, key, value: list) -> None:
+    def halving(self) -> bool:
+        """Whether a value put now is to be stored in fp16 (put it with ``halved=True``): from
+        the first time the store holds half_over_bytes on (so both paths of a node agree)."""
+        self.halving_on = self.halving_on or (self.half_over is not None and self.bytes >= self.half_over)
+        return self.halving_on
+
+    def half(self, t):
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+            return t.half()
+        return t
+
+    def reader(self, key) -> Callable:
+        """Turns an element of key's list back into what was put (fp16 -> fp32 where halved)."""
+        if key not in self.halved:
+            return lambda t: t
+        return lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.float16 else t
+
+    def put(self, key, value: list, halved: bool = False) -> None:
+        self.values += 1
+        if halved:
+            self.halved.add(key)
+            self.halved_values += 1
         self.mem[key] = value
-        self.bytes += self._size(value)
+        self.sizes[key] = self._size(value)
+        self.bytes += self.sizes[key]
         while self.budget is not None and self.bytes > self.budget and len(self.mem) > 1:
             victim = next(k for k in self.mem if k != key)
             self._spill(victim)
@@ -48,11 +77,11 @@ class ActivationStore:
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="rapidquant-acts-")
         v = self.mem.pop(key)
-        self.bytes -= self._size(v)
+        self.bytes -= self.sizes[key]
         path = os.path.join(self._dir.name, f"{len(self.disk)}_{abs(hash(key))}.pt")
         torch.save(v, path)
         self.disk[key] = path
-        self.spilled_bytes += self._size(v)
+        self.spilled_bytes += self.sizes[key]
 
     def get(self, key) -> list:
         if key in self.mem:
@@ -61,9 +90,12 @@ class ActivationStore:
 
     def drop(self, key) -> None:
         if key in self.mem:
-            self.bytes -= self._size(self.mem.pop(key))
+            del self.mem[key]
+            self.bytes -= self.sizes.pop(key)
         elif key in self.disk:
+            del self.sizes[key]
             os.remove(self.disk.pop(key))
+        self.halved.discard(key)
 
     def close(self) -> None:
         if self._dir is not None:
@@ -101,14 +133,16 @@ def collect_batches(data, num_batches: int | None, n_inputs: int, device, shard:
 
 
 def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *,
-                  quantize_activations: bool = False, budget_bytes: int | None = None) -> dict:
+                  quantize_activations: bool = False, budget_bytes: int | None = None,
+                  half_over_bytes: int | None = None) -> dict:
     """Interpret sim.model node by node; before each target module runs, call
     ``on_layer(name, module, q_args, fp_args, node)`` where q_args / fp_args are lists (one
     per batch) of that module's positional inputs on the quantized and FP32 paths.
 
     The quantized path uses the sim's parameter quantizers (and activation quantizers when
     ``quantize_activations``); the FP32 path is a copy of the graph with every quantizer
-    off. Returns store statistics.
+    off. Node outputs put while the cache holds more than half_over_bytes are kept in fp16
+    (nodes compute in fp32; on_layer gets them as kept). Returns store statistics.
     """
     from rapidquant.quantizer import Quantizer
     gm = sim.model
@@ -123,7 +157,7 @@ def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *
     for i, n in enumerate(nodes):
         for a in n.all_input_nodes:
             last_use[a] = i
-    store = ActivationStore(budget_bytes)
+    store = ActivationStore(budget_bytes, half_over_bytes)
     act_off = None if quantize_activations else (lambda q: q.name not in sim.param_quantizers())
     try:
         with torch.no_grad(), sim.disabled(act_off) if act_off else _null():
@@ -134,30 +168,38 @@ def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *
                     idx = placeholders.index(node)
                     vals = [b[idx] if idx < len(b) else None for b in batches]
                     store.put(("q", node), vals)
-                    store.put(("f", node), vals)
+                    store.put(("f", node), list(vals))  # each path frees its own list's elements
                 elif node.op == "output":
                     break
                 else:
                     load = {path: {a: store.get((path, a)) for a in node.all_input_nodes} for path in ("q", "f")}
+                    read = {path: {a: store.reader((path, a)) for a in node.all_input_nodes} for path in ("q", "f")}
 
-                    def args_of(path, b):
-                        return fx.node.map_arg(node.args, lambda a: load[path][a][b])
+                    def args_of(path, b, kept=False):  # kept: as stored (fp16 where halved)
+                        return fx.node.map_arg(
+                            node.args, lambda a: load[path][a][b] if kept else read[path][a](load[path][a][b]))
 
                     if node.op == "call_module" and node.target in targets:  # before the layer runs
-                        on_layer(node.target, q_mods[node.target], [args_of("q", b) for b in range(n_b)],
-                                 [args_of("f", b) for b in range(n_b)], node)
+                        on_layer(node.target, q_mods[node.target], [args_of("q", b, True) for b in range(n_b)],
+                                 [args_of("f", b, True) for b in range(n_b)], node)
+                    ending = [a for a in node.all_input_nodes if last_use.get(a) == i]
                     for path, mods, owner in (("q", q_mods, gm), ("f", fp_mods, fp)):
-                        outs = [run_node(node, mods, owner, args_of(path, b),
-                                          fx.node.map_arg(node.kwargs, lambda a, b=b: load[path][a][b]))
-                                for b in range(n_b)]
-                        store.put((path, node), outs)
+                        outs, halved = [], store.halving()
+                        for b in range(n_b):
+                            out = run_node(node, mods, owner, args_of(path, b),
+                                           fx.node.map_arg(node.kwargs, lambda a, b=b: read[path][a](load[path][a][b])))
+                            outs.append(store.half(out) if halved else out)
+                            for a in ending:  # this batch's input is dead: the peak is one value, not two
+                                load[path][a][b] = None
+                        store.put((path, node), outs, halved)
+                    del load
                 for a in node.all_input_nodes:
                     if last_use.get(a) == i:
                         store.drop(("q", a))
                         store.drop(("f", a))
     finally:
         store.close()
-    return {"spilled_bytes": store.spilled_bytes}
+    return {"spilled_bytes": store.spilled_bytes, "values": store.values, "halved_values": store.halved_values}
 
 
 class _null:
