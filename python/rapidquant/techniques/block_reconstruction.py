@@ -17,7 +17,6 @@ each block learns on the quantized path's input after all earlier blocks were le
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from rapidquant.progress import progress
 from rapidquant.quantizer import Quantizer
 from rapidquant.techniques.adaround import (CACHE_FP16_OVER_MB, RoundingSettings, anneal, hard_weight,
                                             init_rounding, rounding_sim, rounding_targets, soft_weight, undecided)
-from rapidquant.techniques.layerwise import ActivationStore, collect_batches, run_node
+from rapidquant.techniques.layerwise import ActivationStore, collect_batches, float_twin, run_node
 from rapidquant.modelcopy import bake_computed_weights, copy_model
 
 
@@ -448,10 +447,7 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
     float_weights = {m.param_quantizers["weight"].name: m.module.weight.detach().clone() for m in targets.values()}
 
     gm = sim.model
-    fp = copy.deepcopy(gm)
-    for q in fp.modules():
-        if isinstance(q, Quantizer):
-            q.enabled = False
+    fp = float_twin(gm)
     q_mods, fp_mods = dict(gm.named_modules()), dict(fp.named_modules())
     blocks = find_blocks(gm, set(targets), config.min_block_layers, _wide_values(gm, fp_mods, fp, batches))
     output_uses = set(next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes)

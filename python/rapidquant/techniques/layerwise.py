@@ -132,6 +132,19 @@ def collect_batches(data, num_batches: int | None, n_inputs: int, device, shard:
     return out
 
 
+def float_twin(gm: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a sim's graph with every quantizer off and without their calibration
+    statistics (per-channel weight histograms: hundreds of MB on an ImageNet model)."""
+    from rapidquant.quantizer import Quantizer
+    quantizers = [q for q in gm.modules() if isinstance(q, Quantizer)]
+    memo = {id(q.stats): None for q in quantizers if q.stats is not None}  # deepcopy puts None there
+    fp = copy.deepcopy(gm, memo)
+    for q in fp.modules():
+        if isinstance(q, Quantizer):
+            q.enabled = False
+    return fp
+
+
 def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *,
                   quantize_activations: bool = False, budget_bytes: int | None = None,
                   half_over_bytes: int | None = None) -> dict:
@@ -144,12 +157,8 @@ def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *
     off. Node outputs put while the cache holds more than half_over_bytes are kept in fp16
     (nodes compute in fp32; on_layer gets them as kept). Returns store statistics.
     """
-    from rapidquant.quantizer import Quantizer
     gm = sim.model
-    fp = copy.deepcopy(gm)
-    for q in fp.modules():
-        if isinstance(q, Quantizer):
-            q.enabled = False
+    fp = float_twin(gm)
     fp_mods = dict(fp.named_modules())
     q_mods = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
