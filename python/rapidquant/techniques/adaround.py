@@ -36,6 +36,7 @@ CACHE_FP16_OVER_MB = 256
 # elements per forward/backward piece of a step (output x kernel size): a step over 32
 # ImageNet-sized maps is split (gradients summed, the same step) so its memory stays bounded
 STEP_PIECE_ELEMENTS = 1 << 23
+JOIN_MAX_BYTES = 64 * 2 ** 20  # per-batch cache parts up to this size are concatenated once
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,14 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.T
 def _rows(t: torch.Tensor, layer) -> torch.Tensor:
     """Linear inputs as [rows, features]; conv inputs keep their samples."""
     return t.reshape(-1, t.shape[-1]) if isinstance(layer, nn.Linear) else t
+
+
+def joined(parts: list) -> list:
+    """The parts as one tensor when that costs little memory (a gather from one tensor per
+    step is faster than from many), else as they are."""
+    if len(parts) > 1 and sum(p.numel() * p.element_size() for p in parts) <= JOIN_MAX_BYTES:
+        return [torch.cat(parts)]
+    return parts
 
 
 def take_rows(parts: list, idx: torch.Tensor) -> torch.Tensor:
@@ -219,6 +228,7 @@ def optimize_layer(layer, q, xq: list, target: Callable, act, cfg: AdaRoundConfi
     block = q.block_size
     V = init_rounding(w, s, z, axis, block).requires_grad_()
     opt = torch.optim.Adam([V], lr=cfg.lr)
+    xq = joined(xq)
     n = sum(p.shape[0] for p in xq)
     warm = int(cfg.warm_start * cfg.iterations)
     # a conv's backward on CPU unfolds its input: kernel-size times the output per row
@@ -266,6 +276,7 @@ def float_target(layer: nn.Module, xf: list, store_dtype) -> Callable:
     input already held; other layers (MobileNetV2's expanding 1x1 convs, its depthwise convs)
     recompute it per step instead: one forward more per step, the cache's size less."""
     w = layer.weight.detach().clone()  # the float weights: the layer's are rounded in place later
+    xf = joined(xf)
     if xf[0].dtype == torch.float16 and w.dtype == torch.float32:
         store_dtype = torch.float16  # the cache went fp16: the target follows it
     with torch.no_grad():
@@ -274,7 +285,7 @@ def float_target(layer: nn.Module, xf: list, store_dtype) -> Callable:
     if first[0].numel() * size < xf[0][0].numel() * xf[0].element_size():
         with torch.no_grad():
             y = [first] + [layer_forward(layer, x, w) for x in xf[1:]]
-            y = [t.to(store_dtype) for t in y] if store_dtype is not None else y
+            y = joined([t.to(store_dtype) for t in y] if store_dtype is not None else y)
         return lambda idx: take_rows(y, idx)
     del first
 
