@@ -292,3 +292,30 @@ def test_a_filterbank_feeding_a_log_keeps_its_output_float(filterbank_as_layer):
     # output 3.8 / 4.3 dB (24-25 once calibration widens those destroyed grids to 16 bits, the
     # safety net this test turns off; the default sim with this rule: 25.8 / 25.6)
     assert -10 * torch.log10(err) > 18
+
+
+class PowerOfAProjection(nn.Module):
+    """frames -> a layer with weights of both signs (a DFT) -> power -> log: the walk up from
+    the log stops at that layer, which is no filterbank."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.log(self.proj(x * 0.5).pow(2) + 1e-6))
+
+
+def test_a_layer_that_is_no_filterbank_ends_the_walk_with_its_output_float():
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 16, generator=g) * torch.logspace(-2, 0, 8)[:, None] for _ in range(3)]
+    model = PowerOfAProjection().eval()
+    assert (model.proj.weight < 0).any() and (model.proj.weight > 0).any()
+    sim = rq.QuantSim(model, data[0], rq.QuantSimConfig(widen_destroyed=None))
+    names = set(sim.quantizers())
+    # the projection's output and the power stay float; the log's output is quantized
+    assert not any(n.startswith(("proj.output", "pow", "add")) for n in names), sorted(names)
+    assert {"log.output", "proj.weight"} <= names
+    # the walk ended at the layer: its input keeps its grid (a filterbank's would go float)
+    assert "mul.output" in names

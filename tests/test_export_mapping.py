@@ -373,3 +373,27 @@ def test_walk_catches_a_wrong_encoding(tmp_path):
     q.set_encoding(q.scale * 2, q.zero_point)  # the sim changes after the export
     with pytest.raises(AssertionError):
         walk(res, sim, x)
+
+
+class DeadBranch(torch.nn.Module):
+    """A layer whose result no output uses (the exporter removes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        torch.sigmoid(self.b(x))
+        return self.a(x)
+
+
+def test_quantizers_of_a_removed_branch_are_named_with_why(tmp_path):
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    sim = rq.QuantSim(DeadBranch().eval(), x)
+    sim.compute_encodings([x], show_progress=False)
+    with pytest.warns(UserWarning, match="no model output uses it") as record:
+        res = sim.export(str(tmp_path), x)
+    assert sorted(res.unmapped) == ["b.output", "b.weight", "sigmoid.output"] and res.ort_ok
+    assert not any("never called" in str(w.message) for w in record)  # it ran; the exporter dropped it
+    doc = json.load(open(res.encodings))["quantizers"]
+    assert all("onnx_tensor" not in doc[n] for n in res.unmapped) and doc["a.output"]["onnx_tensor"]

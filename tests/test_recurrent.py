@@ -216,8 +216,13 @@ def test_export_runs_in_onnxruntime_default_options(calibrated, kind, tmp_path):
     ops = [n.op_type for n in onnx.load(res.onnx).graph.node]
     assert ops.count("Scan") == (4 if kind == "gru" else 2)  # one per layer-direction
     assert res.tensor_names["rnn.weight_hh_l1"] == "rnn.module.weight_hh_l1"
-    in_scan = {n for n in sim.quantizers() if n.startswith("rnn.") and not n.endswith(".ih") and "weight" not in n}
-    assert set(res.unmapped) <= in_scan  # only quantizers inside the Scan bodies may lack a top-level name
+    in_scan = {n for n, q in sim.quantizers().items()
+               if q.enabled and n.startswith("rnn.") and not n.endswith(".ih") and "weight" not in n}
+    # the cell's quantizers are found inside the Scan bodies: each names its tensor there
+    assert not res.unmapped
+    body = {t for n in onnx.load(res.onnx).graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+            for m in a.g.node for t in m.input}
+    assert in_scan and all(res.tensor_names[q] in body for q in in_scan)
     x = torch.randn(6, 20, 16, generator=torch.Generator().manual_seed(2))  # another batch size
     exact = _ort_steps(res.onnx, sim, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     assert exact.max() == 0.0  # the graph computes exactly what the sim computes

@@ -240,12 +240,17 @@ def _meta(node) -> dict:
 
 
 def quantizer_nodes(model_proto) -> dict:
-    """quantizer name -> list of (QuantizeLinear or fp16/bf16 Cast) nodes stamped with it."""
+    """quantizer name -> list of (QuantizeLinear or fp16/bf16 Cast) nodes stamped with it,
+    in the main graph and in loop bodies (an LSTM's cell quantizers run inside its Scan)."""
+    import onnx
     out: dict = {}
-    for node in model_proto.graph.node:
-        md = _meta(node)
-        if md.get(ROLE) == "quantize" and md.get(TAG):
-            out.setdefault(md[TAG], []).append(node)
+    graphs = [model_proto.graph]
+    while graphs:
+        for node in graphs.pop().node:
+            md = _meta(node)
+            if md.get(ROLE) == "quantize" and md.get(TAG):
+                out.setdefault(md[TAG], []).append(node)
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
     return out
 
 
@@ -270,10 +275,6 @@ def _map_quantizers(model_proto, sim, seen: list):
             every[n] = list(every[twin])
             first[n] = first[twin]
     unmapped = [n for n in unmapped if n not in merged]
-    lost = sorted(set(unmapped) & set(seen))
-    if lost:
-        warnings.warn(f"export: {len(lost)} quantizers were traced but their QuantizeLinear is not in the "
-                      f"optimized graph: {lost[:8]}; the encodings file has no tensor for them", stacklevel=3)
     return first, every, unmapped, folded, merged
 
 
@@ -507,8 +508,10 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     res = ExportResult(onnx_path, enc_path, sum(len(v) for k, v in every.items() if k not in merged), first, every,
                        unmapped, folded, merged)
     if unmapped:
-        warnings.warn(f"export: {len(unmapped)} enabled quantizers have no node in the ONNX graph (never called "
-                      f"in the forward pass): {unmapped[:8]}", stacklevel=2)
+        warnings.warn(f"export: {len(unmapped)} enabled quantizers have no node in the ONNX graph: the exporter "
+                      f"removed what they quantize because no model output uses it (a branch whose result is "
+                      f"dropped, a recurrent layer's final state nobody reads), or, for a weight, its layer never "
+                      f"ran: {unmapped[:8]}; the encodings file has no tensor for them", stacklevel=2)
     res.parity, res.ort_errors = check_parity(onnx_path, sim, dummy_input, proto)
     res.ort_ok = "default" in res.parity
     if res.ort_ok:
