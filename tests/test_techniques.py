@@ -274,6 +274,25 @@ def test_adaround_memory_bounds_keep_its_result(monkeypatch):
     assert cached.__name__ == "<lambda>" and recomputed.__name__ == "recompute"  # the wide output is not cached
 
 
+def test_layer_cache_keeps_fp32_where_fp16_would_lose_values():
+    """The fp16 cache takes a value only where fp16 keeps it: not past its range (a power
+    spectrum), not in its subnormal range (the quiet powers a log front end reads), and an
+    fp16 model's own values come back as they were."""
+    from rapidquant.techniques.layerwise import ActivationStore
+    store = ActivationStore(None, 0)
+    ok = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert store.half(ok).dtype == torch.float16
+    assert store.half(torch.cat([ok, torch.tensor([1e-9])])).dtype == torch.float16  # one tiny value of 1001
+    quiet = torch.logspace(-9, 1, 1000)  # a power spectrum: 40% of it below fp16's normal range
+    for lossy in (ok * 1e5, quiet, torch.tensor([1.0, 1e-5])):
+        assert store.half(lossy) is lossy
+    native = ok.half()
+    assert store.half(native) is native
+    store.put("k", [store.half(ok), native], [True, False])
+    read = store.reader("k")
+    assert read(0, store.get("k")[0]).dtype == torch.float32 and read(1, native) is native
+
+
 def _output_error(sim, fp, batches):
     with torch.no_grad():
         return torch.stack([(sim.model(b) - fp(b)).mean(0) for b in batches]).mean(0).abs().mean().item()

@@ -280,14 +280,13 @@ def float_target(layer: nn.Module, xf: list, store_dtype) -> Callable:
     if xf[0].dtype == torch.float16 and w.dtype == torch.float32:
         store_dtype = torch.float16  # the cache went fp16: the target follows it
     with torch.no_grad():
-        first = layer_forward(layer, xf[0], w)
-    size = first.element_size() if store_dtype is None else torch.finfo(store_dtype).bits // 8
-    if first[0].numel() * size < xf[0][0].numel() * xf[0].element_size():
+        row = layer_forward(layer, xf[0][:1], w)  # one row decides: a whole part may be large
+    size = row.element_size() if store_dtype is None else torch.finfo(store_dtype).bits // 8
+    if row[0].numel() * size < xf[0][0].numel() * xf[0].element_size():
         with torch.no_grad():
-            y = [first] + [layer_forward(layer, x, w) for x in xf[1:]]
+            y = [layer_forward(layer, x, w) for x in xf]
             y = joined([t.to(store_dtype) for t in y] if store_dtype is not None else y)
         return lambda idx: take_rows(y, idx)
-    del first
 
     @torch.no_grad()
     def recompute(idx):

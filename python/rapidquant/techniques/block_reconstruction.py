@@ -476,13 +476,13 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
             sizes.append(sum(v.numel() for v in env.values() if isinstance(v, torch.Tensor)))
         return [env[o] for o in outs]
 
-    def store_outs(path, outs, per_batch, halved=False):
+    def store_outs(path, outs, per_batch, halved=None):
         for j, o in enumerate(outs):
             vals = [r[j] for r in per_batch]
             if store_dtype is not None and path == "q":
                 vals = [v.to(store_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                         for v in vals]
-            store.put((path, o), vals, halved)
+            store.put((path, o), vals, None if halved is None else [h[j] for h in halved])
 
     reports = []
     n_learn = sum(1 for b in blocks if b.layers)
@@ -496,11 +496,14 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
             f_in = [store.get(("f", a)) for a in ins]
             f_read = [store.reader(("f", a)) for a in ins]
             n_b = len(batches)
-            sizes, f_res, half_f = [], [], store.halving()
+            sizes, f_res, f_halved, half_f = [], [], [], store.halving()
             with torch.no_grad():
                 for b in range(n_b):
-                    r = run_path("f", blk, ins, [rd(v[b]) for v, rd in zip(f_in, f_read)], outs, None if b else sizes)
-                    f_res.append([store.half(t) for t in r] if half_f else r)
+                    args = [rd(b, v[b]) for v, rd in zip(f_in, f_read)]
+                    r = run_path("f", blk, ins, args, outs, None if b else sizes)
+                    kept = [store.half(t) for t in r] if half_f else r
+                    f_res.append(kept)
+                    f_halved.append([k is not t for k, t in zip(kept, r)])
             piece = max(1, BLOCK_PIECE_ELEMENTS * rows[0] // sizes[0]) if rows[0] and sizes[0] else config.batch_rows
             f_out = [[r[j] for r in f_res] for j in range(len(outs))]
             if blk.layers:
@@ -515,7 +518,7 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
             with torch.no_grad():
                 q_res = [run_path("q", blk, ins, [v[b] for v in q_in], outs) for b in range(n_b)]
             store_outs("q", outs, q_res)
-            store_outs("f", outs, f_res, half_f)
+            store_outs("f", outs, f_res, f_halved)
             for a in ins:  # free what no later block reads
                 if later.get(a, -1) <= k and a not in output_uses:
                     store.drop(("q", a))

@@ -24,14 +24,14 @@ from rapidquant.quantsim import to_device
 
 class ActivationStore:
     """Lists of per-batch tensors by key, spilled to disk past a byte budget. With
-    half_over_bytes, values put while the store holds more than that are kept in fp16
-    (``half``), and the caller computes on them in fp32 (``full``)."""
+    half_over_bytes, values put once the store has held that much are kept in fp16 where fp16
+    holds them (``halving``, ``half``); ``reader`` gives them back in fp32."""
 
     def __init__(self, budget_bytes: int | None, half_over_bytes: int | None = None):
         self.budget = budget_bytes
         self.half_over = half_over_bytes
         self.values = self.halved_values = 0  # lists put, and of those stored in fp16
-        self.halved: set = set()  # keys stored in fp16 (an fp16 model's own values are not in it)
+        self.halved: dict = {}  # key -> per batch: stored in fp16 by half() (not a model's own fp16)
         self.halving_on = False
         self.mem: dict = {}
         self.disk: dict = {}
@@ -50,21 +50,32 @@ class ActivationStore:
         self.halving_on = self.halving_on or (self.half_over is not None and self.bytes >= self.half_over)
         return self.halving_on
 
-    def half(self, t):
-        if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-            return t.half()
+    @staticmethod
+    def half(t):
+        """t in fp16 where it is fp32 and fp16 keeps its values: none past fp16's range, and at
+        most 1% of the nonzero ones below its normal range (a power spectrum's quiet bins that
+        a log reads; any continuous activation has a few values that small); else t itself."""
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel():
+            h = t.half()
+            a = h.abs()
+            if bool(torch.isfinite(a.amax())):
+                zeros = int((t == 0).sum())
+                if int((a < 6.1e-5).sum()) - zeros <= 0.01 * (t.numel() - zeros):
+                    return h
         return t
 
     def reader(self, key) -> Callable:
-        """Turns an element of key's list back into what was put (fp16 -> fp32 where halved)."""
-        if key not in self.halved:
-            return lambda t: t
-        return lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.float16 else t
+        """(batch, element) -> the element as it was put (fp32 again where half() stored fp16)."""
+        flags = self.halved.get(key)
+        if not flags:
+            return lambda b, t: t
+        return lambda b, t: t.float() if flags[b] else t
 
-    def put(self, key, value: list, halved: bool = False) -> None:
+    def put(self, key, value: list, halved: list | None = None) -> None:
+        """halved: per element, whether it is half() of what the caller computed."""
         self.values += 1
-        if halved:
-            self.halved.add(key)
+        if halved is not None and any(halved):
+            self.halved[key] = halved
             self.halved_values += 1
         self.mem[key] = value
         self.sizes[key] = self._size(value)
@@ -95,7 +106,7 @@ class ActivationStore:
         elif key in self.disk:
             del self.sizes[key]
             os.remove(self.disk.pop(key))
-        self.halved.discard(key)
+        self.halved.pop(key, None)
 
     def close(self) -> None:
         if self._dir is not None:
@@ -186,18 +197,20 @@ def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *
 
                     def args_of(path, b, kept=False):  # kept: as stored (fp16 where halved)
                         return fx.node.map_arg(
-                            node.args, lambda a: load[path][a][b] if kept else read[path][a](load[path][a][b]))
+                            node.args, lambda a: load[path][a][b] if kept else read[path][a](b, load[path][a][b]))
 
                     if node.op == "call_module" and node.target in targets:  # before the layer runs
                         on_layer(node.target, q_mods[node.target], [args_of("q", b, True) for b in range(n_b)],
                                  [args_of("f", b, True) for b in range(n_b)], node)
                     ending = [a for a in node.all_input_nodes if last_use.get(a) == i]
                     for path, mods, owner in (("q", q_mods, gm), ("f", fp_mods, fp)):
-                        outs, halved = [], store.halving()
+                        outs, halved, halving = [], [], store.halving()
                         for b in range(n_b):
-                            out = run_node(node, mods, owner, args_of(path, b),
-                                           fx.node.map_arg(node.kwargs, lambda a, b=b: read[path][a](load[path][a][b])))
-                            outs.append(store.half(out) if halved else out)
+                            kwargs = fx.node.map_arg(node.kwargs, lambda a, b=b: read[path][a](b, load[path][a][b]))
+                            out = run_node(node, mods, owner, args_of(path, b), kwargs)
+                            kept = store.half(out) if halving else out
+                            outs.append(kept)
+                            halved.append(kept is not out)
                             for a in ending:  # this batch's input is dead: the peak is one value, not two
                                 load[path][a][b] = None
                         store.put((path, node), outs, halved)
