@@ -397,3 +397,16 @@ def test_quantizers_of_a_removed_branch_are_named_with_why(tmp_path):
     assert not any("never called" in str(w.message) for w in record)  # it ran; the exporter dropped it
     doc = json.load(open(res.encodings))["quantizers"]
     assert all("onnx_tensor" not in doc[n] for n in res.unmapped) and doc["a.output"]["onnx_tensor"]
+
+
+def test_no_initializer_is_left_unread(tmp_path):
+    """The float biases the int32 ones replace leave the file: onnxruntime warns once per
+    unread initializer on every load."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    sim = sim_for(ConvNet(), x, rq.QuantSimConfig())
+    res = sim.export(str(tmp_path), x)
+    assert res.ort_ok and json.load(open(res.encodings))["int32_bias"]
+    g = onnx.load(res.onnx).graph
+    read = {i for n in g.node for i in n.input}
+    assert [t.name for t in g.initializer if t.name not in read] == []

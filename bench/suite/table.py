@@ -1,14 +1,18 @@
 """Rows of the suite's table, and the optional AIMET columns beside them."""
 from __future__ import annotations
 
-import resource
 import time
+
+from rapidquant.autoquant.pipeline import peak_rss_mb
 
 ROWS: list[dict] = []
 
 
 def peak_mb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    """The process's peak so far (AutoQuant restarts the kernel's count per stage on Linux,
+    which getrusage reads too; peak_rss_mb remembers the process's)."""
+    peak = peak_rss_mb()
+    return 0 if peak is None else int(peak)
 
 
 def row(case, config, score, fp32, seconds, notes="", ort=None, aimet=None):

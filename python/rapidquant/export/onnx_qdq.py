@@ -323,6 +323,21 @@ def _quantizer_of(tensor: str, producer: dict, sim):
     return q if q.dtype == "int" and q.scale is not None else None
 
 
+def drop_unused_initializers(model_proto) -> None:
+    """Remove initializers no node (in any subgraph) reads and no graph output names."""
+    import onnx
+    used = {v.name for v in list(model_proto.graph.output) + list(model_proto.graph.input)}
+    graphs = [model_proto.graph]
+    while graphs:
+        for node in graphs.pop().node:
+            used.update(node.input)
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    keep = [t for t in model_proto.graph.initializer if t.name in used]
+    if len(keep) < len(model_proto.graph.initializer):
+        del model_proto.graph.initializer[:]
+        model_proto.graph.initializer.extend(keep)
+
+
 def _add_int32_bias(model_proto, sim) -> dict:
     """int32 bias encodings (scale = s_input * s_weight). The biases the sim runs as int32
     (QuantizedModule.bias_grid) go into the graph as int32 initializers behind a
@@ -495,6 +510,7 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     if unsigned_weights:
         unsigned_weight_containers(proto)
     bias = _add_int32_bias(proto, sim)
+    drop_unused_initializers(proto)  # the float biases the int32 ones replaced: onnxruntime warns per one
     if not export_int32_bias:
         bias = {}  # the graph keeps the int32 biases the sim runs; the encodings file omits them
     tmp = onnx_path + ".tmp"
