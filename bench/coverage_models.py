@@ -5,7 +5,8 @@ Every loader returns ``(model, example_inputs, calibration_batches)``: the examp
 held-out batch (a tensor, a tuple of positional inputs or a dict of keyword inputs) and the
 calibration batches have the same structure. Inputs are realistic and made offline: crops
 of the photos rapidquant.zoo.imagenet finds, rendered text lines (matplotlib's DejaVu font,
-the Khmer OCR package's own fonts, stdlib docstrings as text), synthesized voiced audio.
+the Khmer OCR package's own fonts, stdlib docstrings as text), synthesized voiced audio, and
+speech spoken by espeak-ng where a model needs speech (a speaker encoder).
 A loader whose package is missing raises ``Missing`` with the pip command.
 """
 from __future__ import annotations
@@ -161,6 +162,45 @@ def voiced_audio(n: int, samples: int, sr: int, seed: int) -> torch.Tensor:
         x = amp * x / x.abs().max() + 0.005 * torch.randn(samples, generator=g)
         out.append(x)
     return torch.stack(out).float()
+
+
+ESPEAK = "apt install espeak-ng (Debian/Ubuntu package: a speech synthesizer, run as a command)"
+ESPEAK_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-us+f2", "en-gb+m3", "en-us+f4", "en-029", "en-gb-x-rp+m7")
+
+
+def spoken_audio(n: int, samples: int, sr: int, seed: int) -> torch.Tensor:
+    """English sentences (stdlib docstring summaries) spoken by espeak-ng in several voices,
+    rates and pitches, resampled to ``sr``: ``n`` clips of ``samples``, cut after the first
+    quarter second. A speaker encoder needs speech: on 1.6 s of one sustained synthetic vowel
+    (voiced_audio) resemblyzer's LSTM runs in a regime speech never puts it in."""
+    import shutil
+    import subprocess
+    import tempfile
+    import wave
+
+    import numpy as np
+    import scipy.signal
+    if shutil.which("espeak-ng") is None:
+        raise Missing(f"espeak-ng not found: {ESPEAK}")
+    g = torch.Generator().manual_seed(seed)
+    lines = english_lines()
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "s.wav")
+        while len(out) < n:
+            text = " ".join(lines[int(torch.randint(0, len(lines), (1,), generator=g))] for _ in range(3))
+            voice = ESPEAK_VOICES[len(out) % len(ESPEAK_VOICES)]
+            rate, pitch = 130 + int(torch.randint(0, 50, (1,), generator=g)), 25 + int(torch.randint(0, 50, (1,), generator=g))
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", path, text],
+                           check=True, capture_output=True)
+            with wave.open(path) as w:
+                a = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float64) / 32768
+                rate_in = w.getframerate()
+            k = math.gcd(sr, rate_in)
+            a = scipy.signal.resample_poly(a, sr // k, rate_in // k)[sr // 4:sr // 4 + samples]
+            if len(a) == samples:
+                out.append(torch.from_numpy(a).float())
+    return torch.stack(out)
 
 
 def batches(x: torch.Tensor, size: int) -> list:
@@ -773,7 +813,7 @@ def g2p_fa_lstm():
     return m, data[0], data[1:]
 
 
-RESEMBLYZER = "pip install --no-deps resemblyzer==0.1.4"
+RESEMBLYZER = "pip install --no-deps resemblyzer==0.1.4; apt install espeak-ng (its input speech)"
 
 
 def _slaney_mel(sr: int, n_fft: int, n_mels: int) -> torch.Tensor:
@@ -810,7 +850,7 @@ def resemblyzer_lstm():
         for name in stubs:  # later importers (transformers) probe for librosa
             sys.modules.pop(name, None)
     m = VoiceEncoder("cpu", verbose=False).eval()
-    wav = voiced_audio(24, 16000 * 16 // 10 + 240, 16000, seed=28)  # its 1.6 s partial utterances
+    wav = spoken_audio(24, 16000 * 16 // 10 + 240, 16000, seed=28)  # its 1.6 s partial utterances
     wav = wav * (10 ** (-30 / 20) / wav.pow(2).mean(1, keepdim=True).sqrt())  # its -30 dBFS normalisation
     spec = torch.stft(wav, 400, 160, window=torch.hann_window(400), center=True, pad_mode="constant",
                       return_complex=True).abs() ** 2
