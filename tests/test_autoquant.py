@@ -384,7 +384,8 @@ def test_held_out_verification_confirms_or_refuses(tmp_path):
     m = zoo.pretrained("digits_mobilenet")
     res = rq.AutoQuant(m, data(1)[0], data(), lambda mm: per_sample_correct(mm, 0),
                        rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=8, act_bw=8), num_calibration_batches=4,
-                                          allowed_drop=0.02, confidence=0.95, results_dir=str(tmp_path / "a")),
+                                          allowed_drop=0.02, confidence=0.95, predict_samples=1000,
+                                          results_dir=str(tmp_path / "a")),
                        show_progress=False, verify_fn=lambda mm: per_sample_correct(mm, 1)).optimize()
     v = res.verification
     assert v["split"] == "held-out" and v["on"] == "the exported model in onnxruntime" and v["samples"] == 197
@@ -393,9 +394,13 @@ def test_held_out_verification_confirms_or_refuses(tmp_path):
     assert v["fp32"] == per_sample_correct(m, 1).double().mean().item()
     lo, hi = v["interval"]
     assert lo <= v["drop"] <= hi
-    assert res.met == (v["drop"] <= 0.02 and hi <= 0.02) and v["met"] == res.met
+    # the drop 1,000 new images would show: wider than the expected drop's interval; it decides
+    plo, phi = v["prediction"]
+    assert plo <= lo <= hi <= phi and v["predict_samples"] == 1000
+    assert res.met == (v["drop"] <= 0.02 and phi <= 0.02) and v["met"] == res.met
     page = open(res.report_path).read()
-    assert "Verification" in page and "held-out" in page
+    assert "Verification" in page and "held-out" in page and "1000 new samples" in page
+    assert "1000 new samples" in res.message or not res.met
 
     def worse_file(mm):  # the deployed file gets 3 of the 197 held-out images wrong in addition
         c = per_sample_correct(mm, 1)
@@ -405,11 +410,14 @@ def test_held_out_verification_confirms_or_refuses(tmp_path):
     strict = rq.AutoQuant(m, data(1)[0], data(), lambda mm: per_sample_correct(mm, 0),
                           rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=8, act_bw=8), num_calibration_batches=4,
                                              allowed_drop=0.02, confidence=0.95, use_adaround=False,
-                                             results_dir=str(tmp_path / "b")),
+                                             predict_samples=500, results_dir=str(tmp_path / "b")),
                           show_progress=False, verify_fn=worse_file).optimize()
     sv = strict.verification
     # the point estimate is within the allowed drop, the interval's upper end is not: refused
     assert sv["drop"] <= 0.02 < sv["interval"][1] and not strict.met and not sv["met"]
+    # 3 of 197 images differ: a 500-image test has its own noise, so its interval is wider
+    assert sv["prediction"][0] < sv["interval"][0] and sv["interval"][1] < sv["prediction"][1]
+    assert f"up to {sv['prediction'][1]:.4f}" in strict.message
     assert "does not confirm" in strict.message
     assert "<tr class='bad'><td>held-out</td>" in open(strict.report_path).read()
 
@@ -432,6 +440,45 @@ def test_bootstrap_interval_covers_the_mean_difference():
     assert bootstrap_drop(fp, q, 0.95, seed=0) == (lo, hi)  # deterministic for a seed
     with pytest.raises(ValueError, match="same samples"):
         bootstrap_drop(fp, q[:10], 0.95, seed=0)
+
+
+def test_prediction_interval_covers_the_drop_of_new_samples():
+    """The confidence interval is for the expected drop; the drop a user measures on m new
+    samples has its own noise. Paired per-image outcomes from a known population (expected
+    drop 0.02), n = 600 held out, m = 200 new: the prediction interval must cover the new
+    samples' drop about 95% of the time, where the confidence interval covers it far less
+    (about 68% expected: the new drop's spread is sqrt(1 + n/m) = 2x the interval's)."""
+    from rapidquant.autoquant.verify import bootstrap_drop
+    rng = np.random.default_rng(3)
+    # both right, only FP32 right, only the result right, both wrong
+    kinds = np.array([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=float)
+    p = [0.86, 0.035, 0.015, 0.09]
+    n, m, trials = 600, 200, 150
+    ci_hits = pi_hits = 0
+    for t in range(trials):
+        held, new = kinds[rng.choice(4, n, p=p)], kinds[rng.choice(4, m, p=p)]
+        new_drop = new[:, 0].mean() - new[:, 1].mean()
+        lo, hi = bootstrap_drop(held[:, 0], held[:, 1], 0.95, seed=t)
+        plo, phi = bootstrap_drop(held[:, 0], held[:, 1], 0.95, seed=t, new_samples=m)
+        assert plo < lo and phi > hi
+        ci_hits += lo <= new_drop <= hi
+        pi_hits += plo <= new_drop <= phi
+    # binomial spread over 150 trials: about 1.8 points at 95%, 3.8 at 68%
+    assert 0.90 <= pi_hits / trials <= 0.99, pi_hits
+    assert ci_hits / trials <= 0.80, ci_hits
+    assert bootstrap_drop(held[:, 0], held[:, 1], 0.95, 0, new_samples=m) == (
+        bootstrap_drop(held[:, 0], held[:, 1], 0.95, 0, new_samples=m))  # deterministic for a seed
+    # 'met' is decided on the prediction when one is asked for: 10 of 2,000 images lost, drop
+    # 0.005; the expected drop's interval ends under 0.01, a 100-image test's interval beyond it
+    from rapidquant.autoquant.verify import verify
+    fp, q = np.ones(2000), np.ones(2000)
+    q[:10] = 0.0
+
+    def samples(model, what):
+        return float(model.mean()), model
+    plain = verify(samples, fp, q, 0.01, 0.95, 0, True)
+    told = verify(samples, fp, q, 0.01, 0.95, 0, True, predict_samples=100)
+    assert plain["interval"][1] <= 0.01 < told["prediction"][1] and plain["met"] and not told["met"]
 
 
 def test_empty_data_and_bad_eval(tmp_path):

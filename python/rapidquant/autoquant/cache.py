@@ -17,7 +17,7 @@ from rapidquant import distributed as D
 from rapidquant.autoquant.state import Outcome, StageRecord
 from rapidquant.fingerprint import data_hash, model_hash, obj_hash
 
-_NOT_IN_KEY = ("results_dir", "time_budget_s", "max_evaluations", "strict", "export")
+_NOT_IN_KEY = ("results_dir", "time_budget_s", "max_evaluations", "strict", "export", "predict_samples")
 
 
 def cache_key(model, batches, config) -> str:

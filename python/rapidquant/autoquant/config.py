@@ -27,7 +27,9 @@ class AutoQuantConfig:
     score is the artifact's). eval_fingerprint: any string that changes when eval_fn
     changes (it keys the stage caches). confidence: with per-sample eval results, the
     final answer is met only when the upper end of the drop's bootstrap interval at this
-    level is within allowed_drop.
+    level is within allowed_drop. predict_samples: the size of the test the user will run on
+    the result; the verification then also gives the interval of the drop that test will show
+    (wider: it has its own sampling noise), and that interval decides 'met'.
     """
     sim: QuantSimConfig = field(default_factory=lambda: QuantSimConfig(param_bw=8, act_bw=8))
     allowed_drop: float = 0.01
@@ -50,6 +52,7 @@ class AutoQuantConfig:
     verify_artifact: bool = True
     eval_fingerprint: str | None = None
     confidence: float | None = None              # e.g. 0.95: met needs the drop's interval within allowed_drop
+    predict_samples: int | None = None           # with confidence: the interval of the drop that many new samples show decides
     latency_threads: int | None = 1              # time the exported file against its float twin; None: skip
     version: int = CONFIG_VERSION
     # version-1 fields, folded into `sim` (deprecated)
@@ -114,6 +117,10 @@ def _validate(c: AutoQuantConfig) -> None:
         bad("latency_threads", "must be a thread count >= 1, or None to skip the latency measurement")
     if c.confidence is not None and not 0.5 <= c.confidence < 1:
         bad("confidence", "must be in [0.5, 1), e.g. 0.95, or None")
+    if c.predict_samples is not None and (not isinstance(c.predict_samples, int) or c.predict_samples < 1):
+        bad("predict_samples", "must be a number of samples >= 1 (the size of your own test), or None")
+    if c.predict_samples is not None and c.confidence is None:
+        bad("predict_samples", "needs a confidence level (e.g. confidence=0.95) and per-sample eval results")
     if c.adaround is not None and not isinstance(c.adaround, AdaRoundConfig):
         bad("adaround", "expected a rapidquant.AdaRoundConfig or None")
     if c.block_reconstruction is not None and not isinstance(c.block_reconstruction, BlockReconConfig):

@@ -18,7 +18,7 @@ from rapidquant.autoquant.evaluation import Evaluator
 from rapidquant.autoquant.pipeline import (STAGES, accept, prefer_checked, run_pipeline, start_peak_window,
                                            window_peak_rss_mb)
 from rapidquant.autoquant.state import AutoQuantResult, RunState, StageRecord
-from rapidquant.autoquant.verify import verify
+from rapidquant.autoquant.verify import deciding_upper, interval_text, verify
 from rapidquant.modelcopy import copy_model
 
 
@@ -143,11 +143,10 @@ def _verify(state: RunState, res: AutoQuantResult) -> dict:
             like = call_model(res.sim.model.eval(), state.dummy_input, res.sim.n_inputs)
         model = OnnxRuntimeModule(info["onnx"], output_like=like)
     fn = state.verifier or state.evaluator
-    v = verify(fn.samples, state.model, model, c.allowed_drop, c.confidence, c.seed, state.verifier is not None)
+    v = verify(fn.samples, state.model, model, c.allowed_drop, c.confidence, c.seed, state.verifier is not None,
+               c.predict_samples)
     v["on"] = "the exported model in onnxruntime" if model is not res.sim.model else "the sim"
-    interval = "" if v["interval"] is None else \
-        f", {100 * c.confidence:.0f}% interval {v['interval'][0]:.4f}..{v['interval'][1]:.4f}"
-    state.log(f"verification on {v['split']} data: drop {v['drop']:.4f}{interval} (allowed {c.allowed_drop}): "
+    state.log(f"verification on {v['split']} data: drop {v['drop']:.4f}{interval_text(v)} (allowed {c.allowed_drop}): "
               f"{'confirmed' if v['met'] else 'NOT confirmed'}{'; ' + v['why'] if v['why'] else ''}")
     return v
 
@@ -165,15 +164,14 @@ def _artifact_check_label(info) -> str:
 def _message(state: RunState, res: AutoQuantResult) -> str:
     v = res.verification
     if v and state.met and not v["met"]:
-        interval = "" if v["interval"] is None else f" (interval up to {v['interval'][1]:.4f})"
+        upper = deciding_upper(v)
+        interval = "" if upper is None else f" (interval up to {upper:.4f})"
         return (f"{res.best_stage} met the target on the search data, but verification on {v['split']} data "
                 f"does not confirm it: drop {v['drop']:.4f}{interval} > allowed {state.config.allowed_drop}"
                 + (f"; {v['why']}" if v["why"] else ""))
     msg = _outcome_message(state, res)
     if v and v["met"]:
-        interval = "" if v["interval"] is None else \
-            f", {100 * v['confidence']:.0f}% interval {v['interval'][0]:.4f}..{v['interval'][1]:.4f}"
-        msg += f"; verified on {v['split']} data: drop {v['drop']:.4f}{interval}"
+        msg += f"; verified on {v['split']} data: drop {v['drop']:.4f}{interval_text(v)}"
     return msg
 
 

@@ -239,20 +239,33 @@ def _verification_section(res) -> list[str]:
              "drop": _f(v["drop"]), "allowed drop": res.config.allowed_drop if res.config else "",
              "interval": "" if v["interval"] is None else
              f"{100 * v['confidence']:.0f}%: {v['interval'][0]:.4f}..{v['interval'][1]:.4f} ({v['samples']} samples)",
+             **({} if v.get("prediction") is None else {
+                 f"drop on {v['predict_samples']} new samples": f"{v['prediction'][0]:.4f}..{v['prediction'][1]:.4f}"}),
              "confirmed": "yes" if v["met"] else "NO", **({} if v["met"] else {"_class": "bad"})}]
     out = ["<h2>Verification</h2>", "<p>The accepted result scored once more" +
            (" on held-out data the search never saw." if v["split"] == "held-out" else
             " on the search data (no held-out function was given: the interval covers sampling noise, not the "
-            "optimism of choosing the best of many candidates on these samples).") + "</p>", table(rows)]
+            "optimism of choosing the best of many candidates on these samples).") +
+           ("" if v.get("prediction") is None else
+            f" The interval is for the expected drop; a test on {v['predict_samples']} new samples has its own "
+            "sampling noise, so the drop it shows lies in the wider prediction interval, which decides "
+            "'confirmed'.") + "</p>", table(rows)]
     if v["why"]:
         out.append(f"<p class='bad'>{html.escape(v['why'])}</p>")
     if v["interval"] is not None and res.config is not None:
         plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 1.6))
+        fig, ax = plt.subplots(figsize=(6, 1.9))
         lo, hi = v["interval"]
+        color = "#2e9d42" if v["met"] else "#c0392b"
+        if v.get("prediction") is not None:  # decides 'met': drawn first, wider and paler
+            plo, phi = v["prediction"]
+            ax.errorbar([v["drop"]], [0], xerr=[[v["drop"] - plo], [phi - v["drop"]]], fmt="none", capsize=9,
+                        elinewidth=6, alpha=0.35, color=color,
+                        label=f"where the drop on {v['predict_samples']} new samples will lie")
         ax.errorbar([v["drop"]], [0], xerr=[[v["drop"] - lo], [hi - v["drop"]]], fmt="o", capsize=6,
-                    color="#2e9d42" if v["met"] else "#c0392b", label="drop and its interval")
+                    color=color, label="drop and its interval (expected drop)")
         ax.axvline(res.config.allowed_drop, ls=":", color="red", label="allowed drop")
+        ax.set_ylim(-1, 2.2 if v.get("prediction") is not None else 1.6)  # the legend above the bars
         ax.set_yticks([])
         ax.set_xlabel("FP32 score - result score")
         ax.legend(fontsize=7, loc="upper left")
