@@ -204,6 +204,9 @@ def run_stages(model, example, calib, out_dir: str, rec: Record | None = None, c
         # weights of >= 2 dims (conv, linear, embedding, recurrent matrices) with an enabled
         # quantizer of the same name: a weight left float without a word shows up as a shortfall
         weights = [n for n, p in model.named_parameters() if p.dim() >= 2]
+        # float matrices held as buffers that ops read as weights (onnx2torch's MatMul and
+        # Einsum initializers): quantized as weights, or named in sim.float_weights
+        weights += [n for n in (*sim.weight_buffers, *sim.float_weights) if n not in weights]
         norm = lambda n: re.sub(r"[^0-9a-zA-Z]", "_", n)  # noqa: E731 - graph names flatten dots
         quantized = {norm(n) for n, q in sim.param_quantizers().items() if q.enabled}
         float_w = [n for n in weights if norm(n) not in quantized]

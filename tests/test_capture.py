@@ -338,6 +338,108 @@ def test_quantizer_that_destroys_its_input_is_named_and_raised_to_16_bits():
     assert sim.calibration_warnings == [] and sim.widened == {}
 
 
+def test_values_the_grid_holds_exactly_are_not_destroyed():
+    """A one-hot input (0 and 1 at 8 bits: 1 is level 255 of a 1/255 grid, to fp32's rounding
+    of the scale) and a saturated tanh (exactly half a step past a grid whose zero point was
+    rounded) are held as well as 8 bits can: no warning, nothing raised to 16 bits."""
+    from rapidquant.calibration import grid_damage
+    one_hot = torch.tensor([0.0, 1.0] * 50)
+    d = grid_damage(one_hot, torch.tensor([1 / 255]), torch.tensor([0]), 0, 255)
+    assert d["collapsed"] == 0.0 and d["clipped"] == 0.0, d
+    s = torch.tensor([2 / 255])  # [-1, 1] on uint8: zero point 127.5 rounded to 128
+    d = grid_damage(torch.tensor([1.0, -1.0, 0.5] * 30), s, torch.tensor([128]), 0, 255)
+    assert d["clipped"] == 0.0, d
+
+    g = torch.Generator().manual_seed(0)
+    x = F.one_hot(torch.randint(0, 28, (64, 24), generator=g), 28).float()
+    model = nn.Sequential(nn.Linear(28, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(40)  # the tanh saturates on most values
+    sim = rq.QuantSim(model, x[:8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sim.compute_encodings(list(x.split(8)), show_progress=False)
+    assert sim.widened == {} and sim.calibration_warnings == []
+
+
+def test_weight_matrices_held_as_buffers_are_quantized(tmp_path):
+    """onnx2torch keeps the ONNX initializers of MatMul and Einsum as buffers: a float buffer
+    an op reads as its weight gets a weight quantizer (held as a frozen parameter of the
+    sim's copy) and a QDQ pair in the file; the user's model keeps its buffers. A buffer
+    added to the data is no weight. Under inplace=True the buffer stays float and is named."""
+    class Converted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("w", torch.randn(8, 6, generator=g))
+            self.register_buffer("proj", torch.randn(6, 3, generator=g))
+            self.register_buffer("pos", torch.randn(1, 8, generator=g))
+
+        def forward(self, x):
+            return torch.einsum("bi,ij->bj", torch.matmul(x + self.pos, self.w), self.proj)
+
+    model = Converted().eval()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    sim = rq.QuantSim(model, x)
+    sim.compute_encodings([x], show_progress=False)
+    assert sim.weight_buffers == ["w", "proj"] and sim.float_weights == {}
+    assert {"w", "proj"} <= set(sim.param_quantizers()) and "pos" not in sim.param_quantizers()
+    assert sorted(n for n, _ in model.named_buffers()) == ["pos", "proj", "w"]  # the user's model
+    assert not any(p.requires_grad for p in sim.model.parameters())
+    with torch.no_grad():
+        qw = sim.quantizer("w")(model.w)
+    assert not torch.equal(qw, model.w) and (qw - model.w).abs().max() <= float(qw.abs().max()) / 127
+    res = sim.export(str(tmp_path), x)
+    assert {"w", "proj"} <= set(res.tensor_names) and res.ort_ok
+
+    with pytest.warns(UserWarning, match=r"leaves 2 weights in float(?s:.*)w \(read by"):
+        kept = rq.QuantSim(model, x, inplace=True)
+    assert kept.weight_buffers == [] and set(kept.float_weights) == {"w", "proj"}
+
+
+def test_embedding_bag_is_quantized_and_exported(tmp_path):
+    """nn.EmbeddingBag (hashed n-grams summed per word, with per-sample weights) gets a weight
+    quantizer and an output grid like nn.Embedding, and the file runs in onnxruntime."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(50, 8, mode="sum")
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, ids, weights):
+            return self.head(self.bag(ids, per_sample_weights=weights))
+
+    g = torch.Generator().manual_seed(0)
+    ids, w = torch.randint(0, 50, (6, 5), generator=g), torch.rand(6, 5, generator=g)
+    model = Bag().eval()
+    sim = rq.QuantSim(model, (ids, w))
+    assert "bag.weight" in sim.param_quantizers() and sim.float_leaves == {}
+    sim.compute_encodings([(ids, w)], show_progress=False)
+    with torch.no_grad():
+        ref, got = model(ids, w), sim.model(ids, w)
+    assert 0 < (ref - got).abs().max() < 0.05 * ref.abs().max()
+    res = sim.export(str(tmp_path), (ids, w))
+    assert res.ort_ok and "bag.weight" in res.tensor_names
+
+
+def test_a_failed_torch_export_prints_no_graph(capfd):
+    """torch.export prints a failed export's partial graph to stderr; capture falls back and
+    says why in one line, so that dump (hundreds of lines on a detector) is dropped."""
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.l(x)
+            return y * 2 if y.sum() > 0 else y  # data-dependent: neither capture takes it
+
+    with pytest.raises(Exception, match="Branchy|data-dependent|control flow"):
+        rq.QuantSim(Branchy(), torch.randn(2, 4))
+    err = capfd.readouterr().err
+    assert "def forward(self" not in err, err[:2000]
+
+
 def test_destroyed_grids_stay_where_the_hardware_has_no_16_bit_activations():
     import json
     import os

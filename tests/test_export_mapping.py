@@ -410,3 +410,69 @@ def test_no_initializer_is_left_unread(tmp_path):
     g = onnx.load(res.onnx).graph
     read = {i for n in g.node for i in n.input}
     assert [t.name for t in g.initializer if t.name not in read] == []
+
+
+def test_fp16_model_exports_a_file_onnxruntime_runs(tmp_path):
+    """ONNX's QuantizeLinear takes x and its scale in one type, and an fp16 scale would move the
+    grid: an fp16 tensor is quantized in fp32 with the sim's fp32 scales and cast back, as the
+    sim computes it. The file loads and agrees with the sim."""
+    m = torch.nn.Sequential(torch.nn.Conv1d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(8, 4, 1)).half()
+    x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0))
+    sim = rq.QuantSim(m.eval(), x)
+    sim.compute_encodings([x], show_progress=False)
+    res = sim.export(str(tmp_path), x)
+    sess = ort.InferenceSession(res.onnx)
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.half().numpy()})
+    with torch.no_grad():
+        want = sim.model(x.half())
+    assert got.dtype == np.float16
+    step = float(sim.quantizer(sorted(n for n in sim.quantizers() if n.endswith(".output"))[-1]).scale)
+    # fp16 rounding of the dequantized output: measured 0 steps apart (asserted within one)
+    assert np.abs(got.astype(np.float32) - want.float().numpy()).max() <= step, step
+    assert res.ort_ok
+
+
+def _sequence_net():
+    return torch.nn.Sequential(torch.nn.Conv1d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv1d(8, 2, 1)).eval()
+
+
+def test_dims_calibration_saw_at_several_sizes_stay_free_in_the_file(tmp_path, monkeypatch):
+    """A time axis the calibration batches vary is exported symbolic with the batch; one they
+    do not vary is symbolic when named in dynamic_dims; one the model's code fixes is named."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 4, n, generator=g) for n in (50, 70, 90)]
+    sim = rq.QuantSim(_sequence_net(), batches[0])
+    sim.compute_encodings(batches, show_progress=False)
+    name = sim.input_signature.names[0]
+    assert sim.varying_dims() == {name: [2]}
+    other = torch.randn(1, 4, 123, generator=g)  # another batch size and length
+
+    def run(path):
+        sess = ort.InferenceSession(path)
+        return sess.run(None, {sess.get_inputs()[0].name: other.numpy()})[0]
+    got = run(sim.export(str(tmp_path / "a"), batches[0]).onnx)
+    with torch.no_grad():
+        assert np.abs(got - sim.model(other).numpy()).max() < 1e-5
+
+    fixed = rq.QuantSim(_sequence_net(), batches[0])
+    fixed.compute_encodings([batches[0]] * 2, show_progress=False)
+    assert fixed.varying_dims() == {}
+    with pytest.raises(Exception, match="[Ii]nvalid dimensions|[Gg]ot: 123"):
+        run(fixed.export(str(tmp_path / "b"), batches[0]).onnx)
+    assert run(fixed.export(str(tmp_path / "c"), batches[0], dynamic_dims={name: [2]}).onnx).shape == (1, 2, 123)
+    with pytest.raises(ValueError, match="not inputs of the captured model"):
+        fixed.export(str(tmp_path / "d"), batches[0], dynamic_dims={"audio": [2]})
+
+    # a model whose export cannot keep the length free (simulated: the exporter refuses it) keeps
+    # its batch free, and the warning names the length the file fixes
+    real = torch.onnx.export
+
+    def refuses_length(*a, dynamic_shapes=None, **k):
+        if dynamic_shapes and any(d and 2 in d for d in dynamic_shapes):
+            raise RuntimeError("Constraints violated (simulated)")
+        return real(*a, dynamic_shapes=dynamic_shapes, **k)
+    monkeypatch.setattr(torch.onnx, "export", refuses_length)
+    with pytest.warns(UserWarning, match=rf"fixes input sizes that were to stay free: {name} dim 2 = 50"):
+        path = sim.export(str(tmp_path / "e"), batches[0]).onnx
+    (dims,) = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(path).graph.input]
+    assert isinstance(dims[0], str) and dims[1:] == [4, 50]

@@ -18,12 +18,14 @@ mask is applied exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import logging
 import operator
 import os
 import re
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -321,6 +323,32 @@ def _batch_of_two(x):
     return map_tensors(x, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t)
 
 
+class _GraphDumpFilter:
+    """sys.stderr without the partial graphs torch.export prints when an export fails."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        return len(text) if "def forward(self" in text else self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def without_graph_dumps():
+    """torch.export prints the whole partial graph of a failed export to stderr (hundreds of
+    lines on a detector). Capture and export try several ways and say in one line why one
+    failed, so that dump is noise; everything else written to stderr passes."""
+    was = sys.stderr
+    sys.stderr = _GraphDumpFilter(was)
+    try:
+        yield
+    finally:
+        sys.stderr = was
+
+
 def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict, str]:
     quiet = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch._dynamo",
                                             "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
@@ -330,7 +358,7 @@ def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict,
     was = model.training
     model.eval()  # captured in eval mode; layers folded back into modules keep their train()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), without_graph_dumps():
             warnings.simplefilter("ignore")
             _register_output_dataclasses(model, args, kwargs)
             a2, k2 = unmarked(_batch_of_two(tuple(args))), unmarked(_batch_of_two(dict(kwargs)))

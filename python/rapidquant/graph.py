@@ -31,6 +31,7 @@ MODULES: dict[type, ModuleSpec] = {
     nn.ConvTranspose3d: ModuleSpec("ConvTranspose", {"weight": 1, "bias": 0}),
     nn.Linear: ModuleSpec("Gemm", {"weight": 0, "bias": 0}),
     nn.Embedding: ModuleSpec("Gather", {"weight": None}),
+    nn.EmbeddingBag: ModuleSpec("Gather", {"weight": None}),  # a Gather and a (weighted) sum per bag
     nn.BatchNorm1d: ModuleSpec("BatchNormalization", {"weight": None, "bias": None}),
     nn.BatchNorm2d: ModuleSpec("BatchNormalization", {"weight": None, "bias": None}),
     nn.BatchNorm3d: ModuleSpec("BatchNormalization", {"weight": None, "bias": None}),

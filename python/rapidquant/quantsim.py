@@ -122,6 +122,7 @@ class QuantSim:
                                  f"move it with .to({str(device)!r})")
         args, kwargs = split_batch(dummy_input)
         src = model if inplace else copy_model(model)
+        self._inplace = inplace
         # computed weights (weight_norm, spectral_norm) as plain parameters: quantized as weights
         self.baked_weights: list[str] = [] if inplace else bake_computed_weights(src)
         if inplace and has_computed_weights(model):
@@ -144,6 +145,9 @@ class QuantSim:
         self.calibration_warnings: list[dict] = []
         self.widened: dict[str, str] = {}  # activation quantizers given more bits than the config says (why)
         self.float_weights: dict[str, str] = {}  # weights no quantizer reaches -> the op that reads them
+        self.weight_buffers: list[str] = []  # float buffers read as weights, held as frozen parameters
+        # input name -> {dim: sizes} the calibration batches had: a dim seen at two sizes is exported symbolic
+        self.calibration_sizes: dict[str, dict[int, set]] = {}
         self.spelled_ops: dict[str, str] = {}  # node -> 'HardSwish', 'LayerNormalization': arithmetic quantized as one op
         self._build(cap.gm, excluded, args, kwargs)
         for m in self.model.modules():  # recurrent twins' internals built wider than the act bitwidth
@@ -318,7 +322,10 @@ class QuantSim:
             try:
                 p = gm.get_parameter(node.target)
             except AttributeError:
-                continue  # a buffer or constant
+                try:  # a buffer read as a weight: left float only under inplace=True
+                    p = gm.get_buffer(node.target)
+                except AttributeError:
+                    continue  # a constant
             if p.dim() < 2 or not p.is_floating_point():
                 continue
             raw = [u for u in readers(node)  # an operand of an add/concat (a positional embedding) is no weight
@@ -350,7 +357,9 @@ class QuantSim:
                 try:
                     p = gm.get_parameter(src.target)
                 except AttributeError:
-                    continue  # a buffer or constant, not a weight
+                    p = self._weight_buffer_as_parameter(gm, src.target)
+                    if p is None:
+                        continue  # a constant or an integer buffer: no weight
                 kind = "weight"
                 if not self.hw.param_quantized(info.op_type, kind):
                     continue
@@ -367,6 +376,25 @@ class QuantSim:
                     new = g.call_module(name, (src,))
                 src.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
                 done[src.target] = new
+
+    def _weight_buffer_as_parameter(self, gm: fx.GraphModule, target: str):
+        """A float matrix held as a buffer that an op reads as its weight (onnx2torch keeps the
+        ONNX initializers of MatMul, Einsum and Gather as buffers) becomes a frozen parameter
+        of the sim's copy, so it is quantized as a weight. None for anything else, and under
+        inplace=True: the user's own model is not changed (_check_float_weights names it)."""
+        try:
+            b = gm.get_buffer(target)
+        except AttributeError:
+            return None
+        if self._inplace or not b.is_floating_point() or b.dim() < 2:
+            return None
+        owner, _, attr = target.rpartition(".")
+        module = gm.get_submodule(owner)
+        delattr(module, attr)
+        p = nn.Parameter(b, requires_grad=False)
+        module.register_parameter(attr, p)
+        self.weight_buffers.append(target)
+        return p
 
     def _check_runs(self, dummy_input) -> None:
         with self.disabled(), torch.no_grad():
@@ -488,6 +516,7 @@ class QuantSim:
                         if shard and not D.mine(i):
                             continue  # another rank's batch
                         batch = cast_floats(to_device(batch, device) if device else batch, dtype)
+                        self._note_sizes(batch)
                         call_model(model, batch, self.input_signature)
                         seen += 1
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
@@ -614,22 +643,51 @@ class QuantSim:
 
     def export(self, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
                export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None,
-               dynamic_batch: bool = True, unsigned_weights: bool = True):
+               dynamic_batch: bool = True, unsigned_weights: bool = True, dynamic_dims: dict | None = None):
         """Write ``<filename>.onnx`` (QuantizeLinear/DequantizeLinear) and ``<filename>.encodings.json``.
 
         The graph carries the int32 biases the sim simulates (Conv/Linear layers whose
         input and weight are quantized, as onnxruntime and integer targets run them);
         ``export_int32_bias`` also lists them in the encodings file. The batch dimension is
-        exported as symbolic when the model allows (``dynamic_batch``). int8 weights of
+        exported as symbolic when the model allows (``dynamic_batch``), and so are the dims the
+        calibration batches had at different sizes and those ``dynamic_dims`` names
+        (``{"audio": [2]}``: input name -> dims; a sequence length the calibration did not
+        vary); a warning names any of them the model's code fixes. int8 weights of
         Conv/MatMul/Gemm layers with uint8 activations are written as uint8 with zero point
         + 128, the same grid: onnxruntime's int8-weight kernels saturate on x86 CPUs without
         VNNI; ``unsigned_weights=False`` keeps int8 for runtimes that require signed weights
         (TensorRT). Floating inputs are cast to an fp16/bf16 model's dtype."""
         from rapidquant.export.onnx_qdq import export_sim
         dummy_input = cast_floats(dummy_input, model_float_dtype(self.model, strict=False))
+        wanted = self.varying_dims()
+        unknown = sorted(set(dynamic_dims or {}) - set(self.input_signature.names))
+        if unknown:
+            raise ValueError(f"dynamic_dims names {unknown}, which are not inputs of the captured model "
+                             f"{list(self.input_signature.names)}")
+        for name, dims in (dynamic_dims or {}).items():
+            wanted[name] = sorted(set(wanted.get(name, [])) | {int(d) for d in dims})
         return export_sim(self, out_dir, self.positional(dummy_input), filename, encoding_format=encoding_format,
                           export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset,
-                          dynamic_batch=dynamic_batch, unsigned_weights=unsigned_weights)
+                          dynamic_batch=dynamic_batch, unsigned_weights=unsigned_weights,
+                          dynamic_dims=[wanted.get(n, []) for n in self.input_signature.names])
+
+    def _note_sizes(self, batch) -> None:
+        try:
+            inputs = self.positional(batch)
+        except ValueError:
+            return  # call_model says what the batch lacks
+        for name, t in zip(self.input_signature.names, inputs):
+            if isinstance(t, torch.Tensor):
+                dims = self.calibration_sizes.setdefault(name, {})
+                for d, size in enumerate(t.shape):
+                    dims.setdefault(d, set()).add(int(size))
+
+    def varying_dims(self) -> dict[str, list[int]]:
+        """Input name -> the dims beyond the batch the calibration batches had at more than one
+        size (a sequence or time axis): exported symbolic with the batch."""
+        return {n: [d for d, sizes in dims.items() if d > 0 and len(sizes) > 1]
+                for n, dims in self.calibration_sizes.items()
+                if any(d > 0 and len(sizes) > 1 for d, sizes in dims.items())}
 
     def positional(self, batch) -> tuple:
         """A batch as the captured model's positional inputs, in signature order (dict

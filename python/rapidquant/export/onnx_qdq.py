@@ -43,6 +43,7 @@ import torch
 from rapidquant.export.encodings import aimet_doc, rapidquant_doc, check_writable, write_json, FORMATS
 from rapidquant import recurrent as R
 from rapidquant.batches import unmarked
+from rapidquant.capture import without_graph_dumps
 from rapidquant.export.leaves import recorded_float_leaves
 from rapidquant.export.onnx_graph import producers
 from rapidquant.scoring import sqnr_db
@@ -135,6 +136,10 @@ def _translation_table(params: set, seen: list):
 
     def qdq(x, scale, zero_point, qmin: int, qmax: int, block, name: str = ""):
         seen.append(name)
+        if getattr(x, "dtype", None) not in (None, ir_float()):
+            # an fp16/bf16 tensor: the sim quantizes it in fp32 with fp32 scales (ONNX's Q needs
+            # x and scale of one type, and an fp16 scale would move the grid), then casts back
+            return op.CastLike(qdq(op.Cast(x, to=T.FLOAT), scale, zero_point, qmin, qmax, block, name), x)
         block = list(block)
         rank = len(block)
         t, lo, hi, off = _container(qmin, qmax, unsigned=name not in params)
@@ -218,6 +223,11 @@ def _translation_table(params: set, seen: list):
     return {r.named_quantize_dequantize.default: qdq, r.named_float_quantize_dequantize.default: float_qdq,
             # a model that calls rapidquant.ops itself: exported, but belongs to no quantizer
             r.quantize_dequantize.default: unnamed_qdq, r.float_quantize_dequantize.default: unnamed_float_qdq}
+
+
+def ir_float():
+    import onnx_ir
+    return onnx_ir.DataType.FLOAT
 
 
 def _clamp(op, x, scale, zero_point, qmin: int, qmax: int, nz: list):
@@ -345,6 +355,7 @@ def _add_int32_bias(model_proto, sim) -> dict:
     optimization level (it would quantize a float bias itself from its Conv/Gemm's input
     and weight scales, but only where it sees them). Other Conv/Gemm biases whose input and
     weight are quantized get an encoding only."""
+    import onnx
     from onnx import helper, numpy_helper
 
     from rapidquant.qmodules import INT32_BIAS_LIMIT, QuantizedModule
@@ -367,6 +378,10 @@ def _add_int32_bias(model_proto, sim) -> dict:
         axis = {"axis": 0} if sb.ndim == 1 and sb.size > 1 else {}
         new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dqname],
                                           name=init + "_DequantizeLinear", **axis))
+        if inits[init].data_type != onnx.TensorProto.FLOAT:  # an fp16/bf16 layer adds it in its own type
+            new_nodes.append(helper.make_node("Cast", [dqname], [dqname + "_cast"], name=init + "_Cast",
+                                              to=inits[init].data_type))
+            dqname += "_cast"
         for node in g.node:
             for i, t in enumerate(node.input):
                 if t == init:
@@ -475,9 +490,11 @@ def check_parity(path: str, sim, dummy_input, model_proto=None, levels=LEVELS):
 
 def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
                export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None,
-               dynamic_batch: bool = True, unsigned_weights: bool = True) -> ExportResult:
+               dynamic_batch: bool = True, unsigned_weights: bool = True,
+               dynamic_dims: list | None = None) -> ExportResult:
     """export_int32_bias: write int32 bias encodings (scale = s_in * s_w) to the encodings
     file. The graph always carries the int32 biases the sim simulates (see _add_int32_bias).
+    dynamic_dims: per positional input, the dims besides the batch to export symbolic.
 
     unsigned_weights: 8-bit weights of Conv/MatMul/Gemm layers with uint8 activations travel
     as uint8 codes, zero point + 128 (same grid): onnxruntime's int8-weight kernels overflow
@@ -504,7 +521,8 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     # the int32 biases are written into the graph below; float leaves go in as recorded graphs
     with float_biases(), recorded_float_leaves(sim, args) as batch_baked:
         proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
-                              opset or OPSET, dynamic_batch and not batch_baked)
+                              opset or OPSET, dynamic_batch and not batch_baked, dynamic_dims or [])
+    _warn_fixed_dims(proto, args, dynamic_dims or [], sim.calibration_sizes)
     first, every, unmapped, folded, merged = _map_quantizers(proto, sim, seen)
     widen_weight_only_matmul_containers(proto)
     if unsigned_weights:
@@ -562,16 +580,35 @@ def _warn_parity(res: ExportResult) -> None:
                           "the deployed file does not compute what the sim scored", stacklevel=3)
 
 
-def _dynamic_dims(a):
-    """Batch symbolic; every dim of integer inputs too (token ids and masks: sequence length)."""
+def _dynamic_dims(a, extra=()):
+    """Batch symbolic, and the ``extra`` dims; every dim of integer inputs too (token ids and
+    masks: sequence length)."""
     if not isinstance(a, torch.Tensor) or not a.dim():
         return None
     if a.is_floating_point():
-        return {0: torch.export.Dim.AUTO}
+        return {d: torch.export.Dim.AUTO for d in (0, *extra) if d < a.dim()}
     return {d: torch.export.Dim.AUTO for d in range(a.dim())}
 
 
-def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
+def _warn_fixed_dims(proto, args, wanted: list, sizes: dict) -> None:
+    """Name the dims that were to be symbolic (seen at several sizes in calibration, or asked
+    for) but that the file fixes: the model's code reads them as numbers."""
+    fixed = []
+    for i, (vi, dims) in enumerate(zip(proto.graph.input, wanted)):
+        shape = vi.type.tensor_type.shape.dim
+        for d in dims:
+            if d < len(shape) and shape[d].HasField("dim_value"):
+                seen = sorted(sizes.get(vi.name, {}).get(d, ()))
+                fixed.append(f"{vi.name} dim {d} = {shape[d].dim_value}" + (f" (calibration saw {seen})" if
+                                                                               len(seen) > 1 else ""))
+    if fixed:
+        warnings.warn("the exported file fixes input sizes that were to stay free: " + "; ".join(fixed) +
+                      ". The model's code reads them as numbers during export (a reshape to a size computed "
+                      "in Python, a loop over them), so the file takes only those sizes: export one file "
+                      "per size you deploy, or make the code read sizes from tensor shapes", stacklevel=3)
+
+
+def _export_proto(model, args, table, opset: int, dynamic_batch: bool, extra_dims: list = ()):
     """torch.onnx (dynamo) export of ``model`` with quantizers calling the named ops."""
     was = model.training
     model.eval()
@@ -580,7 +617,7 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
     for lg in quiet:  # the exporter's progress chatter and constant-folding notes
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), named.carrying_names():
+        with warnings.catch_warnings(), named.carrying_names(), without_graph_dumps():
             warnings.simplefilter("ignore")
             kw = dict(dynamo=True, opset_version=opset, custom_translation_table=table, verbose=False)
             scan_failed = []
@@ -596,11 +633,16 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool):
                     scan_failed.append(e)  # only when unrolling is what made it export
                     return prog
             prog, failed = None, None
-            if dynamic_batch:  # batch dimension symbolic where the model allows it
+            extra = list(extra_dims) + [()] * (len(args) - len(extra_dims))
+            tries = [extra] + ([[()] * len(args)] if any(extra) else [])  # then the batch alone
+            for dims in tries if dynamic_batch else ():  # batch (and more) symbolic where the model allows
                 try:
-                    prog = export(dynamic_shapes=tuple(_dynamic_dims(a) for a in args))
-                except Exception as e:  # noqa: BLE001 - fall back to the dummy input's shapes
+                    prog = export(dynamic_shapes=tuple(_dynamic_dims(a, e) for a, e in zip(args, dims)))
+                    break
+                except Exception as e:  # noqa: BLE001 - fall back to fewer symbolic dims, then none
                     failed = e
+            if prog is not None:
+                failed = None
             if prog is None:
                 prog = export()
     finally:

@@ -347,6 +347,8 @@ def adaround(model: nn.Module, dummy_input, data, config: AdaRoundConfig = AdaRo
     t0 = time.perf_counter()
     sim, dtype = rounding_sim(model, dummy_input, config, sim_config, precisions_from)
     sim.calibrate_params()
+    for q in sim.param_quantizers().values():  # the encodings are final here: their histograms
+        q.drop_histogram()                     # would sit in memory through the whole run
     targets, skipped = rounding_targets(sim, config.skip, "AdaRound")
     float_weights = {m.param_quantizers["weight"].name: m.module.weight.detach().clone() for m in targets.values()}
     device = next(model.parameters()).device

@@ -443,6 +443,8 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
     device = next(model.parameters()).device
     batches = collect_batches(data, config.num_batches, sim.n_inputs, device, shard=D.active(), dtype=dtype)
     sim.compute_encodings(batches, show_progress=False, shard=False)  # batches are this rank's already
+    for q in sim.quantizers().values():  # learning starts from these encodings; their histograms
+        q.drop_histogram()               # would sit in memory through the whole run
     targets, skipped = rounding_targets(sim, config.skip, "block reconstruction")
     float_weights = {m.param_quantizers["weight"].name: m.module.weight.detach().clone() for m in targets.values()}
 
