@@ -544,6 +544,33 @@ def test_untraceable_model_says_which_module():
     assert "l.weight" in sim.quantizers()
 
 
+def test_a_branch_on_a_dtype_is_named_as_such():
+    """onnx2torch's Div and Gather branch on their input's dtype (``if x.is_floating_point()``):
+    torch.fx cannot follow that either, but it is no data-dependent branch, and the reason a
+    module stays in float says what it is."""
+    class DtypeBranch(nn.Module):
+        def forward(self, x):
+            return x / 2 if x.is_floating_point() else x // 2
+
+    class ValueBranch(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.div, self.branch, self.l = DtypeBranch(), ValueBranch(), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.l(self.branch(self.div(x)))
+
+    with pytest.warns(UserWarning, match="whole in float"):
+        sim = rq.QuantSim(M(), torch.randn(2, 4))
+    assert set(sim.float_leaves) == {"div", "branch"}, sim.float_leaves
+    assert "dtype" in sim.float_leaves["div"] and "data-dependent" not in sim.float_leaves["div"]
+    assert "data-dependent" in sim.float_leaves["branch"]
+
+
 def test_unsupported_modules_listed_together():
     class M(nn.Module):
         def __init__(self):

@@ -149,8 +149,15 @@ def _user_frame(e: BaseException) -> str | None:
     return f"{best.filename}:{best.lineno}" + (f": `{src}`" if src else "")
 
 
-def _why(e: BaseException) -> str:
+_DTYPE_QUERY = re.compile(r"\.dtype\b|\.is_floating_point\(|\.is_complex\(|\.is_signed\(")
+
+
+def _why(e: BaseException, where: str | None = None) -> str:
+    """Why a capture failed, in words; ``where`` ('file:line: `source`') refines it."""
     msg = str(e)
+    if "control flow" in msg and where and _DTYPE_QUERY.search(where):
+        return ("a branch on a tensor's dtype (torch.fx's symbolic values carry no dtype; the "
+                "module's values are not what decides it)")
     if "control flow" in msg or "data-dependent" in msg or "GuardOnDataDependent" in type(e).__name__:
         return "data-dependent Python control flow (a branch, loop or int()/bool() on a tensor's values)"
     if "Proxy" in msg or isinstance(e, (TypeError, AttributeError)):
@@ -179,7 +186,8 @@ def _fx_capture(model, args, kwargs, leaf_types, leaf_names, concrete_args) -> f
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001 - reported as one readable failure
-        raise _FxFailed(_Failure("torch.fx", tracer.failed_in, _user_frame(e), _why(e), e)) from e
+        where = _user_frame(e)
+        raise _FxFailed(_Failure("torch.fx", tracer.failed_in, where, _why(e, where), e)) from e
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _drop_constant_placeholders(gm, concrete)
     _inline_integer_scalars(gm)
@@ -375,7 +383,8 @@ def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict,
                 # an int there); torch.export's strict (dynamo) mode keeps len() symbolic
                 ep, fixed = _strict_if_freer(model, a2, k2, ep, fixed)
     except Exception as e:  # noqa: BLE001
-        raise _FxFailed(_Failure("torch.export", None, _user_frame(e), _why(e), e)) from e
+        where = _user_frame(e)
+        raise _FxFailed(_Failure("torch.export", None, where, _why(e, where), e)) from e
     finally:
         model.train(was)
         for lg, lv in zip(quiet, levels):
