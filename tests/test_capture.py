@@ -422,6 +422,22 @@ def test_embedding_bag_is_quantized_and_exported(tmp_path):
     assert res.ort_ok and "bag.weight" in res.tensor_names
 
 
+def test_an_embedding_table_read_by_f_embedding_is_a_weight():
+    """F.embedding(ids, self.table) under torch.fx: the table gets a weight grid (aten's
+    embedding takes the table first, F.embedding second)."""
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, ids):
+            return F.embedding(ids, self.table).sum(1)
+
+    ids = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(1))
+    sim = rq.QuantSim(Lookup(), ids)
+    assert sim.capture_method == "torch.fx" and "table" in sim.param_quantizers() and sim.float_weights == {}
+
+
 def test_a_failed_torch_export_prints_no_graph(capfd):
     """torch.export prints a failed export's partial graph to stderr; capture falls back and
     says why in one line, so that dump (hundreds of lines on a detector) is dropped."""

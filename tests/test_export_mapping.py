@@ -429,7 +429,7 @@ def test_fp16_model_exports_a_file_onnxruntime_runs(tmp_path):
     step = float(sim.quantizer(sorted(n for n in sim.quantizers() if n.endswith(".output"))[-1]).scale)
     # fp16 rounding of the dequantized output: measured 0 steps apart (asserted within one)
     assert np.abs(got.astype(np.float32) - want.float().numpy()).max() <= step, step
-    assert res.ort_ok
+    assert res.ort_ok and res.parity["default"].max_steps is not None  # the output grid is found through the Cast
 
 
 def _sequence_net():
@@ -476,3 +476,62 @@ def test_dims_calibration_saw_at_several_sizes_stay_free_in_the_file(tmp_path, m
         path = sim.export(str(tmp_path / "e"), batches[0]).onnx
     (dims,) = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(path).graph.input]
     assert isinstance(dims[0], str) and dims[1:] == [4, 50]
+
+
+class _Ramp(torch.nn.Module):
+    """Branches on values (no capture follows it: a float leaf) and reads the length as a
+    number: its recorded graph holds a ramp of that length."""
+
+    def forward(self, x):
+        ramp = torch.arange(x.shape[-1], dtype=x.dtype) / x.shape[-1]
+        return x * ramp if bool(x.abs().sum() > 0) else x
+
+
+class _PerRow(torch.nn.Module):
+    """A float leaf that reads the batch size as a number (and not the length)."""
+
+    def forward(self, x):
+        rows = torch.arange(x.shape[0], dtype=x.dtype).reshape(-1, 1, 1)
+        return x + rows if bool(x.abs().sum() > 0) else x
+
+
+def test_a_float_leaf_that_reads_a_size_keeps_only_that_size_fixed(tmp_path):
+    """Each dim the file is to keep free is checked against the float leaves' recordings: a
+    leaf that reads the length as a number keeps the length fixed (said, with the leaf) where
+    a free length would compute wrong shapes; a leaf that reads only the batch keeps the batch
+    fixed and the length free."""
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(2, 4, n, generator=g) for n in (50, 70)]
+
+    def net(leaf):
+        return torch.nn.Sequential(torch.nn.Conv1d(4, 4, 1), leaf, torch.nn.Conv1d(4, 2, 1)).eval()
+
+    def shape(path):
+        (i,) = onnx.load(path).graph.input
+        return [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+
+    ramp = rq.QuantSim(net(_Ramp()), batches[0])
+    assert set(ramp.float_leaves) == {"1"}
+    ramp.compute_encodings(batches, show_progress=False)
+    with pytest.warns(UserWarning, match=r"dim 2 = 50 \(calibration saw \[50, 70\]\) \(read as a number by the "
+                                         r"float leaves \['1\.module'\]\)"):
+        res = ramp.export(str(tmp_path / "a"), batches[0])
+    dims = shape(res.onnx)
+    assert isinstance(dims[0], str) and dims[1:] == [4, 50]  # the batch stays free
+    sess = ort.InferenceSession(res.onnx)
+    one = batches[0][:1]
+    with torch.no_grad():
+        want = ramp.model(one).numpy()
+    assert np.abs(sess.run(None, {sess.get_inputs()[0].name: one.numpy()})[0] - want).max() < 1e-5
+
+    rows = rq.QuantSim(net(_PerRow()), batches[0])
+    rows.compute_encodings(batches, show_progress=False)
+    with pytest.warns(UserWarning, match="read the batch size as a number"):
+        res = rows.export(str(tmp_path / "b"), batches[0])
+    dims = shape(res.onnx)
+    assert dims[:2] == [2, 4] and isinstance(dims[2], str)  # the length stays free
+    sess = ort.InferenceSession(res.onnx)
+    longer = torch.randn(2, 4, 90, generator=g)
+    with torch.no_grad():
+        want = rows.model(longer).numpy()
+    assert np.abs(sess.run(None, {sess.get_inputs()[0].name: longer.numpy()})[0] - want).max() < 1e-5

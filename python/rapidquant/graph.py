@@ -70,6 +70,7 @@ FUNCTIONS: dict = {
     operator.mul: "Mul", torch.mul: "Mul", operator.imul: "Mul",
     operator.truediv: "Div", torch.div: "Div", operator.itruediv: "Div",
     operator.matmul: "MatMul", torch.matmul: "MatMul", torch.bmm: "MatMul", torch.mm: "MatMul",
+    F.embedding: "Gather",
     torch.cat: "Concat", torch.concat: "Concat", torch.stack: "Concat",
     F.relu: "Relu", torch.relu: "Relu", F.relu6: "Clip", F.hardtanh: "Clip", torch.clamp: "Clip", torch.clip: "Clip",
     F.gelu: "Gelu", F.silu: "Silu", F.hardswish: "HardSwish", F.hardsigmoid: "HardSigmoid",

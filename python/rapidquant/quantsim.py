@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from rapidquant import distributed as D
@@ -60,7 +61,8 @@ def _weight_operands(node: fx.Node, op_type: str) -> list:
         ops = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         pairs = list(enumerate(ops, 1))
     else:
-        idx = (0, 1) if op_type == "MatMul" else (_WEIGHT_OPS[op_type],)
+        # F.embedding(ids, weight) takes its table second, aten's embedding(weight, ids) first
+        idx = (0, 1) if op_type == "MatMul" else (1,) if node.target is F.embedding else (_WEIGHT_OPS[op_type],)
         pairs = [(i, node.args[i]) for i in idx if i < len(node.args)]
     return [(i, a) for i, a in pairs if isinstance(a, fx.Node)]
 

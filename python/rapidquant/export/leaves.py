@@ -8,9 +8,11 @@ initializers they receive. torch.export fakes those constants and fails on the s
 For the export, each leaf is recorded with ``make_fx(tracing_mode="real")`` on the inputs it
 receives when the sim runs the dummy input, its constant arguments (graph attributes) baked
 in: every such decision is taken on the real values, exactly as the leaf takes it. A recorded
-leaf is used only where it returns bit-identical outputs; one whose recorded graph changes
-with the batch size (it reads the batch as a Python int) is used too, and makes the file's
-batch fixed (the caller says so).
+leaf is used only where it returns bit-identical outputs. Each dim the file is to keep free
+(the batch, a time axis) is checked by recording the leaf again with the input doubled along
+it: a leaf whose graph changes reads that size as a Python int, and the dim stays fixed in
+the file (the caller says so); otherwise the file would take other sizes and compute wrong
+shapes silently.
 """
 from __future__ import annotations
 
@@ -91,9 +93,10 @@ def _call(leaf: nn.Module, named: dict):
                 **{k: v for k, v in named.items() if isinstance(k, str)})
 
 
-def _record(leaf: nn.Module, inputs: dict, doubled: dict | None, constants: set):
-    """(recorded module, batch baked?) or None where recording fails or changes the output.
-    ``doubled``: the leaf's inputs when the model runs twice the batch (None: it cannot)."""
+def _record(leaf: nn.Module, inputs: dict, variants: dict, constants: set):
+    """(recorded module, the keys of ``variants`` it bakes) or None where recording fails or
+    changes the output. ``variants``: key -> the leaf's inputs when the model runs an input
+    doubled along one dim (None: the model cannot run that, or does not reach the leaf)."""
     from torch.fx.experimental.proxy_tensor import make_fx
     free = [k for k in inputs if k not in constants]
 
@@ -107,49 +110,72 @@ def _record(leaf: nn.Module, inputs: dict, doubled: dict | None, constants: set)
             gm = record(inputs)
             if not _same(gm(*[inputs[k] for k in free]), _call(leaf, inputs)):
                 return None
-            # a graph that differs at twice the batch read the batch size (or a shape holding it)
-            baked = doubled is None or set(doubled) != set(inputs) or record(doubled).code != gm.code
+            # a graph that differs at twice the size read the size (or a shape holding it)
+            baked = {key for key, v in variants.items()
+                     if v is None or set(v) != set(inputs) or _recorded_code(record, v) != gm.code}
     except Exception:  # noqa: BLE001 - a leaf that cannot be recorded stays as it is
         return None
     return _Recorded(gm, free), baked
 
 
+def _recorded_code(record, given: dict) -> str | None:
+    try:
+        return record(given).code
+    except Exception:  # noqa: BLE001 - a leaf that cannot be recorded at that size fixes it
+        return None
+
+
+def _doubled(args: tuple, index, dim: int) -> tuple:
+    """args with every tensor whose size at ``dim`` equals the chosen one doubled along it:
+    the batch (index "batch": every input's dim 0), or input ``index``'s dim, shared with the
+    inputs of the same size there (input ids and their mask)."""
+    first = [t for t in tensors(args) if t.dim()]
+    ref = args[index] if index != "batch" else (first[0] if first else None)
+    if not isinstance(ref, torch.Tensor) or ref.dim() <= dim:
+        return args
+    size = ref.shape[dim]
+    return map_tensors(args, lambda t: torch.cat([t, t], dim) if t.dim() > dim and t.shape[dim] == size else t)
+
+
 @contextlib.contextmanager
-def recorded_float_leaves(sim, args: tuple):
-    """Within the block, sim.model's float leaves are their recorded aten graphs. Yields the
-    paths whose recording fixed the batch size."""
+def recorded_float_leaves(sim, args: tuple, dims: list = ()):
+    """Within the block, sim.model's float leaves are their recorded aten graphs. ``dims``:
+    per input, the dims besides the batch the file is to keep free. Yields {key: [paths of
+    the leaves whose recording fixes it]} for key "batch" and each (input index, dim)."""
     model = sim.model
     paths = set(getattr(sim, "float_leaves", {}) or {})
     if not paths or not isinstance(model, fx.GraphModule):
-        yield []
+        yield {}
         return
     sites = _call_sites(model, paths)
     inputs = _leaf_inputs(model, sites, args)
-    batch = next((t.shape[0] for t in tensors(args) if t.dim()), None)
-    try:  # the same at twice the batch: which recordings hold for any batch size
-        doubled = _leaf_inputs(model, sites, map_tensors(
-            args, lambda t: torch.cat([t, t]) if t.dim() and t.shape[0] == batch else t))
-    except Exception:  # noqa: BLE001 - a model that runs only at the dummy's batch size
-        doubled = {}
-    swapped, baked = {}, []
+    keys = [("batch", 0)] + [(i, d) for i, ds in enumerate(dims) for d in ds]
+    variants = {}
+    for index, dim in keys:  # the same at twice the size: which recordings hold for any size
+        try:
+            variants[index if index == "batch" else (index, dim)] = _leaf_inputs(
+                model, sites, _doubled(args, index, dim))
+        except Exception:  # noqa: BLE001 - a model that runs only at the dummy's size there
+            variants[index if index == "batch" else (index, dim)] = {}
+    swapped, fixed = {}, {}
     for path, constants in sites.items():
         if path not in inputs:
             continue
         leaf = model.get_submodule(path)
-        got = _record(leaf, inputs[path], doubled.get(path), constants)
+        got = _record(leaf, inputs[path], {k: v.get(path) for k, v in variants.items()}, constants)
         if got is None:
             continue
         parent, _, name = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         swapped[path] = (owner, name, leaf)
         setattr(owner, name, got[0])
-        if got[1]:
-            baked.append(path)
-    if baked:
-        warnings.warn(f"export: {len(baked)} float leaves read the batch size as a number ({baked[:4]}); "
-                      "the exported file has the dummy input's batch size", stacklevel=3)
+        for key in got[1]:
+            fixed.setdefault(key, []).append(path)
+    if fixed.get("batch"):
+        warnings.warn(f"export: {len(fixed['batch'])} float leaves read the batch size as a number "
+                      f"({fixed['batch'][:4]}); the exported file has the dummy input's batch size", stacklevel=3)
     try:
-        yield baked
+        yield fixed
     finally:
         for owner, name, leaf in swapped.values():
             setattr(owner, name, leaf)

@@ -316,7 +316,8 @@ def _twin(name: str, nodes: dict, sim):
     return None
 
 
-_SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+# values unchanged (a Cast: an fp16 model's QDQ runs in fp32 and is cast back)
+_SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast")
 
 
 def _quantizer_of(tensor: str, producer: dict, sim):
@@ -519,10 +520,12 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     seen: list = []
     from rapidquant.qmodules import float_biases
     # the int32 biases are written into the graph below; float leaves go in as recorded graphs
-    with float_biases(), recorded_float_leaves(sim, args) as batch_baked:
+    wanted = list(dynamic_dims or [])
+    with float_biases(), recorded_float_leaves(sim, args, wanted) as fixed_by_leaves:
+        free = [[d for d in ds if (i, d) not in fixed_by_leaves] for i, ds in enumerate(wanted)]
         proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
-                              opset or OPSET, dynamic_batch and not batch_baked, dynamic_dims or [])
-    _warn_fixed_dims(proto, args, dynamic_dims or [], sim.calibration_sizes)
+                              opset or OPSET, dynamic_batch and "batch" not in fixed_by_leaves, free)
+    _warn_fixed_dims(proto, wanted, sim.calibration_sizes, fixed_by_leaves)
     first, every, unmapped, folded, merged = _map_quantizers(proto, sim, seen)
     widen_weight_only_matmul_containers(proto)
     if unsigned_weights:
@@ -580,17 +583,18 @@ def _warn_parity(res: ExportResult) -> None:
                           "the deployed file does not compute what the sim scored", stacklevel=3)
 
 
-def _dynamic_dims(a, extra=()):
-    """Batch symbolic, and the ``extra`` dims; every dim of integer inputs too (token ids and
-    masks: sequence length)."""
+def _dynamic_dims(a, extra=(), batch: bool = True):
+    """The ``extra`` dims symbolic, and the batch when ``batch``; with the batch, every dim of
+    integer inputs too (token ids and masks: sequence length)."""
     if not isinstance(a, torch.Tensor) or not a.dim():
         return None
-    if a.is_floating_point():
-        return {d: torch.export.Dim.AUTO for d in (0, *extra) if d < a.dim()}
-    return {d: torch.export.Dim.AUTO for d in range(a.dim())}
+    dims = set(extra) | ({0} if batch else set())
+    if batch and not a.is_floating_point():
+        dims |= set(range(a.dim()))
+    return {d: torch.export.Dim.AUTO for d in sorted(dims) if d < a.dim()} or None
 
 
-def _warn_fixed_dims(proto, args, wanted: list, sizes: dict) -> None:
+def _warn_fixed_dims(proto, wanted: list, sizes: dict, fixed_by_leaves: dict) -> None:
     """Name the dims that were to be symbolic (seen at several sizes in calibration, or asked
     for) but that the file fixes: the model's code reads them as numbers."""
     fixed = []
@@ -599,8 +603,10 @@ def _warn_fixed_dims(proto, args, wanted: list, sizes: dict) -> None:
         for d in dims:
             if d < len(shape) and shape[d].HasField("dim_value"):
                 seen = sorted(sizes.get(vi.name, {}).get(d, ()))
-                fixed.append(f"{vi.name} dim {d} = {shape[d].dim_value}" + (f" (calibration saw {seen})" if
-                                                                               len(seen) > 1 else ""))
+                leaves = fixed_by_leaves.get((i, d))
+                fixed.append(f"{vi.name} dim {d} = {shape[d].dim_value}" +
+                             (f" (calibration saw {seen})" if len(seen) > 1 else "") +
+                             (f" (read as a number by the float leaves {leaves[:3]})" if leaves else ""))
     if fixed:
         warnings.warn("the exported file fixes input sizes that were to stay free: " + "; ".join(fixed) +
                       ". The model's code reads them as numbers during export (a reshape to a size computed "
@@ -609,6 +615,8 @@ def _warn_fixed_dims(proto, args, wanted: list, sizes: dict) -> None:
 
 
 def _export_proto(model, args, table, opset: int, dynamic_batch: bool, extra_dims: list = ()):
+    """``dynamic_batch``: the batch symbolic where the model allows; ``extra_dims``: per input,
+    more dims to try symbolic (then the batch alone, then none)."""
     """torch.onnx (dynamo) export of ``model`` with quantizers calling the named ops."""
     was = model.training
     model.eval()
@@ -634,10 +642,12 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool, extra_dim
                     return prog
             prog, failed = None, None
             extra = list(extra_dims) + [()] * (len(args) - len(extra_dims))
-            tries = [extra] + ([[()] * len(args)] if any(extra) else [])  # then the batch alone
-            for dims in tries if dynamic_batch else ():  # batch (and more) symbolic where the model allows
+            tries = ([extra] if any(extra) or dynamic_batch else []) + \
+                ([[()] * len(args)] if any(extra) and dynamic_batch else [])  # then the batch alone
+            for dims in tries:  # symbolic where the model allows
                 try:
-                    prog = export(dynamic_shapes=tuple(_dynamic_dims(a, e) for a, e in zip(args, dims)))
+                    shapes = tuple(_dynamic_dims(a, e, dynamic_batch) for a, e in zip(args, dims))
+                    prog = export(dynamic_shapes=shapes)
                     break
                 except Exception as e:  # noqa: BLE001 - fall back to fewer symbolic dims, then none
                     failed = e
@@ -650,7 +660,8 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool, extra_dim
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
     if failed is not None:
-        warnings.warn(f"exporting with a dynamic batch dimension failed ({type(failed).__name__}); "
+        warnings.warn(f"exporting with symbolic dims (the batch{', more' if any(extra_dims) else ''}) failed "
+                      f"({type(failed).__name__}); "
                       "the ONNX model has the dummy input's fixed shapes", stacklevel=3)
     if scan_failed:
         root = scan_failed[-1]
