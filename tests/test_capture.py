@@ -438,7 +438,7 @@ def test_an_embedding_table_read_by_f_embedding_is_a_weight():
     assert sim.capture_method == "torch.fx" and "table" in sim.param_quantizers() and sim.float_weights == {}
 
 
-def test_a_failed_torch_export_prints_no_graph(capfd):
+def test_a_failed_torch_export_prints_no_graph(capfd, monkeypatch):
     """torch.export prints a failed export's partial graph to stderr; capture falls back and
     says why in one line, so that dump (hundreds of lines on a detector) is dropped."""
     class Branchy(nn.Module):
@@ -454,6 +454,12 @@ def test_a_failed_torch_export_prints_no_graph(capfd):
         rq.QuantSim(Branchy(), torch.randn(2, 4))
     err = capfd.readouterr().err
     assert "def forward(self" not in err, err[:2000]
+    import contextlib
+    import sys
+    monkeypatch.setattr(sys.modules["rapidquant.capture"], "without_graph_dumps", contextlib.nullcontext)
+    with pytest.raises(Exception, match="Branchy|data-dependent|control flow"):
+        rq.QuantSim(Branchy(), torch.randn(2, 4))
+    assert "def forward(self" in capfd.readouterr().err  # what torch prints without the filter
 
 
 def test_destroyed_grids_stay_where_the_hardware_has_no_16_bit_activations():

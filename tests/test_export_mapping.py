@@ -430,6 +430,9 @@ def test_fp16_model_exports_a_file_onnxruntime_runs(tmp_path):
     # fp16 rounding of the dequantized output: measured 0 steps apart (asserted within one)
     assert np.abs(got.astype(np.float32) - want.float().numpy()).max() <= step, step
     assert res.ort_ok and res.parity["default"].max_steps is not None  # the output grid is found through the Cast
+    fp8 = rq.QuantSim(m.eval(), x, rq.QuantSimConfig(act_dtype="float", float_format="fp8_e4m3"))
+    fp8.compute_encodings([x], show_progress=False)
+    assert fp8.export(str(tmp_path / "fp8"), x).ort_ok  # fp8 activations of an fp16 model: the same cast
 
 
 def _sequence_net():
@@ -463,6 +466,8 @@ def test_dims_calibration_saw_at_several_sizes_stay_free_in_the_file(tmp_path, m
     with pytest.raises(ValueError, match="not inputs of the captured model"):
         fixed.export(str(tmp_path / "d"), batches[0], dynamic_dims={"audio": [2]})
 
+    static = sim.export(str(tmp_path / "s"), batches[0], dynamic_batch=False).onnx  # static: what was asked
+    assert [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(static).graph.input] == [[2, 4, 50]]
     # a model whose export cannot keep the length free (simulated: the exporter refuses it) keeps
     # its batch free, and the warning names the length the file fixes
     real = torch.onnx.export
@@ -535,3 +540,28 @@ def test_a_float_leaf_that_reads_a_size_keeps_only_that_size_fixed(tmp_path):
     with torch.no_grad():
         want = rows.model(longer).numpy()
     assert np.abs(sess.run(None, {sess.get_inputs()[0].name: longer.numpy()})[0] - want).max() < 1e-5
+
+
+class _Tokens(torch.nn.Module):
+    """Token ids -> embedding -> a float leaf that reads the sequence length as a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ramp, self.out = torch.nn.Embedding(30, 8), _Ramp(), torch.nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.out(self.ramp(self.emb(ids).transpose(1, 2)).transpose(1, 2))
+
+
+def test_an_integer_input_dim_a_float_leaf_reads_stays_fixed(tmp_path):
+    """Every dim of an integer input (token ids) goes symbolic with the batch, but not one a
+    float leaf reads as a number: that one stays fixed, and the warning names it."""
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 30, (2, n), generator=g) for n in (12, 20)]
+    sim = rq.QuantSim(_Tokens().eval(), batches[0])
+    sim.compute_encodings(batches, show_progress=False)
+    with pytest.warns(UserWarning, match=r"dim 1 = 12 \(calibration saw \[12, 20\]\) \(read as a number"):
+        res = sim.export(str(tmp_path), batches[0])
+    (i,) = onnx.load(res.onnx).graph.input
+    dims = [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1] == 12

@@ -356,15 +356,15 @@ class QuantSim:
                 src, direct = _param_source(arg)
                 if src is None or src.target in done:
                     continue
+                kind = "weight"
+                if not self.hw.param_quantized(info.op_type, kind):
+                    continue
                 try:
                     p = gm.get_parameter(src.target)
                 except AttributeError:
                     p = self._weight_buffer_as_parameter(gm, src.target)
                     if p is None:
                         continue  # a constant or an integer buffer: no weight
-                kind = "weight"
-                if not self.hw.param_quantized(info.op_type, kind):
-                    continue
                 per_ch = c.per_channel if c.per_channel is not None else self.hw.per_channel(info.op_type)
                 axis = None
                 if per_ch and direct and p.dim() >= 2:
@@ -388,10 +388,10 @@ class QuantSim:
             b = gm.get_buffer(target)
         except AttributeError:
             return None
-        if self._inplace or not b.is_floating_point() or b.dim() < 2:
-            return None
         owner, _, attr = target.rpartition(".")
         module = gm.get_submodule(owner)
+        if self._inplace or not b.is_floating_point() or b.dim() < 2 or attr not in module.state_dict(keep_vars=True):
+            return None  # a non-persistent buffer as a parameter would add a state_dict key
         delattr(module, attr)
         p = nn.Parameter(b, requires_grad=False)
         module.register_parameter(attr, p)
@@ -444,8 +444,10 @@ class QuantSim:
         return [p for q in self.quantizers().values() for p in q.parameters()]
 
     def model_parameters(self) -> list:
-        """The model's own (float master) parameters, without quantizer parameters."""
+        """The model's own (float master) parameters, without quantizer parameters and without
+        the buffers held as parameters to quantize them as weights (constants of the model)."""
         ids = {id(p) for p in self.quantizer_parameters()}
+        ids |= {id(self.model.get_parameter(n)) for n in self.weight_buffers}
         return [p for p in self.model.parameters() if id(p) not in ids]
 
     def quantizer(self, name: str) -> Quantizer:
@@ -515,10 +517,10 @@ class QuantSim:
                     for i, batch in enumerate(bar):
                         if num_batches is not None and i >= num_batches:
                             break
+                        self._note_sizes(batch)  # every rank notes every batch's sizes: one file
                         if shard and not D.mine(i):
                             continue  # another rank's batch
                         batch = cast_floats(to_device(batch, device) if device else batch, dtype)
-                        self._note_sizes(batch)
                         call_model(model, batch, self.input_signature)
                         seen += 1
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
@@ -652,7 +654,8 @@ class QuantSim:
         input and weight are quantized, as onnxruntime and integer targets run them);
         ``export_int32_bias`` also lists them in the encodings file. The batch dimension is
         exported as symbolic when the model allows (``dynamic_batch``), and so are the dims the
-        calibration batches had at different sizes and those ``dynamic_dims`` names
+        calibration batches had at different sizes (not with ``dynamic_batch=False``) and those
+        ``dynamic_dims`` names
         (``{"audio": [2]}``: input name -> dims; a sequence length the calibration did not
         vary); a warning names any of them the model's code fixes. int8 weights of
         Conv/MatMul/Gemm layers with uint8 activations are written as uint8 with zero point
@@ -661,7 +664,7 @@ class QuantSim:
         (TensorRT). Floating inputs are cast to an fp16/bf16 model's dtype."""
         from rapidquant.export.onnx_qdq import export_sim
         dummy_input = cast_floats(dummy_input, model_float_dtype(self.model, strict=False))
-        wanted = self.varying_dims()
+        wanted = self.varying_dims() if dynamic_batch else {}  # dynamic_batch=False: static but what is named
         unknown = sorted(set(dynamic_dims or {}) - set(self.input_signature.names))
         if unknown:
             raise ValueError(f"dynamic_dims names {unknown}, which are not inputs of the captured model "

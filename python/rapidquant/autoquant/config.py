@@ -3,6 +3,7 @@ instead of copying their fields, so every QuantSim knob reaches AutoQuant unchan
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -117,7 +118,8 @@ def _validate(c: AutoQuantConfig) -> None:
         bad("latency_threads", "must be a thread count >= 1, or None to skip the latency measurement")
     if c.confidence is not None and not 0.5 <= c.confidence < 1:
         bad("confidence", "must be in [0.5, 1), e.g. 0.95, or None")
-    if c.predict_samples is not None and (not isinstance(c.predict_samples, int) or c.predict_samples < 1):
+    if c.predict_samples is not None and (isinstance(c.predict_samples, bool) or
+                                          not isinstance(c.predict_samples, numbers.Integral) or c.predict_samples < 1):
         bad("predict_samples", "must be a number of samples >= 1 (the size of your own test), or None")
     if c.predict_samples is not None and c.confidence is None:
         bad("predict_samples", "needs a confidence level (e.g. confidence=0.95) and per-sample eval results")

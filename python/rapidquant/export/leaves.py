@@ -141,7 +141,8 @@ def _doubled(args: tuple, index, dim: int) -> tuple:
 def recorded_float_leaves(sim, args: tuple, dims: list = ()):
     """Within the block, sim.model's float leaves are their recorded aten graphs. ``dims``:
     per input, the dims besides the batch the file is to keep free. Yields {key: [paths of
-    the leaves whose recording fixes it]} for key "batch" and each (input index, dim)."""
+    the leaves whose recording fixes it]} for key "batch" and each (input index, dim); [None]
+    where the model itself does not run with that dim doubled."""
     model = sim.model
     paths = set(getattr(sim, "float_leaves", {}) or {})
     if not paths or not isinstance(model, fx.GraphModule):
@@ -157,7 +158,8 @@ def recorded_float_leaves(sim, args: tuple, dims: list = ()):
                 model, sites, _doubled(args, index, dim))
         except Exception:  # noqa: BLE001 - a model that runs only at the dummy's size there
             variants[index if index == "batch" else (index, dim)] = {}
-    swapped, fixed = {}, {}
+    swapped = {}
+    fixed = {key: [None] for key, v in variants.items() if not v}  # the model does not run at that size
     for path, constants in sites.items():
         if path not in inputs:
             continue
@@ -170,8 +172,9 @@ def recorded_float_leaves(sim, args: tuple, dims: list = ()):
         swapped[path] = (owner, name, leaf)
         setattr(owner, name, got[0])
         for key in got[1]:
-            fixed.setdefault(key, []).append(path)
-    if fixed.get("batch"):
+            if fixed.get(key) != [None]:
+                fixed.setdefault(key, []).append(path)
+    if fixed.get("batch") and fixed["batch"] != [None]:
         warnings.warn(f"export: {len(fixed['batch'])} float leaves read the batch size as a number "
                       f"({fixed['batch'][:4]}); the exported file has the dummy input's batch size", stacklevel=3)
     try:

@@ -190,6 +190,9 @@ def _translation_table(params: set, seen: list):
 
     def float_qdq(x, scale, fmt: int, block, name: str = ""):
         seen.append(name)
+        if fmt not in (0, 1) and getattr(x, "dtype", None) not in (None, ir_float()):
+            # fp8 of an fp16 tensor: Q takes x and its (fp32) scale in one type, as in qdq
+            return op.CastLike(float_qdq(op.Cast(x, to=T.FLOAT), scale, fmt, block, name), x)
         if fmt in (0, 1):  # fp16 / bf16: saturate, cast, cast back
             m = op.CastLike(FORMAT_MAX[fmt], x)
             v = x if scale is None else op.Div(x, op.CastLike(scale, x))
@@ -316,14 +319,22 @@ def _twin(name: str, nodes: dict, sim):
     return None
 
 
-# values unchanged (a Cast: an fp16 model's QDQ runs in fp32 and is cast back)
-_SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast")
+_SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+_FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _keeps_values(n) -> bool:
+    """A shape-only op, or a Cast between float types (an fp16 model's QDQ runs in fp32 and is
+    cast back); not a cast to integers."""
+    if n.op_type == "Cast":
+        return any(a.name == "to" and a.i in _FLOAT_TYPES for a in n.attribute)
+    return n.op_type in _SHAPE_ONLY
 
 
 def _quantizer_of(tensor: str, producer: dict, sim):
     """The integer quantizer whose (stamped) DQ or clamp produced ``tensor``, through shape-only ops."""
     n = producer.get(tensor)
-    while n is not None and n.op_type in _SHAPE_ONLY:
+    while n is not None and _keeps_values(n):
         n = producer.get(n.input[0])
     if n is None:
         return None
@@ -520,12 +531,17 @@ def export_sim(sim, out_dir: str, dummy_input, filename: str = "model", *, encod
     seen: list = []
     from rapidquant.qmodules import float_biases
     # the int32 biases are written into the graph below; float leaves go in as recorded graphs
-    wanted = list(dynamic_dims or [])
-    with float_biases(), recorded_float_leaves(sim, args, wanted) as fixed_by_leaves:
+    wanted = list(dynamic_dims or []) + [[]] * (len(args) - len(dynamic_dims or []))
+    # with the batch, an integer input's every dim goes symbolic: the leaves are checked on them too
+    checked = [sorted(set(ds) | (set(range(1, a.dim())) if dynamic_batch and isinstance(a, torch.Tensor)
+                                 and not a.is_floating_point() else set())) for ds, a in zip(wanted, args)]
+    with float_biases(), recorded_float_leaves(sim, args, checked) as fixed_by_leaves:
         free = [[d for d in ds if (i, d) not in fixed_by_leaves] for i, ds in enumerate(wanted)]
+        held = [[d for d in ds if (i, d) in fixed_by_leaves] for i, ds in enumerate(checked)]
         proto = _export_proto(sim.model, args, _translation_table(set(sim.param_quantizers()), seen),
-                              opset or OPSET, dynamic_batch and "batch" not in fixed_by_leaves, free)
-    _warn_fixed_dims(proto, wanted, sim.calibration_sizes, fixed_by_leaves)
+                              opset or OPSET, dynamic_batch and "batch" not in fixed_by_leaves, free, held)
+    _warn_fixed_dims(proto, dict(zip(sim.input_signature.names, wanted)), sim.calibration_sizes,
+                     fixed_by_leaves)
     first, every, unmapped, folded, merged = _map_quantizers(proto, sim, seen)
     widen_weight_only_matmul_containers(proto)
     if unsigned_weights:
@@ -583,30 +599,33 @@ def _warn_parity(res: ExportResult) -> None:
                           "the deployed file does not compute what the sim scored", stacklevel=3)
 
 
-def _dynamic_dims(a, extra=(), batch: bool = True):
+def _dynamic_dims(a, extra=(), batch: bool = True, fixed=()):
     """The ``extra`` dims symbolic, and the batch when ``batch``; with the batch, every dim of
-    integer inputs too (token ids and masks: sequence length)."""
+    integer inputs too (token ids and masks: sequence length) but those in ``fixed``."""
     if not isinstance(a, torch.Tensor) or not a.dim():
         return None
     dims = set(extra) | ({0} if batch else set())
     if batch and not a.is_floating_point():
-        dims |= set(range(a.dim()))
+        dims |= set(range(a.dim())) - set(fixed)
     return {d: torch.export.Dim.AUTO for d in sorted(dims) if d < a.dim()} or None
 
 
-def _warn_fixed_dims(proto, wanted: list, sizes: dict, fixed_by_leaves: dict) -> None:
+def _warn_fixed_dims(proto, wanted: dict, sizes: dict, fixed_by_leaves: dict) -> None:
     """Name the dims that were to be symbolic (seen at several sizes in calibration, or asked
-    for) but that the file fixes: the model's code reads them as numbers."""
+    for) but that the file fixes: the model's code reads them as numbers. ``wanted``: input
+    name -> dims."""
+    names = list(wanted)
     fixed = []
-    for i, (vi, dims) in enumerate(zip(proto.graph.input, wanted)):
+    for vi in proto.graph.input:
         shape = vi.type.tensor_type.shape.dim
-        for d in dims:
+        for d in wanted.get(vi.name, ()):
             if d < len(shape) and shape[d].HasField("dim_value"):
                 seen = sorted(sizes.get(vi.name, {}).get(d, ()))
-                leaves = fixed_by_leaves.get((i, d))
+                leaves = fixed_by_leaves.get((names.index(vi.name), d))
+                why = "" if not leaves else (" (the model does not run with it doubled)" if leaves == [None] else
+                                             f" (read as a number by the float leaves {leaves[:3]})")
                 fixed.append(f"{vi.name} dim {d} = {shape[d].dim_value}" +
-                             (f" (calibration saw {seen})" if len(seen) > 1 else "") +
-                             (f" (read as a number by the float leaves {leaves[:3]})" if leaves else ""))
+                             (f" (calibration saw {seen})" if len(seen) > 1 else "") + why)
     if fixed:
         warnings.warn("the exported file fixes input sizes that were to stay free: " + "; ".join(fixed) +
                       ". The model's code reads them as numbers during export (a reshape to a size computed "
@@ -614,10 +633,11 @@ def _warn_fixed_dims(proto, wanted: list, sizes: dict, fixed_by_leaves: dict) ->
                       "per size you deploy, or make the code read sizes from tensor shapes", stacklevel=3)
 
 
-def _export_proto(model, args, table, opset: int, dynamic_batch: bool, extra_dims: list = ()):
-    """``dynamic_batch``: the batch symbolic where the model allows; ``extra_dims``: per input,
-    more dims to try symbolic (then the batch alone, then none)."""
-    """torch.onnx (dynamo) export of ``model`` with quantizers calling the named ops."""
+def _export_proto(model, args, table, opset: int, dynamic_batch: bool, extra_dims: list = (), held: list = ()):
+    """torch.onnx (dynamo) export of ``model`` with quantizers calling the named ops.
+    ``dynamic_batch``: the batch symbolic where the model allows; ``extra_dims``: per input,
+    more dims to try symbolic (then the batch alone, then none); ``held``: per input, dims a
+    float leaf fixes."""
     was = model.training
     model.eval()
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch._dynamo", "torch.export")]
@@ -646,7 +666,8 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool, extra_dim
                 ([[()] * len(args)] if any(extra) and dynamic_batch else [])  # then the batch alone
             for dims in tries:  # symbolic where the model allows
                 try:
-                    shapes = tuple(_dynamic_dims(a, e, dynamic_batch) for a, e in zip(args, dims))
+                    fixed = list(held) + [()] * (len(args) - len(held))
+                    shapes = tuple(_dynamic_dims(a, e, dynamic_batch, f) for a, e, f in zip(args, dims, fixed))
                     prog = export(dynamic_shapes=shapes)
                     break
                 except Exception as e:  # noqa: BLE001 - fall back to fewer symbolic dims, then none
