@@ -627,3 +627,61 @@ def test_integers_computed_from_values_are_activations_not_constants():
     # was: the argmax counted as shape arithmetic, the embedding of it as a constant, and the
     # scaled embedding lost its grid (a G2P LSTM decoder's file then drifted from its sim)
     assert {"emb.output", "mul.output"} <= set(sim.quantizers()), list(sim.quantizers())
+
+
+def test_nested_context_blocks_under_torch_export_keep_their_graphs():
+    """``with torch.no_grad(): with torch.autocast(...)`` in a model only torch.export captures:
+    the export records a subgraph inside a subgraph, and the capture keeps both (it deleted
+    the inner one and the build failed with 'no attribute submod_1')."""
+    class Spectral(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.dim() != 2:  # torch.fx cannot follow this: torch.export captures
+                raise ValueError("2-D input")
+            with torch.no_grad():
+                with torch.autocast("cpu", enabled=False):
+                    s = x.float().mean(dim=-1, keepdim=True)
+            return self.lin(x - s)
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    model = Spectral().eval()
+    sim = rq.QuantSim(model, x)
+    sim.compute_encodings([x], show_progress=False)
+    assert sim.capture_method == "torch.export"
+    with torch.no_grad():
+        assert (sim.model(x) - model(x)).abs().max() < 0.05
+
+
+def test_instance_norm_pad_values_and_unfold_export_with_a_free_batch(tmp_path):
+    """InstanceNorm has a quantized twin (as a float leaf its recording fixed the batch); a
+    pad value held in a one-element tensor (onnx2torch's Pad) is read as a number so the
+    export takes it; Tensor.unfold only moves values."""
+    import onnxruntime as ort
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.conv = nn.InstanceNorm2d(1), nn.Conv2d(1, 4, 3)
+            self.register_buffer("pad_value", torch.tensor(0.5))
+
+        def forward(self, x):
+            x = F.pad(self.norm(x), [1, 1, 1, 1], mode="constant", value=self.pad_value)
+            return self.conv(x).unfold(3, 4, 4).mean(-1)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 16, 16, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unknown op, no float leaf
+        sim = rq.QuantSim(Net().eval(), x)
+    assert sim.float_leaves == {}
+    sim.compute_encodings([x, torch.rand(2, 1, 16, 16, generator=g)], show_progress=False)
+    res = sim.export(str(tmp_path), x)
+    sess = ort.InferenceSession(res.onnx)
+    one = x[:1]
+    with torch.no_grad():
+        want = sim.model(one).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: one.numpy()})[0]
+    assert abs(got - want).max() < 1e-5

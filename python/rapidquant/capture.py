@@ -19,6 +19,7 @@ mask is applied exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import linecache
 import logging
@@ -191,6 +192,7 @@ def _fx_capture(model, args, kwargs, leaf_types, leaf_names, concrete_args) -> f
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _drop_constant_placeholders(gm, concrete)
     _inline_integer_scalars(gm)
+    _inline_pad_values(gm)
     return gm
 
 
@@ -236,6 +238,52 @@ def _inline_integer_scalars(gm: fx.GraphModule) -> None:
     if changed:
         g.lint()
         gm.recompile()
+
+
+def _inline_pad_values(gm: fx.GraphModule) -> None:
+    """F.pad's fill value read from a one-element float tensor constant (onnx2torch's Pad
+    passes the ONNX Pad's constant_value input) becomes a Python float: the ONNX export fakes
+    every tensor, and F.pad cannot take a fake as its value."""
+    changed = False
+    for node in gm.graph.nodes:
+        if not (node.op == "call_function" and node.target is F.pad):
+            continue
+        v = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        if not (isinstance(v, fx.Node) and v.op == "get_attr"):
+            continue
+        t = functools.reduce(getattr, v.target.split("."), gm)
+        if not (isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point()):
+            continue
+        if "value" in node.kwargs:
+            node.kwargs = {**node.kwargs, "value": float(t)}
+        else:
+            node.args = node.args[:3] + (float(t),) + node.args[4:]
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+
+def _delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """GraphModule.delete_all_unused_submodules, but keeping what nested graphs use: torch.export
+    records a ``with torch.no_grad(): with torch.autocast(...)`` block as a subgraph holding
+    its own subgraph, whose module the plain version deletes."""
+    used, whole = set(), set()  # paths on the way to a used attribute; modules called whole
+
+    def mark(graph_module, prefix):
+        for n in graph_module.graph.nodes:
+            if n.op in ("call_module", "get_attr"):
+                parts = (prefix + n.target).split(".")
+                used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                sub = functools.reduce(getattr, n.target.split("."), graph_module)
+                if isinstance(sub, fx.GraphModule):
+                    mark(sub, prefix + n.target + ".")  # a nested graph says what it uses
+                elif n.op == "call_module":
+                    whole.add(prefix + n.target)  # its own forward uses all it holds
+    mark(gm, "")
+    for name, _ in sorted(gm.named_modules(), key=lambda kv: -kv[0].count(".")):
+        if name and name not in used and not any(name.startswith(w + ".") for w in whole):
+            gm.delete_submodule(name)
 
 
 def _drop_constant_placeholders(gm: fx.GraphModule, concrete: dict) -> None:
@@ -410,7 +458,7 @@ def _export_capture(model, args, kwargs, is_leaf) -> tuple[fx.GraphModule, dict,
         if hasattr(um, attr):
             setattr(gm, attr, getattr(um, attr))
     gm.graph.eliminate_dead_code()  # parameters of folded modules
-    gm.delete_all_unused_submodules()
+    _delete_unused_submodules(gm)
     gm.recompile()
     return gm, fixed, why
 

@@ -36,6 +36,9 @@ MODULES: dict[type, ModuleSpec] = {
     nn.BatchNorm2d: ModuleSpec("BatchNormalization", {"weight": None, "bias": None}),
     nn.BatchNorm3d: ModuleSpec("BatchNormalization", {"weight": None, "bias": None}),
     nn.LayerNorm: ModuleSpec("LayerNormalization", {"weight": None, "bias": None}),
+    nn.InstanceNorm1d: ModuleSpec("InstanceNormalization", {"weight": None, "bias": None}),
+    nn.InstanceNorm2d: ModuleSpec("InstanceNormalization", {"weight": None, "bias": None}),
+    nn.InstanceNorm3d: ModuleSpec("InstanceNormalization", {"weight": None, "bias": None}),
     nn.GroupNorm: ModuleSpec("GroupNormalization", {"weight": None, "bias": None}),
     nn.PReLU: ModuleSpec("PRelu", {"weight": 0}),
     nn.MultiheadAttention: ModuleSpec("MultiheadAttention", {"in_proj_weight": 0, "out_proj.weight": 0,
@@ -104,6 +107,7 @@ PASSTHROUGH_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
     "expand", "expand_as", "split", "chunk", "t", "size", "dim", "repeat", "narrow", "unbind",
     "view_as", "reshape_as", "to", "float", "type_as", "detach", "clone", "flip", "roll",
+    "unfold",  # sliding windows: the same values, rearranged
 }
 
 
