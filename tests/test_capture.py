@@ -655,6 +655,24 @@ def test_nested_context_blocks_under_torch_export_keep_their_graphs():
         assert (sim.model(x) - model(x)).abs().max() < 0.05
 
 
+def test_rms_norm_is_quantized_and_exported(tmp_path):
+    """nn.RMSNorm (a transformer's or a forecaster's norm) gets an output grid like LayerNorm
+    instead of staying a float leaf, and the file matches the sim."""
+    import onnxruntime as ort
+    model = nn.Sequential(nn.Linear(8, 16), nn.RMSNorm(16), nn.Linear(16, 4)).eval()
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    sim = rq.QuantSim(model, x)
+    assert sim.float_leaves == {} and "1.output" in sim.quantizers()
+    sim.compute_encodings([x], show_progress=False)
+    res = sim.export(str(tmp_path), x)
+    sess = ort.InferenceSession(res.onnx)
+    with torch.no_grad():
+        want = sim.model(x).numpy()
+    # one output step at most (a float sum on a rounding tie); measured 0
+    step = float(sim.quantizer("2.output").scale)
+    assert abs(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] - want).max() <= step + 1e-6
+
+
 def test_instance_norm_pad_values_and_unfold_export_with_a_free_batch(tmp_path):
     """InstanceNorm has a quantized twin (as a float leaf its recording fixed the batch); a
     pad value held in a one-element tensor (onnx2torch's Pad) is read as a number so the

@@ -36,6 +36,7 @@ MODULES: dict[type, ModuleSpec] = {
     nn.BatchNorm2d: ModuleSpec("BatchNormalization", {"weight": None, "bias": None}),
     nn.BatchNorm3d: ModuleSpec("BatchNormalization", {"weight": None, "bias": None}),
     nn.LayerNorm: ModuleSpec("LayerNormalization", {"weight": None, "bias": None}),
+    nn.RMSNorm: ModuleSpec("RMSNormalization", {"weight": None}),
     nn.InstanceNorm1d: ModuleSpec("InstanceNormalization", {"weight": None, "bias": None}),
     nn.InstanceNorm2d: ModuleSpec("InstanceNormalization", {"weight": None, "bias": None}),
     nn.InstanceNorm3d: ModuleSpec("InstanceNormalization", {"weight": None, "bias": None}),
