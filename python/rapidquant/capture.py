@@ -240,6 +240,11 @@ def _inline_integer_scalars(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _attr(module: nn.Module, target: str):
+    """The attribute a get_attr or call_module target names (a dotted path)."""
+    return functools.reduce(getattr, target.split("."), module)
+
+
 def _inline_pad_values(gm: fx.GraphModule) -> None:
     """F.pad's fill value read from a one-element float tensor constant (onnx2torch's Pad
     passes the ONNX Pad's constant_value input) becomes a Python float: the ONNX export fakes
@@ -251,7 +256,7 @@ def _inline_pad_values(gm: fx.GraphModule) -> None:
         v = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
         if not (isinstance(v, fx.Node) and v.op == "get_attr"):
             continue
-        t = functools.reduce(getattr, v.target.split("."), gm)
+        t = _attr(gm, v.target)
         if not (isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point()):
             continue
         if "value" in node.kwargs:
@@ -275,7 +280,7 @@ def _delete_unused_submodules(gm: fx.GraphModule) -> None:
             if n.op in ("call_module", "get_attr"):
                 parts = (prefix + n.target).split(".")
                 used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-                sub = functools.reduce(getattr, n.target.split("."), graph_module)
+                sub = _attr(graph_module, n.target)
                 if isinstance(sub, fx.GraphModule):
                     mark(sub, prefix + n.target + ".")  # a nested graph says what it uses
                 elif n.op == "call_module":
@@ -492,16 +497,10 @@ def _fixed_sizes(ep) -> dict:
 
 
 def _resolve(model: nn.Module, target: str, fallback: nn.Module):
-    obj = model
     try:
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _attr(model, target)
     except AttributeError:
-        obj = fallback
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _attr(fallback, target)
 
 
 def _owner(node, mods, is_leaf) -> str | None:

@@ -690,9 +690,9 @@ class QuantSim:
     def varying_dims(self) -> dict[str, list[int]]:
         """Input name -> the dims beyond the batch the calibration batches had at more than one
         size (a sequence or time axis): exported symbolic with the batch."""
-        return {n: [d for d, sizes in dims.items() if d > 0 and len(sizes) > 1]
-                for n, dims in self.calibration_sizes.items()
-                if any(d > 0 and len(sizes) > 1 for d, sizes in dims.items())}
+        varying = {n: [d for d, sizes in dims.items() if d > 0 and len(sizes) > 1]
+                   for n, dims in self.calibration_sizes.items()}
+        return {n: dims for n, dims in varying.items() if dims}
 
     def positional(self, batch) -> tuple:
         """A batch as the captured model's positional inputs, in signature order (dict

@@ -28,17 +28,16 @@ def bootstrap_drop(fp32: np.ndarray, quant: np.ndarray, confidence: float, seed:
         raise ValueError(f"per-sample results differ in length between the FP32 model ({fp32.size}) and the "
                          f"quantized model ({quant.size}): they must score the same samples in the same order")
     rng = np.random.default_rng(seed)
-    if new_samples is None:
-        idx = rng.integers(0, fp32.size, size=(BOOTSTRAP_RESAMPLES, fp32.size))
-        drops = fp32[idx].mean(1) - quant[idx].mean(1)
-    else:
-        d = fp32.astype(np.float64) - quant
-        drops = np.empty(BOOTSTRAP_RESAMPLES)
-        step = max(1, (1 << 22) // max(d.size, new_samples))  # index blocks of at most 32 MB
-        for s in range(0, BOOTSTRAP_RESAMPLES, step):
-            r = min(step, BOOTSTRAP_RESAMPLES - s)
-            drops[s:s + r] = (d[rng.integers(0, d.size, size=(r, d.size))].mean(1)
-                              + d[rng.integers(0, d.size, size=(r, new_samples))].mean(1) - d.mean())
+    d = fp32.astype(np.float64) - quant
+    drops = np.empty(BOOTSTRAP_RESAMPLES)
+    # one block of indices for the expected drop (as ever: the same draws for a seed); blocks of
+    # at most 32 MB when a large new sample is drawn beside
+    step = BOOTSTRAP_RESAMPLES if new_samples is None else max(1, (1 << 22) // max(d.size, new_samples))
+    for s in range(0, BOOTSTRAP_RESAMPLES, step):
+        r = min(step, BOOTSTRAP_RESAMPLES - s)
+        drops[s:s + r] = d[rng.integers(0, d.size, size=(r, d.size))].mean(1)
+        if new_samples is not None:
+            drops[s:s + r] += d[rng.integers(0, d.size, size=(r, new_samples))].mean(1) - d.mean()
     tail = (1.0 - confidence) / 2
     return float(np.quantile(drops, tail)), float(np.quantile(drops, 1 - tail))
 

@@ -136,7 +136,7 @@ def _translation_table(params: set, seen: list):
 
     def qdq(x, scale, zero_point, qmin: int, qmax: int, block, name: str = ""):
         seen.append(name)
-        if getattr(x, "dtype", None) not in (None, ir_float()):
+        if getattr(x, "dtype", None) not in (None, T.FLOAT):  # onnx_ir's DataType is TensorProto's number
             # an fp16/bf16 tensor: the sim quantizes it in fp32 with fp32 scales (ONNX's Q needs
             # x and scale of one type, and an fp16 scale would move the grid), then casts back
             return op.CastLike(qdq(op.Cast(x, to=T.FLOAT), scale, zero_point, qmin, qmax, block, name), x)
@@ -190,7 +190,7 @@ def _translation_table(params: set, seen: list):
 
     def float_qdq(x, scale, fmt: int, block, name: str = ""):
         seen.append(name)
-        if fmt not in (0, 1) and getattr(x, "dtype", None) not in (None, ir_float()):
+        if fmt not in (0, 1) and getattr(x, "dtype", None) not in (None, T.FLOAT):
             # fp8 of an fp16 tensor: Q takes x and its (fp32) scale in one type, as in qdq
             return op.CastLike(float_qdq(op.Cast(x, to=T.FLOAT), scale, fmt, block, name), x)
         if fmt in (0, 1):  # fp16 / bf16: saturate, cast, cast back
@@ -226,11 +226,6 @@ def _translation_table(params: set, seen: list):
     return {r.named_quantize_dequantize.default: qdq, r.named_float_quantize_dequantize.default: float_qdq,
             # a model that calls rapidquant.ops itself: exported, but belongs to no quantizer
             r.quantize_dequantize.default: unnamed_qdq, r.float_quantize_dequantize.default: unnamed_float_qdq}
-
-
-def ir_float():
-    import onnx_ir
-    return onnx_ir.DataType.FLOAT
 
 
 def _clamp(op, x, scale, zero_point, qmin: int, qmax: int, nz: list):
@@ -320,14 +315,14 @@ def _twin(name: str, nodes: dict, sim):
 
 
 _SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
-_FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
 def _keeps_values(n) -> bool:
     """A shape-only op, or a Cast between float types (an fp16 model's QDQ runs in fp32 and is
     cast back); not a cast to integers."""
     if n.op_type == "Cast":
-        return any(a.name == "to" and a.i in _FLOAT_TYPES for a in n.attribute)
+        from onnx import TensorProto as T
+        return any(a.name == "to" and a.i in (T.FLOAT, T.FLOAT16, T.DOUBLE, T.BFLOAT16) for a in n.attribute)
     return n.op_type in _SHAPE_ONLY
 
 
@@ -661,13 +656,13 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool, extra_dim
                     scan_failed.append(e)  # only when unrolling is what made it export
                     return prog
             prog, failed = None, None
-            extra = list(extra_dims) + [()] * (len(args) - len(extra_dims))
+            none = [()] * len(args)
+            extra, held = list(extra_dims) or none, list(held) or none  # per input, as export_sim gives them
             tries = ([extra] if any(extra) or dynamic_batch else []) + \
-                ([[()] * len(args)] if any(extra) and dynamic_batch else [])  # then the batch alone
+                ([none] if any(extra) and dynamic_batch else [])  # then the batch alone
             for dims in tries:  # symbolic where the model allows
                 try:
-                    fixed = list(held) + [()] * (len(args) - len(held))
-                    shapes = tuple(_dynamic_dims(a, e, dynamic_batch, f) for a, e, f in zip(args, dims, fixed))
+                    shapes = tuple(_dynamic_dims(a, e, dynamic_batch, f) for a, e, f in zip(args, dims, held))
                     prog = export(dynamic_shapes=shapes)
                     break
                 except Exception as e:  # noqa: BLE001 - fall back to fewer symbolic dims, then none
