@@ -46,7 +46,7 @@ SETTINGS = [  # (label, AutoQuantConfig kwargs)
 def mobilenet_memory(threads: int) -> str:
     """Per-stage peak RSS of AutoQuant on ImageNet MobileNetV2 (runs in this process: call it
     from a fresh one)."""
-    from rapidquant.autoquant.pipeline import peak_rss_mb
+    from rapidquant.memory import peak_rss_mb
     from rapidquant.zoo import imagenet as I
     torch.set_num_threads(threads)
     fp = I.pretrained_mobilenet_v2().eval()

@@ -116,7 +116,7 @@ def test_met_means_the_exported_file_meets_it(tmp_path):
 def test_stage_peak_memory_is_the_stage_own():
     """A stage's peak memory is measured from its start: a large allocation freed before it
     does not show in it (the process-wide peak keeps it)."""
-    from rapidquant.autoquant.pipeline import peak_rss_mb, start_peak_window, window_peak_rss_mb
+    from rapidquant.memory import peak_rss_mb, start_peak_window, window_peak_rss_mb
     big = torch.ones(300 * 2 ** 18)  # 300 MB, touched
     del big
     assert start_peak_window()

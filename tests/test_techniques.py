@@ -323,6 +323,29 @@ def test_layer_cache_keeps_fp32_where_fp16_would_lose_values():
     assert read(0, store.get("k")[0]).dtype == torch.float32 and read(1, native) is native
 
 
+def test_fp16_cache_check_counts_across_pieces(monkeypatch):
+    """half() counts in pieces; the verdict is the whole tensor's: tiny values spread over
+    pieces add up, a value past fp16's range in a late piece is seen, and values fp16 flushes
+    to zero count as lost (they are not the tensor's own zeros)."""
+    from rapidquant.techniques import layerwise as L
+    monkeypatch.setattr(L, "HALF_CHECK_PIECE", 7)
+    store = L.ActivationStore(None, 0)
+    ok = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert store.half(ok).dtype == torch.float16
+    spread = ok.clone()
+    spread[::50] = 1e-6  # 2% tiny, one in a piece here and there
+    assert store.half(spread) is spread
+    late = ok.clone()
+    late[-1] = 1e6
+    assert store.half(late) is late
+    flushed = ok.clone()
+    flushed[::40] = 1e-10  # below fp16's smallest subnormal: fp16 makes them zeros
+    assert store.half(flushed) is flushed
+    zeros = ok.clone()
+    zeros[::40] = 0.0  # the tensor's own zeros: kept exactly
+    assert store.half(zeros).dtype == torch.float16
+
+
 def _output_error(sim, fp, batches):
     with torch.no_grad():
         return torch.stack([(sim.model(b) - fp(b)).mean(0) for b in batches]).mean(0).abs().mean().item()

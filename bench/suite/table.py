@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from rapidquant.autoquant.pipeline import peak_rss_mb
+from rapidquant.memory import peak_rss_mb
 
 ROWS: list[dict] = []
 

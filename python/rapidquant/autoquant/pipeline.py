@@ -9,13 +9,13 @@ file's score can end the run.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from rapidquant.autoquant import artifact, stages as S
 from rapidquant.autoquant.state import Best, Outcome, RunState, StageRecord
+from rapidquant.memory import release_free_memory, start_peak_window, window_peak_rss_mb
 
 
 @dataclass(frozen=True)
@@ -114,59 +114,6 @@ def run_pipeline(state: RunState) -> None:
         rec = run_stage(state, stage)
         if stage.essential and rec.status == "failed":
             raise RuntimeError(f"AutoQuant cannot go on: the {stage.name} stage failed: {rec.message}")
-
-
-_PEAK_BEFORE_WINDOWS = [0.0]  # the process's peak (MB) as it was when a window reset the kernel's
-
-
-def peak_rss_mb() -> float | None:
-    """The process's peak resident memory so far (MB); None where the OS does not say."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-    return max(peak, _PEAK_BEFORE_WINDOWS[0])
-
-
-def start_peak_window() -> bool:
-    """Restart the kernel's peak-RSS count (Linux), so that window_peak_rss_mb() is the peak
-    since now. The kernel's count is also what getrusage's ru_maxrss reads: it falls to the
-    current RSS here (peak_rss_mb() remembers the process's peak). False where the OS cannot."""
-    before = peak_rss_mb() or 0.0
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    _PEAK_BEFORE_WINDOWS[0] = before
-    return True
-
-
-def window_peak_rss_mb(started: bool) -> float | None:
-    """Peak resident memory (MB) since start_peak_window(), or the process's peak so far when
-    that could not start a window."""
-    if started:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return peak_rss_mb()
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc keeps what a stage freed, so the
-    next stage would start from the last one's peak). A no-op elsewhere."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl)
-            pass
 
 
 def run_stage(state: RunState, stage: Stage) -> StageRecord:

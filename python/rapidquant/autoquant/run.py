@@ -15,10 +15,10 @@ from rapidquant.autoquant import stages as S
 from rapidquant.autoquant.cache import StageCache, cache_key
 from rapidquant.autoquant.config import AutoQuantConfig
 from rapidquant.autoquant.evaluation import Evaluator
-from rapidquant.autoquant.pipeline import (STAGES, accept, prefer_checked, run_pipeline, start_peak_window,
-                                           window_peak_rss_mb)
+from rapidquant.autoquant.pipeline import STAGES, accept, prefer_checked, run_pipeline
 from rapidquant.autoquant.state import AutoQuantResult, RunState, StageRecord
 from rapidquant.autoquant.verify import deciding_upper, interval_text, verify
+from rapidquant.memory import start_peak_window, window_peak_rss_mb
 from rapidquant.modelcopy import copy_model
 
 

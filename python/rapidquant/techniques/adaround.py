@@ -283,9 +283,8 @@ def float_target(layer: nn.Module, xf: list, store_dtype) -> Callable:
         row = layer_forward(layer, xf[0][:1], w)  # one row decides: a whole part may be large
     size = row.element_size() if store_dtype is None else torch.finfo(store_dtype).bits // 8
     if row[0].numel() * size < xf[0][0].numel() * xf[0].element_size():
-        with torch.no_grad():
-            y = [layer_forward(layer, x, w) for x in xf]
-            y = joined([t.to(store_dtype) for t in y] if store_dtype is not None else y)
+        with torch.no_grad():  # each output cast as it comes: all of them in fp32 at once is the peak
+            y = joined([layer_forward(layer, x, w).to(store_dtype or row.dtype) for x in xf])
         return lambda idx: take_rows(y, idx)
 
     @torch.no_grad()

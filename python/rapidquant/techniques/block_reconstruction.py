@@ -27,6 +27,7 @@ from torch import fx, nn
 from rapidquant import distributed as D
 from rapidquant import ops
 from rapidquant.config import QuantSimConfig
+from rapidquant.memory import release_free_memory
 from rapidquant.progress import progress
 from rapidquant.quantizer import Quantizer
 from rapidquant.techniques.adaround import (CACHE_FP16_OVER_MB, RoundingSettings, anneal, hard_weight,
@@ -525,6 +526,7 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
                 if later.get(a, -1) <= k and a not in output_uses:
                     store.drop(("q", a))
                     store.drop(("f", a))
+            release_free_memory()  # the block's inputs and its steps' values, freed in glibc's heap
     finally:
         store.close()
     out = copy_model(model)

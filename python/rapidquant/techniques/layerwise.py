@@ -19,7 +19,13 @@ import torch
 from torch import fx
 
 from rapidquant.batches import cast_floats
+from rapidquant.memory import release_free_memory
 from rapidquant.quantsim import to_device
+
+HALF_CHECK_PIECE = 1 << 20  # elements per piece of ActivationStore.half's check
+# a node that frees at least this much hands the C heap's free pages back: freed maps left in
+# glibc's heap add a few hundred MB to the next node's peak on ImageNet-sized maps
+RELEASE_AFTER_BYTES = 32 * 2 ** 20
 
 
 class ActivationStore:
@@ -57,11 +63,17 @@ class ActivationStore:
         a log reads; any continuous activation has a few values that small); else t itself."""
         if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel():
             h = t.half()
-            a = h.abs()
-            if bool(torch.isfinite(a.amax())):
-                zeros = int((t == 0).sum())
-                if int((a < 6.1e-5).sum()) - zeros <= 0.01 * (t.numel() - zeros):
-                    return h
+            tiny = nonzero = 0
+            # counted in pieces: whole-tensor masks would add half the value's size at the peak
+            for piece, orig in zip(h.reshape(-1).split(HALF_CHECK_PIECE), t.reshape(-1).split(HALF_CHECK_PIECE)):
+                a = piece.abs()
+                if not bool(torch.isfinite(a.amax())):
+                    return t
+                zero = int((orig == 0).sum())  # t's own zeros (values fp16 flushes to 0 are tiny)
+                tiny += int((a < 6.1e-5).sum()) - zero
+                nonzero += piece.numel() - zero
+            if tiny <= 0.01 * nonzero:
+                return h
         return t
 
     def reader(self, key) -> Callable:
@@ -99,14 +111,18 @@ class ActivationStore:
             return self.mem[key]
         return torch.load(self.disk[key], weights_only=False)
 
-    def drop(self, key) -> None:
+    def drop(self, key) -> int:
+        """Forget key; returns the bytes it held in memory when put."""
+        size = 0
         if key in self.mem:
             del self.mem[key]
-            self.bytes -= self.sizes.pop(key)
+            size = self.sizes.pop(key)
+            self.bytes -= size
         elif key in self.disk:
             del self.sizes[key]
             os.remove(self.disk.pop(key))
         self.halved.pop(key, None)
+        return size
 
     def close(self) -> None:
         if self._dir is not None:
@@ -215,10 +231,12 @@ def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *
                                 load[path][a][b] = None
                         store.put((path, node), outs, halved)
                     del load
+                freed = 0
                 for a in node.all_input_nodes:
                     if last_use.get(a) == i:
-                        store.drop(("q", a))
-                        store.drop(("f", a))
+                        freed += store.drop(("q", a)) + store.drop(("f", a))
+                if freed >= RELEASE_AFTER_BYTES:
+                    release_free_memory()
     finally:
         store.close()
     return {"spilled_bytes": store.spilled_bytes, "values": store.values, "halved_values": store.halved_values}

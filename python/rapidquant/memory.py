@@ -1,0 +1,62 @@
+"""Process memory: the peak resident size (per stage, on Linux), and handing the C heap's
+free pages back to the OS.
+
+glibc keeps freed heap pages for reuse, so after a phase that allocated and freed hundreds of
+MB in pieces (a layer-by-layer pass over ImageNet maps) the process's resident size stays at
+that phase's peak, and the next phase's allocations add to it.
+"""
+from __future__ import annotations
+
+import sys
+
+_PEAK_BEFORE_WINDOWS = [0.0]  # the process's peak (MB) as it was when a window reset the kernel's
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (MB); None where the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return max(peak, _PEAK_BEFORE_WINDOWS[0])
+
+
+def start_peak_window() -> bool:
+    """Restart the kernel's peak-RSS count (Linux), so that window_peak_rss_mb() is the peak
+    since now. The kernel's count is also what getrusage's ru_maxrss reads: it falls to the
+    current RSS here (peak_rss_mb() remembers the process's peak). False where the OS cannot."""
+    before = peak_rss_mb() or 0.0
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    _PEAK_BEFORE_WINDOWS[0] = before
+    return True
+
+
+def window_peak_rss_mb(started: bool) -> float | None:
+    """Peak resident memory (MB) since start_peak_window(), or the process's peak so far when
+    that could not start a window."""
+    if started:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return peak_rss_mb()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc keeps what was freed, so the next
+    phase would start from the last one's peak). A no-op where the C library is not glibc."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl)
+            pass
