@@ -109,7 +109,7 @@ def test_met_means_the_exported_file_meets_it(tmp_path):
     assert "ONNX score" in page and "The exported file" in page and "data:image/png;base64" in page
     peaks = [s.peak_rss_mb for s in res.stages if s.status != "skipped"]  # per stage
     assert all(p is not None and p > 50 for p in peaks)
-    assert "peak memory (MB)" in page
+    assert "peak memory (MiB)" in page
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-stage peaks use Linux's VmHWM")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 
-_PEAK_BEFORE_WINDOWS = [0.0]  # the process's peak (MB) as it was when a window reset the kernel's
+_PEAK_BEFORE_WINDOWS = [0.0]  # the process's peak (MiB) as it was when a window reset the kernel's
 
 
 def peak_rss_mb() -> float | None:
-    """The process's peak resident memory so far (MB); None where the OS does not say."""
+    """The process's peak resident memory so far in MiB (2**20 bytes); None where the OS does not say."""
     try:
         import resource
     except ImportError:  # Windows
@@ -38,7 +38,7 @@ def start_peak_window() -> bool:
 
 
 def window_peak_rss_mb(started: bool) -> float | None:
-    """Peak resident memory (MB) since start_peak_window(), or the process's peak so far when
+    """Peak resident memory (MiB) since start_peak_window(), or the process's peak so far when
     that could not start a window."""
     if started:
         try:

@@ -32,7 +32,7 @@ class StageRecord:
     seconds: float = 0.0
     evaluations: int = 0           # eval_fn calls made by this stage
     calibrations: int = 0          # calibration passes made by this stage
-    # peak resident memory during the stage (Linux; elsewhere the process's peak by its end)
+    # peak resident memory during the stage in MiB (Linux; elsewhere the process's peak by its end)
     peak_rss_mb: float | None = None
     message: str = ""
     artifacts: dict = field(default_factory=dict)

@@ -94,7 +94,7 @@ def _stage_rows(res) -> list[dict]:
         row = {"stage": s.name, "status": s.status, "sim score": _f(s.score) if s.score is not None else "",
                "ONNX score (onnxruntime)": _f(s.artifact_score) if s.artifact_score is not None else "",
                "eval_fn calls": s.evaluations, "calibrations": s.calibrations, "time (s)": f"{s.seconds:.2f}",
-               "peak memory (MB)": "" if s.peak_rss_mb is None else f"{s.peak_rss_mb:.0f}", "details": s.message}
+               "peak memory (MiB)": "" if s.peak_rss_mb is None else f"{s.peak_rss_mb:.0f}", "details": s.message}
         if s.status == "failed" or _disagrees(s, res.target):
             row["_class"] = "bad"
         rows.append(row)
