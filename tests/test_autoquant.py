@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ def test_early_exit_on_w32_check(tmp_path):
     res = run(zoo.pretrained("digits_mobilenet"), tmp_path, sim=dict(act_bw=2))
     st = status(res)
     assert st["w32_check"] == "ok" and not res.met
-    assert st["bn_fold"] == st["cle"] == st["adaround"] == "skipped"
+    assert st["cle"] == st["adaround"] == "skipped"
     assert "activation quantization alone" in res.message
     assert record(res, "w32_check").score < res.target
 
@@ -65,7 +66,7 @@ def test_w32_failure_with_amp_candidates_goes_on_to_amp(tmp_path):
               amp_cost="latency", latency_threads=1)
     st = status(res)
     assert record(res, "w32_check").score < res.target
-    assert st["bn_fold"] in ("ok", "met") and st["cle"] in ("ok", "met") and st["adaround"] == "skipped"
+    assert st["scheme_selection"] in ("ok", "met") and st["cle"] in ("ok", "met") and st["adaround"] == "skipped"
     assert st["amp"] == "met" and res.met and res.best_stage == "amp"
     assert res.artifact_check == "onnxruntime" and res.score == res.artifact_score
     amp = record(res, "amp").artifacts  # amp_cost="latency": AMP timed its points in onnxruntime
@@ -86,12 +87,17 @@ def bn_hidden_outlier():
     return m.eval()
 
 
-def test_stops_after_bn_folding_when_it_suffices(bn_hidden_outlier, tmp_path):
+def test_schemes_are_chosen_and_scored_on_the_folded_model(bn_hidden_outlier, tmp_path):
+    """The hidden x100 channel collapses per-tensor weights until its BN is folded: scheme
+    selection quantizes the folded model (as a target runs it), so it meets the target and the
+    run stops there, with no BN in the result."""
     assert abs(zoo.accuracy(bn_hidden_outlier) - zoo.accuracy(zoo.pretrained("digits_resnet"))) < 0.003
     res = run(bn_hidden_outlier, tmp_path, sim=dict(per_channel=False), allowed_drop=0.01)
     st = status(res)
-    assert res.met and res.best_stage == "bn_fold" and st["bn_fold"] == "met"
-    assert st["scheme_selection"] == "ok"  # it ran and missed
+    assert st["bn_fold"] == "ok" and record(res, "bn_fold").score is None  # folds, scores nothing
+    assert res.met and res.best_stage == "scheme_selection" and st["scheme_selection"] == "met"
+    assert "BN-folded model" in record(res, "scheme_selection").message
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in res.model.modules())
     assert st["cle"] == st["adaround"] == "skipped"
 
 
@@ -139,11 +145,11 @@ def test_sim_meets_but_file_misses_goes_on(tmp_path):
         return acc
 
     res = run(zoo.pretrained("digits_mobilenet"), tmp_path, eval_fn=eval_fn, allowed_drop=0.01, use_adaround=False)
-    first = record(res, "bn_fold")
+    first = record(res, "scheme_selection")
     assert first.score >= res.target > first.artifact_score and first.status == "ok"
     assert res.met and res.best_stage == "cle" and res.score == record(res, "cle").artifact_score == seen[1]
     page = open(res.report_path).read()
-    assert "<tr class='bad'><td>bn_fold</td>" in page
+    assert "<tr class='bad'><td>scheme_selection</td>" in page
 
 
 def test_no_file_ever_meets_it_is_not_met(tmp_path):
@@ -172,29 +178,27 @@ def test_best_result_when_target_never_met_and_determinism(tmp_path):
     res = run(m, tmp_path / "a", allowed_drop=0.005, use_adaround=False, sim=W2_PER_TENSOR)
     assert not res.met and "no stage met the target" in res.message
     scores = {s.name: s.score for s in res.stages if s.score is not None}
-    # the scheme-selection score (BNs unfolded) picks the scheme but is never the result
-    assert res.sim_score == max(v for k, v in scores.items() if k in ("bn_fold", "cle"))
+    assert res.sim_score == max(v for k, v in scores.items() if k in ("scheme_selection", "cle"))
     assert res.score == res.artifact_score  # the best candidate's file was scored too
     again = run(m, tmp_path / "b", allowed_drop=0.005, use_adaround=False, sim=W2_PER_TENSOR)
     assert [s.score for s in again.stages] == [s.score for s in res.stages]  # deterministic
 
 
 def test_unfolded_bn_score_is_never_the_result(tmp_path):
-    """A sim with BNs left unfolded is not what a target runs: even when it meets the target at
-    scheme selection, the result comes from the BN-folded model; a model without foldable BNs
-    may stop at scheme selection."""
+    """A sim with BNs left unfolded is not what a target runs: scheme selection scores the
+    BN-folded model, the same sim a plain user of the folded model gets, and a run that
+    meets there returns the folded model."""
     m = zoo.pretrained("digits_mobilenet")
     res = run(m, tmp_path / "a", allowed_drop=0.01, use_adaround=False)
     sel = record(res, "scheme_selection")
-    assert sel.score >= res.target and "only picks the scheme" in sel.message
-    assert res.met and res.best_stage == "bn_fold"
-    folded = copy.deepcopy(m)
-    rq.fold_batch_norms_(folded)
-    res = run(folded, tmp_path / "b", allowed_drop=0.01, use_adaround=False)
-    assert res.met and res.best_stage == "scheme_selection"
+    assert res.met and res.best_stage == "scheme_selection" and "BN-folded model" in sel.message
+    for model in (res.model, res.sim.model):  # the float result and the quantized one
+        assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in model.modules())
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(res.onnx_path).graph.node}
 
 
-@pytest.mark.parametrize("stage", ["bn_fold", "cle", "adaround_stage", "block_reconstruction_stage", "amp_stage"])
+@pytest.mark.parametrize("stage", ["scheme_selection", "cle", "adaround_stage", "block_reconstruction_stage",
+                                   "amp_stage"])
 def test_a_failing_stage_changes_nothing(tmp_path, monkeypatch, stage):
     """Failure injection: the failed stage is reported, and the result, its files and its
     score all come from the same other candidate. AMP fails half-way through its search
@@ -315,7 +319,9 @@ def test_budgets_are_honoured(tmp_path):
     res = run(zoo.pretrained("digits_mobilenet"), tmp_path / "e", max_evaluations=3, allowed_drop=0.0,
               sim=W2_PER_TENSOR)
     assert "evaluation budget" in res.message and status(res)["cle"] == "skipped"
-    assert res.evaluations == 3  # fp32 + the two schemes; no candidate yet (BNs unfolded), no file
+    # fp32 + the two schemes; then the best candidate's file, scored once at the end (the
+    # result is the file's score): the budget stops new stages, not the result's own check
+    assert res.evaluations == 4 and record(res, "scheme_selection").artifact_score is not None
 
 
 def test_per_block_weights_and_excluded_module(tmp_path):

@@ -5,9 +5,9 @@ The pipeline (``PIPELINE``, in order; each stage is a function in ``stages.py``)
 
   prepare           capture the model; report float leaves
   fp32              score the float model; target = FP32 - allowed_drop
+  bn_fold           fold BatchNorms (every later stage quantizes the folded model)
   scheme_selection  one calibration; proxy for every range scheme, eval_fn for the best few
   w32_check         activations only: stop early when no weight technique can help
-  bn_fold           fold BatchNorms
   cle               cross-layer equalization on the BN-folded model
   adaround          learn the weight rounding (below 8-bit activations, block_reconstruction
                     takes its place when it is on)

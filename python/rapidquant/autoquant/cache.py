@@ -20,10 +20,13 @@ from rapidquant.fingerprint import data_hash, model_hash, obj_hash
 _NOT_IN_KEY = ("results_dir", "time_budget_s", "max_evaluations", "strict", "export", "predict_samples")
 
 
-def cache_key(model, batches, config) -> str:
+def cache_key(model, batches, config, flow=()) -> str:
+    """flow: the pipeline's (stage, description) pairs: a cache written by another flow (a
+    stage moved or changed what it scores) is not reused."""
     from rapidquant import __version__
     cfg = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
-    return obj_hash({"model": model_hash(model), "data": data_hash(batches), "config": cfg, "version": __version__})
+    return obj_hash({"model": model_hash(model), "data": data_hash(batches), "config": cfg, "version": __version__,
+                     "flow": [list(f) for f in flow]})
 
 
 class StageCache:

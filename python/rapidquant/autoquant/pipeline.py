@@ -87,12 +87,13 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("prepare", S.prepare, "capture the model and check every module can be quantized", essential=True,
           cached=False),
     Stage("fp32", S.fp32, "score the float model; target = FP32 - allowed drop", after=_set_target, essential=True),
+    Stage("bn_fold", S.bn_fold, "fold BatchNorms into neighbouring layers: every later stage quantizes the "
+          "folded model"),
     Stage("scheme_selection", S.scheme_selection,
-          "one calibration; output-SQNR proxy for every range scheme, eval_fn for the best few",
-          after=_set_schemes),
+          "on the BN-folded model: one calibration; output-SQNR proxy for every range scheme, eval_fn for the "
+          "best few", after=_set_schemes),
     Stage("w32_check", S.w32_check, "activations only, on the BN-folded and equalized model: stop early when "
           "no weight technique can help", after=_w32_verdict),
-    Stage("bn_fold", S.bn_fold, "fold BatchNorms into neighbouring layers"),
     Stage("cle", S.cle, "cross-layer equalization (and high-bias folding) on the BN-folded model"),
     Stage("adaround", S.adaround_stage, "learn the weight rounding layer by layer", skip=_adaround_skip),
     Stage("block_reconstruction", S.block_reconstruction_stage,

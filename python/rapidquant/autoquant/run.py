@@ -15,7 +15,7 @@ from rapidquant.autoquant import stages as S
 from rapidquant.autoquant.cache import StageCache, cache_key
 from rapidquant.autoquant.config import AutoQuantConfig
 from rapidquant.autoquant.evaluation import Evaluator
-from rapidquant.autoquant.pipeline import STAGES, accept, prefer_checked, run_pipeline
+from rapidquant.autoquant.pipeline import PIPELINE, STAGES, accept, prefer_checked, run_pipeline
 from rapidquant.autoquant.state import AutoQuantResult, RunState, StageRecord
 from rapidquant.autoquant.verify import deciding_upper, interval_text, verify
 from rapidquant.memory import start_peak_window, window_peak_rss_mb
@@ -81,7 +81,8 @@ class AutoQuant:
         torch.manual_seed(c.seed)
         os.makedirs(c.results_dir, exist_ok=True)
         state = self._state()
-        state.cache = StageCache(c.results_dir, cache_key(self.model, self.batches, c))
+        flow = [(s.name, s.doc) for s in PIPELINE]
+        state.cache = StageCache(c.results_dir, cache_key(self.model, self.batches, c, flow))
         D.barrier()  # every rank sees the same cache, decided before any stage runs
         was = self.model.training
         self.model.eval()

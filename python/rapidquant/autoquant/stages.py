@@ -91,12 +91,16 @@ def fp32(state: RunState) -> Outcome:
 
 
 def scheme_selection(state: RunState) -> Outcome:
-    """One calibration pass; every scheme candidate's encodings come from its statistics.
-    The proxy (output SQNR) ranks all candidates, eval_fn decides among the best few."""
+    """One calibration pass on the BN-folded model (what a target runs: converters fold BNs
+    into the weights, so a scheme must suit the folded weights); every scheme candidate's
+    encodings come from its statistics. The proxy (output SQNR) ranks all candidates, eval_fn
+    decides among the best few. The chosen sim is the BN-folded model's result."""
     c = state.config
     cands = [tuple(s) for s in c.scheme_candidates]
     hist_act = next((a for _, a in cands if a in HIST_SCHEMES), cands[0][1])
-    sim = calibrated_sim(state, copy.deepcopy(state.model), (cands[0][0], hist_act))
+    folded, fold = folded_model(state)
+    m = copy.deepcopy(folded)
+    sim = calibrated_sim(state, m, (cands[0][0], hist_act))
     ref = model_outputs(state.model, proxy_batches(state), sim.n_inputs)
     proxies = {}
     for i, sch in enumerate(progress(cands, desc="scheme selection", enabled=state.show_progress and D.is_main())):
@@ -114,16 +118,11 @@ def scheme_selection(state: RunState) -> Outcome:
     set_schemes(sim, cands[chosen])
     table = [{"scheme": list(cands[i]), "proxy_sqnr_db": proxies[i], **({"score": scores[i]} if i in scores else {})}
              for i in sorted(proxies, key=lambda i: -proxies[i])]
-    foldable = len(fold_batch_norms_(copy.deepcopy(state.model)).folded)
     msg = (f"one calibration pass; proxy (output SQNR) for {len(cands)} schemes, eval_fn for the best "
            f"{len(top)}; chose param={cands[chosen][0]}, act={cands[chosen][1]}")
-    if foldable:
-        # Quantized with its BNs unfolded the model is not what a target runs: converters fold
-        # BNs into already-quantized weights. This score picks the scheme; results start at
-        # the BN-folded model (as in AIMET).
-        msg += f"; {foldable} foldable BNs, so this score (BNs unfolded) only picks the scheme"
-    return Outcome(scores[chosen], state.model, sim, {"schemes": table, "chosen": list(cands[chosen])}, msg,
-                   candidate=not foldable)
+    if fold.folded:
+        msg += f"; on the BN-folded model ({len(fold.folded)} BNs folded)"
+    return Outcome(scores[chosen], m, sim, {"schemes": table, "chosen": list(cands[chosen])}, msg)
 
 
 def w32_check(state: RunState) -> Outcome:
@@ -144,13 +143,13 @@ def w32_check(state: RunState) -> Outcome:
 
 
 def bn_fold(state: RunState) -> Outcome:
-    m, r = folded_model(state)
-    m = copy.deepcopy(m)
-    sim = calibrated_sim(state, m)
+    """Fold BatchNorms into their neighbouring layers: every scored stage after it (scheme
+    selection first) quantizes the folded model, as a target runs it. Nothing is scored here."""
+    _, r = folded_model(state)
     untreated = dict(r.not_folded)  # bn name -> why it stays
-    return Outcome(state.evaluator(sim.model, "BN-folded model"), m, sim,
-                   {"folded": r.folded, "not_folded": untreated}, f"folded {len(r.folded)} BNs"
-                   + (f"; left {len(untreated)} unfolded (see artifacts)" if untreated else ""))
+    return Outcome(artifacts={"folded": r.folded, "not_folded": untreated}, candidate=False,
+                   message=f"folded {len(r.folded)} BNs" + (f"; left {len(untreated)} unfolded (see artifacts)"
+                                                            if untreated else ""))
 
 
 def cle(state: RunState) -> Outcome:
@@ -165,8 +164,10 @@ def cle(state: RunState) -> Outcome:
 
 
 def adaround_input(state: RunState):
-    """The model AdaRound starts from: the better of the BN-folded and equalized models."""
-    done = [o for o in (state.output("bn_fold"), state.output("cle")) if o is not None and o.score is not None]
+    """The model AdaRound starts from: the better of the BN-folded (scheme selection's) and
+    equalized models."""
+    done = [o for o in (state.output("scheme_selection"), state.output("cle"))
+            if o is not None and o.score is not None and o.model is not None]
     return max(done, key=lambda o: o.score).model if done else state.model
 
 
