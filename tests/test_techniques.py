@@ -282,6 +282,7 @@ def test_adaround_memory_bounds_keep_its_result(monkeypatch):
     base = rq.adaround(fp, x, data, cfg, show_progress=False)
     assert base.fp16_cached[0] == 0 < base.fp16_cached[1]  # a small model's cache stays fp32
     monkeypatch.setattr(A, "STEP_PIECE_ELEMENTS", 500)  # a few rows per piece
+    monkeypatch.setattr(A, "TARGET_CACHE_FREE_BYTES", 0)  # and wide layers' targets recomputed per step
     pieces = rq.adaround(fp, x, data, cfg, show_progress=False)
     params = list(zip(base.model.parameters(), pieces.model.parameters()))
     total = sum(p.numel() for p, _ in params)
@@ -296,12 +297,15 @@ def test_adaround_memory_bounds_keep_its_result(monkeypatch):
     # measured +4%; allowed +15% summed reconstruction error
     assert sum(r.mse_adaround for r in half.layers) <= 1.15 * sum(r.mse_adaround for r in base.layers)
     layer, xs = nn.Conv2d(3, 12, 3, padding=1), [torch.randn(5, 3, 6, 6), torch.randn(4, 3, 6, 6)]
+    monkeypatch.setattr(A, "TARGET_CACHE_FREE_BYTES", 1 << 20)
+    small_wide = A.float_target(layer, xs, None)  # wider than its input, but small: cached
+    monkeypatch.setattr(A, "TARGET_CACHE_FREE_BYTES", 0)  # as if large: a wide output is recomputed
     recomputed = A.float_target(layer, xs, None)
     cached = A.float_target(nn.Conv2d(12, 3, 1), [torch.randn(9, 12, 6, 6)], None)
     idx = torch.tensor([7, 0, 4])  # across both batches
     want = layer(torch.cat([xs[1][2:3], xs[0][0:1], xs[0][4:5]])).detach()
-    assert torch.equal(recomputed(idx), want)
-    assert cached.__name__ == "<lambda>" and recomputed.__name__ == "recompute"  # the wide output is not cached
+    assert torch.equal(recomputed(idx), want) and torch.equal(small_wide(idx), want)
+    assert cached.__name__ == small_wide.__name__ == "<lambda>" and recomputed.__name__ == "recompute"
 
 
 def test_layer_cache_keeps_fp32_where_fp16_would_lose_values():

@@ -37,6 +37,10 @@ CACHE_FP16_OVER_MB = 256
 # ImageNet-sized maps is split (gradients summed, the same step) so its memory stays bounded
 STEP_PIECE_ELEMENTS = 1 << 23
 JOIN_MAX_BYTES = 64 * 2 ** 20  # per-batch cache parts up to this size are concatenated once
+# a float target cache up to this size is kept even where it is larger than the layer's input:
+# on small maps the per-step forward it saves costs more than the memory (a third of a
+# digits CNN's AdaRound time went to recomputing targets)
+TARGET_CACHE_FREE_BYTES = 64 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -273,8 +277,9 @@ def optimize_layer(layer, q, xq: list, target: Callable, act, cfg: AdaRoundConfi
 def float_target(layer: nn.Module, xf: list, store_dtype) -> Callable:
     """target(idx): the float layer's output for rows idx of its float-path input xf (fp32).
     The output is cached (in store_dtype when given) where it takes less memory than the
-    input already held; other layers (MobileNetV2's expanding 1x1 convs, its depthwise convs)
-    recompute it per step instead: one forward more per step, the cache's size less."""
+    input already held, or at most TARGET_CACHE_FREE_BYTES; other layers (MobileNetV2's
+    expanding 1x1 convs and depthwise convs on ImageNet maps) recompute it per step instead:
+    one forward more per step, the cache's size less."""
     w = layer.weight.detach().clone()  # the float weights: the layer's are rounded in place later
     xf = joined(xf)
     if xf[0].dtype == torch.float16 and w.dtype == torch.float32:
@@ -282,7 +287,9 @@ def float_target(layer: nn.Module, xf: list, store_dtype) -> Callable:
     with torch.no_grad():
         row = layer_forward(layer, xf[0][:1], w)  # one row decides: a whole part may be large
     size = row.element_size() if store_dtype is None else torch.finfo(store_dtype).bits // 8
-    if row[0].numel() * size < xf[0][0].numel() * xf[0].element_size():
+    rows = sum(x.shape[0] for x in xf)
+    if row[0].numel() * size < xf[0][0].numel() * xf[0].element_size() \
+            or row[0].numel() * size * rows <= TARGET_CACHE_FREE_BYTES:
         with torch.no_grad():  # each output cast as it comes: all of them in fp32 at once is the peak
             y = joined([layer_forward(layer, x, w).to(store_dtype or row.dtype) for x in xf])
         return lambda idx: take_rows(y, idx)
