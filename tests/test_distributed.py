@@ -1,6 +1,7 @@
 """torch.distributed: two gloo CPU processes give the same results as one."""
 import json
 import os
+import re
 import socket
 import time
 
@@ -83,12 +84,22 @@ def test_distributed_autoquant_one_report_same_result(tmp_path):
     assert r0["score"] == r1["score"] and r0["weights"] == r1["weights"]  # identical AdaRound rounding
     assert r0["report"] and r1["report"] is None  # only rank 0 writes
     assert os.path.exists(r0["report"]) and os.path.exists(tmp_path / "aq" / "model.onnx")
-    # against one process on all 8 batches: identical up to AdaRound (calibration is exact); the
-    # ranks then sample their own rows for AdaRound's steps (each from its half of the cached
-    # inputs), so the rounding may differ, not its quality
+    # against one process on all 8 batches: the same stages up to AdaRound. The ranks' merged
+    # histograms put a histogram scheme's range within 2 bins of one process's (test above), so
+    # a score there may differ by an image, and two schemes that tie within that may swap:
+    # measured 1 of 397 at scheme selection (BN-folded model, W4 per tensor: act=percentile on
+    # 2 ranks, act=sqnr alone); bound 3. The ranks then sample their own rows for AdaRound's
+    # steps (each from its half of the cached inputs), so the rounding may differ, not its quality
     single = W.autoquant_single(str(tmp_path / "single"))
     upto = [s[0] for s in single["stages"]].index("adaround")
-    assert [list(s) for s in r0["stages"][:upto]] == [list(s) for s in single["stages"][:upto]]
+    assert [s[:2] for s in r0["stages"][:upto]] == [list(s[:2]) for s in single["stages"][:upto]]
+    chose = re.compile(r"chose param=\w+, act=\w+")
+    assert [chose.sub("", m) for m in r0["messages"][:upto]] == [chose.sub("", m) for m in single["messages"][:upto]]
+    sel = [s[0] for s in single["stages"]].index("scheme_selection")
+    same_schemes = r0["messages"][sel] == single["messages"][sel]
+    for (name, _, d), (_, _, s) in zip(r0["stages"][:upto], single["stages"][:upto]):
+        if name == "scheme_selection" or same_schemes:  # after a swap: another configuration
+            assert (d is None) == (s is None) and (d is None or abs(d - s) <= 3 / 397 + 1e-6), (name, d, s)
     (d_score, d_msg), (s_score, s_msg) = ((r["stages"][upto][2], r["messages"][upto]) for r in (r0, single))
     assert d_msg == s_msg  # the same layers, the same iterations
     # measured 0.9773 (2 ranks) vs 0.9849 (one process): 3 of 397 test images; bound 5
