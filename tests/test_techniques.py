@@ -327,6 +327,25 @@ def test_layer_cache_keeps_fp32_where_fp16_would_lose_values():
     assert read(0, store.get("k")[0]).dtype == torch.float32 and read(1, native) is native
 
 
+def test_store_hands_freed_heap_back_past_a_threshold(monkeypatch):
+    """Dropped values are counted; once RELEASE_AFTER_BYTES have been dropped the C heap's
+    free pages go back to the OS (once), and the count starts again."""
+    from rapidquant.techniques import layerwise as L
+    calls = []
+    monkeypatch.setattr(L, "release_free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(L, "RELEASE_AFTER_BYTES", 1000)
+    store = L.ActivationStore(None)
+    for k in range(4):
+        store.put(k, [torch.zeros(100)])  # 400 bytes each
+    store.drop(0)
+    store.drop(1)
+    assert calls == []  # 800 bytes
+    store.drop(2)
+    assert calls == [1] and store.dropped == 0  # 1200: released, counted afresh
+    store.drop(3)
+    assert calls == [1]
+
+
 def test_fp16_cache_check_counts_across_pieces(monkeypatch):
     """half() counts in pieces; the verdict is the whole tensor's: tiny values spread over
     pieces add up, a value past fp16's range in a late piece is seen, and values fp16 flushes

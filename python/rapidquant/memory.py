@@ -7,6 +7,7 @@ that phase's peak, and the next phase's allocations add to it.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 _PEAK_BEFORE_WINDOWS = [0.0]  # the process's peak (MiB) as it was when a window reset the kernel's
@@ -51,12 +52,21 @@ def window_peak_rss_mb(started: bool) -> float | None:
     return peak_rss_mb()
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, loaded once; None elsewhere (not Linux, or musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc keeps what was freed, so the next
     phase would start from the last one's peak). A no-op where the C library is not glibc."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl)
-            pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

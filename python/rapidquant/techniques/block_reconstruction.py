@@ -526,7 +526,7 @@ def reconstruct_blocks(model: nn.Module, dummy_input, data, config: BlockReconCo
                 if later.get(a, -1) <= k and a not in output_uses:
                     store.drop(("q", a))
                     store.drop(("f", a))
-            release_free_memory()  # the block's inputs and its steps' values, freed in glibc's heap
+            release_free_memory()  # its steps' values, freed outside the store (which releases its own)
     finally:
         store.close()
     out = copy_model(model)

@@ -23,8 +23,8 @@ from rapidquant.memory import release_free_memory
 from rapidquant.quantsim import to_device
 
 HALF_CHECK_PIECE = 1 << 20  # elements per piece of ActivationStore.half's check
-# a node that frees at least this much hands the C heap's free pages back: freed maps left in
-# glibc's heap add a few hundred MB to the next node's peak on ImageNet-sized maps
+# once the store has dropped this much, the C heap's free pages go back to the OS: freed maps
+# left in glibc's heap add a few hundred MB to the next node's peak on ImageNet-sized maps
 RELEASE_AFTER_BYTES = 32 * 2 ** 20
 
 
@@ -44,6 +44,7 @@ class ActivationStore:
         self.sizes: dict = {}  # bytes counted at put: elements freed since are still counted
         self.bytes = 0
         self.spilled_bytes = 0
+        self.dropped = 0  # bytes dropped since the heap's free pages last went back
         self._dir = None
 
     @staticmethod
@@ -111,18 +112,20 @@ class ActivationStore:
             return self.mem[key]
         return torch.load(self.disk[key], weights_only=False)
 
-    def drop(self, key) -> int:
-        """Forget key; returns the bytes it held in memory when put."""
-        size = 0
+    def drop(self, key) -> None:
+        """Forget key; past RELEASE_AFTER_BYTES dropped, hand the heap's free pages back."""
         if key in self.mem:
             del self.mem[key]
             size = self.sizes.pop(key)
             self.bytes -= size
+            self.dropped += size
         elif key in self.disk:
             del self.sizes[key]
             os.remove(self.disk.pop(key))
         self.halved.pop(key, None)
-        return size
+        if self.dropped >= RELEASE_AFTER_BYTES:
+            release_free_memory()
+            self.dropped = 0
 
     def close(self) -> None:
         if self._dir is not None:
@@ -231,12 +234,10 @@ def run_layerwise(sim, batches: list[tuple], targets: set, on_layer: Callable, *
                                 load[path][a][b] = None
                         store.put((path, node), outs, halved)
                     del load
-                freed = 0
                 for a in node.all_input_nodes:
                     if last_use.get(a) == i:
-                        freed += store.drop(("q", a)) + store.drop(("f", a))
-                if freed >= RELEASE_AFTER_BYTES:
-                    release_free_memory()
+                        store.drop(("q", a))
+                        store.drop(("f", a))
     finally:
         store.close()
     return {"spilled_bytes": store.spilled_bytes, "values": store.values, "halved_values": store.halved_values}
