@@ -120,9 +120,10 @@ class QuantizedModule(nn.Module):
         self._cache[key] = (key_now, qp)
         return qp
 
-    def bias_grid(self) -> torch.Tensor | None:
+    def bias_grid(self, weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """The int32 bias step (s_input * s_weight, per output channel or one) when this
-        Conv/Linear's bias runs as int32 in the deployed model, else None.
+        Conv/Linear's bias runs as int32 in the deployed model, else None. ``weight_scale``:
+        the step for that weight scale instead of the quantizer's own.
 
         onnxruntime quantizes the float bias of every Conv/Gemm whose input and weight come
         from DequantizeLinear nodes (its BiasQuantization pass, at the default optimization
@@ -133,7 +134,8 @@ class QuantizedModule(nn.Module):
         if getattr(m, "bias", None) is None or "bias" in self.param_quantizers \
                 or not (_int_grid(src) and _int_grid(qw)) or qw.block_size is not None or src.scale.numel() != 1:
             return None
-        return src.scale.detach().reshape(()) * qw.scale.detach().reshape(-1)  # float32, as onnxruntime's Mul
+        s_w = qw.scale if weight_scale is None else weight_scale
+        return src.scale.detach().reshape(()) * s_w.detach().reshape(-1)  # float32, as onnxruntime's Mul
 
     def quantized_bias(self) -> torch.Tensor | None:
         """The bias as the deployed model adds it: round(b / step) * step in float32, the

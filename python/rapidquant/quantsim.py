@@ -18,6 +18,7 @@ from rapidquant.batches import (InputSignature, call_model, cast_floats, count_i
 from rapidquant.capture import capture, mask_nodes, value_kinds
 from rapidquant.config import HwConfig, QuantSimConfig
 from rapidquant.decomposed import fused_nodes
+from rapidquant.int32_bias import fit_int32_biases
 from rapidquant.progress import progress
 from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule, QuantizedParameter
 from rapidquant.quantizer import Quantizer, apply_encoding_constraints
@@ -146,6 +147,10 @@ class QuantSim:
         self.float_leaves: dict[str, str] = dict(cap.float_leaves)
         self.calibration_warnings: list[dict] = []
         self.widened: dict[str, str] = {}  # activation quantizers given more bits than the config says (why)
+        # weight scales widened so their layer's int32 bias fits (rapidquant.int32_bias), and the
+        # layers whose frozen weight encoding leaves the bias saturated
+        self.bias_fits: dict = {}
+        self.saturated_biases: dict[str, str] = {}
         self.float_weights: dict[str, str] = {}  # weights no quantizer reaches -> the op that reads them
         self.weight_buffers: list[str] = []  # float buffers read as weights, held as frozen parameters
         # input name -> {dim: sizes} the calibration batches had: a dim seen at two sizes is exported symbolic
@@ -551,6 +556,7 @@ class QuantSim:
             warnings.warn(f"{len(unused)} quantizers saw no data during calibration and were disabled: "
                           + ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""), stacklevel=2)
         self._check_grids(acts, sync)
+        fit_int32_biases(self)
 
     def calibrate_params(self) -> None:
         """Parameter encodings from the current weights (no data needed; frozen ones kept)."""
@@ -571,6 +577,7 @@ class QuantSim:
                 q.observer.update(p)
                 q.finish_calibration()
             m.clear_cache()
+        fit_int32_biases(self)  # the input encodings may be there already (a scheme or precision change)
 
 
     def run(self, batch):
@@ -643,7 +650,9 @@ class QuantSim:
         report: which record went to which quantizer, which were derived copies, which
         matched nothing (an error under ``strict``), which quantizers were disabled."""
         from rapidquant.export.encodings import load_into
-        return load_into(self, path_or_dict, freeze=freeze, strict=strict, onnx_model=onnx_model)
+        report = load_into(self, path_or_dict, freeze=freeze, strict=strict, onnx_model=onnx_model)
+        fit_int32_biases(self)
+        return report
 
     def export(self, out_dir: str, dummy_input, filename: str = "model", *, encoding_format: str = "rapidquant",
                export_int32_bias: bool | str = True, overwrite: bool = False, opset: int | None = None,

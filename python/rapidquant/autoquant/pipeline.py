@@ -157,6 +157,10 @@ def _run_stage(state: RunState, stage: Stage) -> StageRecord:
         rec.artifacts = dict(out.artifacts)
         if getattr(out.sim, "widened", None):  # grids calibration raised: said with every stage that has them
             rec.artifacts["widened"] = dict(out.sim.widened)
+        if getattr(out.sim, "bias_fits", None):  # weight grids widened for their int32 bias, likewise
+            rec.artifacts["bias_fits"] = {f.layer: f.why() for f in out.sim.bias_fits.values()}
+        if getattr(out.sim, "saturated_biases", None):
+            rec.artifacts["saturated_biases"] = dict(out.sim.saturated_biases)
         state.log(f"{stage.name}: {_fmt(out.score)} in {rec.seconds:.1f} s {out.message}")
     state.outputs[stage.name] = out
     if stage.after is not None:

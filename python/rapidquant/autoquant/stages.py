@@ -14,6 +14,7 @@ import torch
 from rapidquant import distributed as D
 from rapidquant.autoquant.state import Outcome, RunState
 from rapidquant.calibration import HIST_SCHEMES
+from rapidquant.int32_bias import fit_int32_biases
 from rapidquant.progress import progress
 from rapidquant.quantsim import QuantSim
 from rapidquant.scoring import model_outputs, output_sqnr
@@ -68,6 +69,7 @@ def set_schemes(sim: QuantSim, schemes) -> None:
     for q in sim.activation_quantizers().values():
         if q.enabled and q.stats is not None and not q.frozen:
             q.compute_encoding()
+    fit_int32_biases(sim)
 
 
 # ---------------------------------------------------------------- the stages

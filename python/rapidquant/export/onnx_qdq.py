@@ -396,8 +396,9 @@ def _add_int32_bias(model_proto, sim) -> dict:
         out[init] = {"scale": sb.reshape(-1).tolist(), "bitwidth": 32}
     if saturated:
         warnings.warn(f"int32 bias saturates in {', '.join(saturated)}: the bias needs more than 31 bits on the "
-                      "grid s_input * s_weight, so the sim and every integer runtime clip it; use fewer bits for "
-                      "that layer's input or weight (e.g. 8 instead of 16) or exclude the layer", stacklevel=3)
+                      "grid s_input * s_weight, so the sim and every integer runtime clip it. Calibration widens "
+                      "a weight grid until its bias fits, but not a frozen one (loaded or learned): unfreeze that "
+                      "weight encoding, or use fewer bits for that layer's input or weight", stacklevel=3)
     producer = producers(g)
     for node in g.node:  # encodings only
         if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.input) < 3 or node.input[2] not in inits:

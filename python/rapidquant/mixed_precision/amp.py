@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from rapidquant import distributed as D
 from rapidquant.fingerprint import data_hash, hash_tensors, model_hash, obj_hash
 from rapidquant.mixed_precision.groups import (
-    Candidate, apply_candidate, bitops, find_groups, parse_candidate, restore, snapshot, sync_weights, weight_swaps,
+    Candidate, apply_candidate, bitops, find_groups, parse_candidate, restore, settle, snapshot, weight_swaps,
 )
 from rapidquant.progress import progress
 from rapidquant.scoring import as_score, model_outputs, output_sqnr, sqnr_db  # noqa: F401 (sqnr_db re-exported)
@@ -116,7 +116,7 @@ def amp(sim, candidates, eval_fn, allowed_drop: float | None, data=None, *, num_
                        cost, latency_threads)
     except BaseException:
         restore(sim, start)
-        sync_weights(sim, swaps, start)
+        settle(sim, swaps, start)
         raise
 
 
@@ -174,12 +174,12 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
     def set_all(c):
         for g in groups:
             apply_candidate(sim, g, c, snap)
-        sync_weights(sim, swaps, snap)
+        settle(sim, swaps, snap)
 
     def set_config(names: dict):
         for g in groups:
             apply_candidate(sim, g, parse_candidate(names[g.name]), snap)
-        sync_weights(sim, swaps, snap)
+        settle(sim, swaps, snap)
 
     def done():
         if cost_kind == "latency":
@@ -202,7 +202,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
         return s
 
     with sim.disabled():
-        sync_weights(sim, swaps, snap)  # FP32 is the model before any rounding
+        settle(sim, swaps, snap)  # FP32 is the model before any rounding
         res.fp32_score = fp32_score if fp32_score is not None else user_eval("fp32", "the FP32 model")
         ref_outs = model_outputs(sim.model, proxy, sim.n_inputs)
     res.target = None if allowed_drop is None else res.fp32_score - allowed_drop
@@ -236,7 +236,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
                                 enabled=show_progress and D.is_main()):
             set_all(None)
             apply_candidate(sim, g, c, snap)
-            sync_weights(sim, swaps, snap)
+            settle(sim, swaps, snap)
             cache.phase1[f"{g.name}|{c.name}"] = output_sqnr(sim.model, proxy, ref_outs, sim.n_inputs)
             res.proxy_evaluations += 1
             cache.save()
@@ -272,7 +272,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
         key = "p2:" + obj_hash({k: v.name for k, v in cfg.items()})
         for g in groups:
             apply_candidate(sim, g, cfg[g.name], snap)
-        sync_weights(sim, swaps, snap)
+        settle(sim, swaps, snap)
         s = user_eval(key, f"Pareto point {i}")
         return ParetoPoint(bitops(groups, cfg) / base_bits, s, {k: v.name for k, v in cfg.items()}, i)
 
@@ -307,7 +307,7 @@ def _search(sim, candidates, eval_fn, allowed_drop, data, num_proxy_batches, bas
         res.message = f"chose {best.rel_bitops:.3f}x baseline BitOps at score {best.score:.4f}"
     for g in groups:
         apply_candidate(sim, g, parse_candidate(chosen.config[g.name]), snap)
-    sync_weights(sim, swaps, snap)
+    settle(sim, swaps, snap)
     res.chosen = chosen
     return done()
 

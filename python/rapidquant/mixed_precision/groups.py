@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rapidquant.int32_bias import fit_int32_biases
 from rapidquant.qmodules import FunctionalOp, InputQuantizer, QuantizedModule
 
 FLOAT_BITOPS_FACTOR = 1.5 ** 0.5  # a float bitwidth costs about 1.22x the same integer width (AIMET)
@@ -197,6 +198,7 @@ def snapshot(sim) -> dict:
 def restore(sim, snap: dict) -> None:
     for n, q in sim.quantizers().items():
         q.restore(snap[n])
+    fit_int32_biases(sim)
 
 
 def set_quantizer(q, enabled, dt, bw, fmt, start=None) -> None:
@@ -229,10 +231,12 @@ def weight_swaps(sim, float_weights: dict | None, snap: dict) -> dict:
     return out
 
 
-def sync_weights(sim, swaps: dict, snap: dict) -> None:
-    """Give each swapped parameter the weights its quantizer's current precision needs.
-    The first time a quantizer reads the float weights its statistics are taken from them
-    (those of the rounded weights give a wrong encoding); later precisions derive from them."""
+def settle(sim, swaps: dict, snap: dict) -> None:
+    """After a configuration is applied: give each swapped parameter the weights its
+    quantizer's current precision needs, then widen the weight grids whose layer's int32
+    bias would not fit at the new precisions (rapidquant.int32_bias). The first time a
+    quantizer reads the float weights its statistics are taken from them (those of the
+    rounded weights give a wrong encoding); later precisions derive from them."""
     qs = sim.quantizers()
     with torch.no_grad():
         for n, entry in swaps.items():
@@ -248,6 +252,7 @@ def sync_weights(sim, swaps: dict, snap: dict) -> None:
                 q.observer.update(p)
                 q.finish_calibration()
                 entry[3] = True
+    fit_int32_biases(sim)
 
 
 def apply_candidate(sim, group: QuantizerGroup, c: Candidate | None, snap: dict | None = None) -> None:

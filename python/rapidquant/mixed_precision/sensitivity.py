@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rapidquant.calibration import Observer
+from rapidquant.int32_bias import fit_int32_biases
 from rapidquant.scoring import as_score, sqnr_db
 from rapidquant.mixed_precision.groups import apply_candidate, find_groups, parse_candidate, snapshot
 from rapidquant.progress import progress
@@ -210,4 +211,5 @@ def lite_mp(sim, sensitivity, percent: float, precision="W16A16") -> list[str]:
     snap = snapshot(sim)
     for n in ranked[:k]:
         apply_candidate(sim, groups[n], cand, snap)
+    fit_int32_biases(sim)
     return ranked[:k]

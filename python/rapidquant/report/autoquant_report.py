@@ -103,7 +103,8 @@ def _stage_rows(res) -> list[dict]:
 
 # stage artifact keys that list what a technique left untreated: key -> how to read an entry
 _UNTREATED = {"not_folded": "BN left unfolded", "skipped": "left untreated", "float_leaves": "kept in float",
-              "float_weights": "weight kept in float", "widened": "activation grid given more bits"}
+              "float_weights": "weight kept in float", "widened": "activation grid given more bits",
+              "bias_fits": "weight grid widened for its int32 bias", "saturated_biases": "int32 bias clipped"}
 
 
 def _untreated_rows(res) -> list[dict]:
