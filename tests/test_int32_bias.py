@@ -122,3 +122,29 @@ def test_a_frozen_weight_encoding_that_cannot_hold_the_bias_is_named(tmp_path):
     assert "frozen" in sim.saturated_biases["2"]
     with pytest.warns(UserWarning, match="int32 bias saturates in 2, 5: .*unfreeze"):
         sim.export(str(tmp_path), batches[0])
+
+
+def test_autoquant_stages_and_report_name_the_widened_grids(tmp_path):
+    import os
+    m = big_bias_net()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 6, 6, generator=g) for _ in range(3)]
+    with torch.no_grad():
+        refs = [m(x) for x in batches]
+
+    def fidelity(model):  # 1 - relative output error energy
+        with torch.no_grad():
+            return 1 - sum(float((r - model(x)).pow(2).sum()) for r, x in zip(refs, batches)) / \
+                sum(float(r.pow(2).sum()) for r in refs)
+
+    cfg = rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=16, act_bw=16), allowed_drop=0.01,
+                             results_dir=str(tmp_path), num_calibration_batches=3, use_block_reconstruction=False,
+                             latency_threads=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = rq.AutoQuant(m, batches[0], batches, fidelity, cfg, show_progress=False).optimize()
+    assert res.met  # the clipped biases scored 1 - 0.97**2 here
+    fits = [s.artifacts["bias_fits"] for s in res.stages if s.artifacts.get("bias_fits")]
+    assert fits and all(set(f) == {"2", "5"} for f in fits), fits
+    html = open(os.path.join(str(tmp_path), "report.html")).read()
+    assert "weight grid widened for its int32 bias" in html and "coarser so the int32 bias fits" in html
