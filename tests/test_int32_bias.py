@@ -148,3 +148,22 @@ def test_autoquant_stages_and_report_name_the_widened_grids(tmp_path):
     assert fits and all(set(f) == {"2", "5"} for f in fits), fits
     html = open(os.path.join(str(tmp_path), "report.html")).read()
     assert "weight grid widened for its int32 bias" in html and "coarser so the int32 bias fits" in html
+
+
+def test_export_widens_a_grid_set_by_hand_after_calibration(tmp_path):
+    """Calibrated at 8 bits (nothing to widen), then the input of the big-bias layers raised to
+    16 bits by hand: the export widens their weight grids before writing the file."""
+    m = big_bias_net()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 6, 6, generator=g) for _ in range(3)]
+    sim = rq.QuantSim(m, batches[0], rq.QuantSimConfig(param_bw=16, act_bw=8))
+    sim.compute_encodings(batches, show_progress=False)
+    assert not sim.bias_fits
+    for q in sim.activation_quantizers().values():
+        q.set_precision("int", 16)
+    assert worst(sim) > 1
+    with pytest.warns(UserWarning, match="widened until the bias fits") as rec:
+        res = sim.export(str(tmp_path), batches[0])
+    assert not [w for w in rec if "saturates" in str(w.message)]
+    assert worst(sim) <= 1 and {f.layer for f in sim.bias_fits.values()} == {"2", "5"}
+    assert res.ort_ok and res.parity["default"].max_steps <= 1.001, res.parity

@@ -670,7 +670,8 @@ class QuantSim:
         Conv/MatMul/Gemm layers with uint8 activations are written as uint8 with zero point
         + 128, the same grid: onnxruntime's int8-weight kernels saturate on x86 CPUs without
         VNNI; ``unsigned_weights=False`` keeps int8 for runtimes that require signed weights
-        (TensorRT). Floating inputs are cast to an fp16/bf16 model's dtype."""
+        (TensorRT). Floating inputs are cast to an fp16/bf16 model's dtype. A weight grid too
+        fine for its layer's int32 bias is widened first (rapidquant.int32_bias; warned)."""
         from rapidquant.export.onnx_qdq import export_sim
         dummy_input = cast_floats(dummy_input, model_float_dtype(self.model, strict=False))
         wanted = self.varying_dims() if dynamic_batch else {}  # dynamic_batch=False: static but what is named
@@ -680,6 +681,7 @@ class QuantSim:
                              f"{list(self.input_signature.names)}")
         for name, dims in (dynamic_dims or {}).items():
             wanted[name] = sorted(set(wanted.get(name, [])) | {int(d) for d in dims})
+        fit_int32_biases(self)  # encodings set by hand since calibration: the file must not clip a bias
         return export_sim(self, out_dir, self.positional(dummy_input), filename, encoding_format=encoding_format,
                           export_int32_bias=export_int32_bias, overwrite=overwrite, opset=opset,
                           dynamic_batch=dynamic_batch, unsigned_weights=unsigned_weights,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rapidquant.int32_bias import fit_int32_biases
 from rapidquant.progress import progress
 from rapidquant.techniques.adaround import SUPPORTED, layer_forward
 from rapidquant.batches import model_float_dtype
@@ -75,6 +76,7 @@ def correct_bias(sim, data=None, config: BiasCorrectionConfig = BiasCorrectionCo
     res.skipped += untreated_weights(sim, SUPPORTED, "bias correction", set(targets))
     if config.mode == "analytical":
         _analytical(sim, targets, res)
+        fit_int32_biases(sim)  # a corrected bias may need a wider weight grid to fit in int32
         res.seconds = time.perf_counter() - t0
         return res
     if data is None:
@@ -101,6 +103,7 @@ def correct_bias(sim, data=None, config: BiasCorrectionConfig = BiasCorrectionCo
         next(bar, None)
 
     run_layerwise(sim, batches, set(targets), on_layer, quantize_activations=config.quantize_activations)
+    fit_int32_biases(sim)
     res.seconds = time.perf_counter() - t0
     return res
 
