@@ -225,7 +225,11 @@ def test_export_runs_in_onnxruntime_default_options(calibrated, kind, tmp_path):
     assert in_scan and all(res.tensor_names[q] in body for q in in_scan)
     x = torch.randn(6, 20, 16, generator=torch.Generator().manual_seed(2))  # another batch size
     exact = _ort_steps(res.onnx, sim, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    assert exact.max() == 0.0  # the graph computes exactly what the sim computes
+    # the graph computes what the sim computes, up to a value on a rounding tie that another
+    # summation order resolves the other way: measured 0 differing outputs on an Intel Xeon,
+    # and on an AMD EPYC 1 of 960 by one step (GRU, 2 threads); allowed one step on 1%
+    assert exact.max() <= 1.0 + 1e-3 and (exact > 0.5).mean() <= 0.01, \
+        f"{kind}: max {exact.max():.2f} steps, {(exact > 0.5).mean():.1%} differ"
     default = _ort_steps(res.onnx, sim, x, None)
     # default options fuse QDQ into integer kernels: measured max 2 steps on 23-33% of outputs
     assert default.max() <= 3.0 + 1e-3 and (default > 0.5).mean() <= 0.5, \

@@ -234,8 +234,9 @@ def test_adaround_fp16_cache_and_disk_spill_match_closely():
     flips = sum((p != q).sum().item() for p, q in zip(a.model.parameters(), c.model.parameters()))
     total = sum(p.numel() for p in a.model.parameters())
     # fp16 targets nudge a few undecided weights: measured 0.66% (2 threads) and 0.97%
-    # (1 thread) of the weights flip; allowed 1.5%
-    assert 0 < flips / total < 0.015
+    # (1 thread) of the weights flip on an Intel Xeon, 1.77% and 2.06% on an AMD EPYC (the
+    # trained net and the kernels' summation order differ); allowed 3%
+    assert 0 < flips / total < 0.03
     # and the rounding is as good: summed reconstruction MSE measured +6.6% (2 threads),
     # -1.7% (1 thread); allowed +15%
     assert sum(l.mse_adaround for l in c.layers) <= 1.15 * sum(l.mse_adaround for l in a.layers)
@@ -293,7 +294,7 @@ def test_adaround_memory_bounds_keep_its_result(monkeypatch):
     half = rq.adaround(fp, x, data, cfg, show_progress=False)
     assert half.fp16_cached[0] > 0
     flips = sum((p != q).sum().item() for p, q in zip(base.model.parameters(), half.model.parameters()))
-    assert 0 < flips <= 0.015 * total  # as the fp16 test above: measured 0.6-1%
+    assert 0 < flips <= 0.03 * total  # as the fp16 test above: measured 0.6-1% (Xeon), 1.6-1.9% (EPYC)
     # measured +4%; allowed +15% summed reconstruction error
     assert sum(r.mse_adaround for r in half.layers) <= 1.15 * sum(r.mse_adaround for r in base.layers)
     layer, xs = nn.Conv2d(3, 12, 3, padding=1), [torch.randn(5, 3, 6, 6), torch.randn(4, 3, 6, 6)]
