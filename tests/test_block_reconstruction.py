@@ -255,8 +255,10 @@ def test_large_steps_run_in_pieces_and_wide_values_stay_inside_blocks(resnet, mo
     weights = [k for k in w_whole if k.endswith("weight")]
     differ = sum((w_whole[k] != w_pieces[k]).sum().item() for k in weights)
     total = sum(w_whole[k].numel() for k in weights)
-    # summation order only: measured 27 of 77k weights differ (0.04%); allowed 0.5%
-    assert differ <= 0.005 * total
+    # summation order only: measured 27 of 77k weights differ (0.04%) on an Intel Xeon, 1424
+    # (1.8%) on an AMD EPYC, at 1 and 2 threads; pieces weighted wrongly (each as the whole
+    # step) 7238 (9.4%), the regularizer once per piece 8242 (10.7%); allowed 4%
+    assert differ <= 0.04 * total, differ
     monkeypatch.setattr(BR, "BLOCK_PIECE_ELEMENTS", 1 << 24)
     monkeypatch.setattr(BR, "CACHE_FP16_OVER_MB", 0)  # the float path in fp16 from the start
     half, w_half = run(replace(cfg, cache_fp16=None))
