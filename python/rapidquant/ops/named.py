@@ -35,9 +35,14 @@ def carrying_names():
         _ACTIVE.reset(token)
 
 
-@torch._dynamo.assume_constant_result  # dynamo (tracing a torch.scan body) cannot read a ContextVar
 def active() -> bool:
     return _ACTIVE.get()
+
+
+# dynamo (tracing a torch.scan body) cannot read a ContextVar: it takes the result as a
+# constant. What torch._dynamo.assume_constant_result sets, without importing dynamo here
+# (1.5 s of every import of rapidquant; the runs that trace load it themselves)
+active._dynamo_marked_constant = True
 
 
 def _qdq(x, scale, zero_point, qmin, qmax, block, name):
