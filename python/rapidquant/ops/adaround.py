@@ -85,6 +85,31 @@ def _backward(ctx, grad, grad_reg):
 torch.library.register_autograd(FWD, _backward, setup_context=_setup)
 
 
+class _Eager(torch.autograd.Function):
+    """The same CPU kernels and gradient without the operator dispatcher: AdaRound and block
+    reconstruction call the soft rounding once per optimization step on small weights,
+    where torch.library's dispatch costs about a third of the call (115 of 320 us measured
+    on a 64x32x3x3 weight, forward and backward). Tracing (compile, export) takes the op."""
+
+    @staticmethod
+    def forward(ctx, w, v, scale, zero_point, qmin, qmax, block, beta, hard):
+        ctx.save_for_backward(w, v, scale, zero_point)
+        ctx.args, ctx.hard = (qmin, qmax, block, beta), hard
+        return _fwd_impl("cpu")(w, v, scale, zero_point, qmin, qmax, block, beta, hard)
+
+    @staticmethod
+    def backward(ctx, grad, grad_reg):
+        w, v, scale, zero_point = ctx.saved_tensors
+        if ctx.hard or not ctx.needs_input_grad[1]:
+            return (None,) * 9
+        if grad is None:
+            grad = torch.zeros_like(w)
+        if grad_reg is None:
+            grad_reg = torch.zeros((), dtype=torch.float32, device=w.device)
+        dv = _bwd_impl("cpu")(grad, grad_reg, w, v, scale, zero_point, *ctx.args)
+        return None, dv, None, None, None, None, None, None, None
+
+
 def adaround_weight(w, v, scale, zero_point, qmin: int, qmax: int, axis=None, beta: float = 2.0,
                     hard: bool = False):
     """AdaRound's soft-quantized weight and rounding regularizer in one pass.
@@ -106,5 +131,7 @@ def adaround_weight(w, v, scale, zero_point, qmin: int, qmax: int, axis=None, be
     spec = U.block_spec(w.shape, axis, None)
     s = U.as_param(scale, w, spec, "scale")
     z = U.as_param(zero_point, w, spec, "zero_point")
-    return torch.ops.rapidquant.adaround_forward(w, v, s, z, int(qmin), int(qmax), spec,
-                                                 float(beta), bool(hard))
+    args = (w, v, s, z, int(qmin), int(qmax), spec, float(beta), bool(hard))
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or w.device.type != "cpu":
+        return torch.ops.rapidquant.adaround_forward(*args)
+    return _Eager.apply(*args)

@@ -196,7 +196,7 @@ class _Learning:
             groups.append({"params": list(self.biases.values()), "lr": cfg.bias_lr})
         if cfg.learn_act_steps and acts:
             groups.append({"params": [u for _, u in self.steps.values()], "lr": cfg.act_lr})
-        self.opt = torch.optim.Adam(groups)
+        self.opt = torch.optim.Adam(groups, fused=True)  # one kernel per step
 
     def set_drop(self, on: bool) -> None:
         """QDrop in the activation quantizers (the fused kernel), a fresh choice per call."""
@@ -326,7 +326,8 @@ def _boundary(block: Block) -> tuple[list, list]:
 
 def _rows(values: list, n_rows: int, idx):
     """Take rows idx of every value whose first dim is the batch (others unchanged)."""
-    return [v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_rows else v for v in values]
+    return [v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_rows else v
+            for v in values]
 
 
 def _gather(values: list, picked: list, rows: list) -> list:
