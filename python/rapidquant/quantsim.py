@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from rapidquant import distributed as D
 from rapidquant import graph as G
+from rapidquant import cancellation
 from rapidquant import recurrent as R  # LSTM/GRU(Cell) twins
 from rapidquant.batches import (InputSignature, call_model, cast_floats, count_inputs, model_float_dtype, split_batch,
                                 tensors, to_device)
@@ -508,9 +509,9 @@ class QuantSim:
         model.eval()
         device = _model_device(model)
         dtype = model_float_dtype(model, strict=False)  # an fp16 model calibrates on fp32 batches
-        seen, error = 0, None
+        seen, error, cancelling = 0, None, {}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), cancellation.watch(self, cancelling):
                 if callable(data) and not isinstance(data, (torch.utils.data.DataLoader, list, tuple)):
                     data(model)
                     seen = 1
@@ -556,6 +557,7 @@ class QuantSim:
             warnings.warn(f"{len(unused)} quantizers saw no data during calibration and were disabled: "
                           + ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""), stacklevel=2)
         self._check_grids(acts, sync)
+        self._name_cancelling(cancelling)
         fit_int32_biases(self)
 
     def calibrate_params(self) -> None:
@@ -633,6 +635,20 @@ class QuantSim:
                           + "\nOtherwise widen them (bitwidth 16), normalise or log-scale that tensor in the model, "
                           "or disable them (sim.quantizer(name).enabled = False). "
                           "Facts in sim.calibration_warnings.", stacklevel=3)
+
+    def _name_cancelling(self, found: dict) -> None:
+        """Add the layers whose bias cancels their output (rapidquant.cancellation; measured on
+        the first calibration batch each saw, on this rank) to calibration_warnings, and warn."""
+        if not found:
+            return
+        self.calibration_warnings += [{"name": n, "kind": "cancellation", **r} for n, r in found.items()]
+        first = next(iter(found))
+        warnings.warn(f"layers that compute a small difference of large numbers ({len(found)}): their weight "
+                      "grid's rounding error is large against what they output:\n  "
+                      + "\n  ".join(f"{n}: {cancellation.describe(r)}" for n, r in found.items())
+                      + f"\nGive them more weight bits (sim.quantizer('{first}.weight').set_precision('int', 16)) "
+                      "or keep them in float (QuantSimConfig(exclude=[...])). Facts in sim.calibration_warnings.",
+                      stacklevel=3)
 
     # ------------------------------------------------------------------ encodings I/O
     def encodings(self) -> dict:

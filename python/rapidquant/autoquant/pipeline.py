@@ -161,6 +161,10 @@ def _run_stage(state: RunState, stage: Stage) -> StageRecord:
             rec.artifacts["bias_fits"] = {f.layer: f.why() for f in out.sim.bias_fits.values()}
         if getattr(out.sim, "saturated_biases", None):
             rec.artifacts["saturated_biases"] = dict(out.sim.saturated_biases)
+        cancelling = [w for w in getattr(out.sim, "calibration_warnings", []) if w.get("kind") == "cancellation"]
+        if cancelling:
+            from rapidquant.cancellation import describe
+            rec.artifacts["cancelling"] = {w["name"]: describe(w) for w in cancelling}
         state.log(f"{stage.name}: {_fmt(out.score)} in {rec.seconds:.1f} s {out.message}")
     state.outputs[stage.name] = out
     if stage.after is not None:

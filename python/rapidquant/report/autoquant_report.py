@@ -104,7 +104,8 @@ def _stage_rows(res) -> list[dict]:
 # stage artifact keys that list what a technique left untreated: key -> how to read an entry
 _UNTREATED = {"not_folded": "BN left unfolded", "skipped": "left untreated", "float_leaves": "kept in float",
               "float_weights": "weight kept in float", "widened": "activation grid given more bits",
-              "bias_fits": "weight grid widened for its int32 bias", "saturated_biases": "int32 bias clipped"}
+              "bias_fits": "weight grid widened for its int32 bias", "saturated_biases": "int32 bias clipped",
+              "cancelling": "bias cancels the output"}
 
 
 def _untreated_rows(res) -> list[dict]:
@@ -294,8 +295,8 @@ def write_report(res, path: str) -> str:
             "did not.</p>", table(_stage_rows(res))]
     untreated = _untreated_rows(res)
     body += ["<h2>Left untreated, or changed</h2>",
-             "<p>Layers a technique did not treat, grids calibration raised from the configured bitwidth, "
-             "and why.</p>" if untreated else "", table(untreated)]
+             "<p>Layers a technique did not treat, grids calibration changed from the configured ones, layers "
+             "calibration found at risk, and why.</p>" if untreated else "", table(untreated)]
     sel = next((s for s in res.stages if s.name == "scheme_selection" and s.artifacts.get("schemes")), None)
     if sel is not None:
         body += ["<h2>Quantization schemes</h2>",
