@@ -66,7 +66,7 @@ def fit_int32_biases(sim) -> None:
     fits: dict[str, BiasFit] = getattr(sim, "bias_fits", None) or {}
     saturated: dict[str, str] = {}
     warned = getattr(sim, "bias_warned", None)
-    if warned is None:
+    if warned is None:  # a sim-like object built without QuantSim.__init__
         warned = sim.bias_warned = set()
     new = []
     for name, m in sim.model.named_modules():
