@@ -110,7 +110,10 @@ class ActivationStore:
     def get(self, key) -> list:
         if key in self.mem:
             return self.mem[key]
-        return torch.load(self.disk[key], weights_only=False)
+        # mapped, not read: pages come in as the batches are used and stay file-backed, so
+        # under memory pressure the kernel drops them again instead of the process holding
+        # a private copy of a value the budget sent to disk
+        return torch.load(self.disk[key], weights_only=False, mmap=True)
 
     def drop(self, key) -> None:
         """Forget key; past RELEASE_AFTER_BYTES dropped, hand the heap's free pages back."""
