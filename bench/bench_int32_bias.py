@@ -29,7 +29,8 @@ from common import machine_line, write_table  # noqa: E402
 
 import rapidquant as rq  # noqa: E402
 from rapidquant.export import OnnxRuntimeModule  # noqa: E402
-from rapidquant.qmodules import INT32_BIAS_LIMIT, QuantizedModule  # noqa: E402
+from rapidquant.int32_bias import overflow  # noqa: E402
+from rapidquant.qmodules import QuantizedModule  # noqa: E402
 from rapidquant.scoring import sqnr_db  # noqa: E402
 
 CONFIGS = {"W16A16 per-tensor": (16, 16, False), "W16A16 per-channel": (16, 16, True),
@@ -37,12 +38,8 @@ CONFIGS = {"W16A16 per-tensor": (16, 16, False), "W16A16 per-channel": (16, 16, 
 
 
 def clipped_layers(sim) -> list[str]:
-    out = []
-    for name, m in sim.model.named_modules():
-        step = m.bias_grid() if isinstance(m, QuantizedModule) else None
-        if step is not None and float((m.module.bias.detach().abs() / step).max()) > INT32_BIAS_LIMIT:
-            out.append(name)
-    return out
+    return [name for name, m in sim.model.named_modules()
+            if isinstance(m, QuantizedModule) and (r := overflow(m)) is not None and r.max() > 1]
 
 
 def main():

@@ -29,12 +29,23 @@ MAX_SQNR_DB = 20.0       # output SQNR of the weight rounding alone
 ROWS = 32                # rows of the first batch measured (a batch of 16 ImageNet crops: all)
 
 
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}  # spatial dims
+
+
 def _pre_bias(m: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return conv_with_weight(m, x, w, None)
+    if isinstance(m, tuple(_CONVS)):  # a zero bias: other padding modes run the module itself
+        return conv_with_weight(m, x, w, torch.zeros_like(m.bias))
     if isinstance(m, nn.Linear):
         return F.linear(x, w)
     return None
+
+
+def _channel_axis(m: nn.Module, x: torch.Tensor) -> int | None:
+    """The output's channel dim (Linear: the last; a conv: 1, or 0 for an unbatched input)."""
+    if isinstance(m, nn.Linear):
+        return -1
+    n = next((k for cls, k in _CONVS.items() if isinstance(m, cls)), None)
+    return None if n is None else x.dim() - n - 1
 
 
 def measure(wrapper: QuantizedModule, x: torch.Tensor) -> dict | None:
@@ -44,15 +55,17 @@ def measure(wrapper: QuantizedModule, x: torch.Tensor) -> dict | None:
     q = wrapper.param_quantizers["weight"] if "weight" in wrapper.param_quantizers else None
     if getattr(m, "bias", None) is None or q is None or not q.enabled or q.dtype != "int" or q.scale is None:
         return None
-    x = x[:ROWS] if x.dim() > 1 else x  # enough rows for rms figures; calibration stays as fast
+    ch = _channel_axis(m, x)
+    if ch is None:
+        return None
+    if ch != 0 and x.dim() > 1:
+        x = x[:ROWS]  # enough rows for rms figures; calibration stays as fast
     with torch.no_grad():
         w = m.weight.detach()
         pre = _pre_bias(m, x, w)
-        if pre is None:
-            return None
         err = _pre_bias(m, x, q(w)) - pre
         shape = [1] * pre.dim()
-        shape[-1 if isinstance(m, nn.Linear) else 1] = -1
+        shape[ch] = -1
         out = pre + m.bias.detach().reshape(shape)
         rms_pre, rms_out = float(pre.double().pow(2).mean().sqrt()), float(out.double().pow(2).mean().sqrt())
         e = float(err.double().pow(2).mean())
@@ -72,7 +85,10 @@ def watch(sim, found: dict):
             if name in seen or not args or not isinstance(args[0], torch.Tensor):
                 return
             seen.add(name)
-            r = measure(mod, args[0])
+            try:
+                r = measure(mod, args[0])
+            except Exception:  # noqa: BLE001 - a diagnostic: an input it cannot read is not measured
+                return
             if r is not None and r["cancellation"] >= MIN_CANCELLATION and r["weight_sqnr_db"] < MAX_SQNR_DB:
                 found[name] = r
         return fn

@@ -153,6 +153,7 @@ class QuantSim:
         self.bias_fits: dict = {}
         self.saturated_biases: dict[str, str] = {}
         self.bias_warned: set = set()  # (kind, layer) already warned about by rapidquant.int32_bias
+        self.bias_fit_history: dict = {}  # weight quantizer -> every BiasFit made (rapidquant.int32_bias)
         self.float_weights: dict[str, str] = {}  # weights no quantizer reaches -> the op that reads them
         self.weight_buffers: list[str] = []  # float buffers read as weights, held as frozen parameters
         # input name -> {dim: sizes} the calibration batches had: a dim seen at two sizes is exported symbolic

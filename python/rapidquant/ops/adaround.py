@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rapidquant._ext import _C
 from rapidquant.ops import _utils as U
@@ -70,7 +71,8 @@ def _setup(ctx, inputs, output):
     ctx.hard = hard
 
 
-def _backward(ctx, grad, grad_reg):
+def _grad_v(ctx, grad, grad_reg, bwd):
+    """The gradients of adaround_forward's inputs (only v has one), through ``bwd``."""
     w, v, scale, zero_point = ctx.saved_tensors
     if ctx.hard or not ctx.needs_input_grad[1]:
         return (None,) * 9
@@ -78,8 +80,12 @@ def _backward(ctx, grad, grad_reg):
         grad = torch.zeros_like(w)
     if grad_reg is None:
         grad_reg = torch.zeros((), dtype=torch.float32, device=w.device)
-    dv = torch.ops.rapidquant.adaround_backward(grad, grad_reg, w, v, scale, zero_point, *ctx.args)
+    dv = bwd(grad, grad_reg, w, v, scale, zero_point, *ctx.args)
     return None, dv, None, None, None, None, None, None, None
+
+
+def _backward(ctx, grad, grad_reg):
+    return _grad_v(ctx, grad, grad_reg, torch.ops.rapidquant.adaround_backward)
 
 
 torch.library.register_autograd(FWD, _backward, setup_context=_setup)
@@ -89,7 +95,8 @@ class _Eager(torch.autograd.Function):
     """The same CPU kernels and gradient without the operator dispatcher: AdaRound and block
     reconstruction call the soft rounding once per optimization step on small weights,
     where torch.library's dispatch costs about a third of the call (115 of 320 us measured
-    on a 64x32x3x3 weight, forward and backward). Tracing (compile, export) takes the op."""
+    on a 64x32x3x3 weight, forward and backward). Under torch.compile and torch.export the
+    op is called instead."""
 
     @staticmethod
     def forward(ctx, w, v, scale, zero_point, qmin, qmax, block, beta, hard):
@@ -98,16 +105,9 @@ class _Eager(torch.autograd.Function):
         return _fwd_impl("cpu")(w, v, scale, zero_point, qmin, qmax, block, beta, hard)
 
     @staticmethod
+    @once_differentiable  # as the op: its backward has no gradient of its own
     def backward(ctx, grad, grad_reg):
-        w, v, scale, zero_point = ctx.saved_tensors
-        if ctx.hard or not ctx.needs_input_grad[1]:
-            return (None,) * 9
-        if grad is None:
-            grad = torch.zeros_like(w)
-        if grad_reg is None:
-            grad_reg = torch.zeros((), dtype=torch.float32, device=w.device)
-        dv = _bwd_impl("cpu")(grad, grad_reg, w, v, scale, zero_point, *ctx.args)
-        return None, dv, None, None, None, None, None, None, None
+        return _grad_v(ctx, grad, grad_reg, _bwd_impl("cpu"))
 
 
 def adaround_weight(w, v, scale, zero_point, qmin: int, qmax: int, axis=None, beta: float = 2.0,

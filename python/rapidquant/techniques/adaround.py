@@ -141,6 +141,7 @@ def joined(parts: list) -> list:
 
 def take_rows(parts: list, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx`` of the parts as if concatenated, without concatenating them (fp32)."""
+    idx = idx.to(parts[0].device)  # the sampling generator is on the CPU
     if len(parts) == 1:  # index_select: a quarter of indexing's time on 32 rows
         return parts[0].index_select(0, idx).float()
     out = torch.empty((len(idx),) + parts[0].shape[1:], dtype=torch.float32, device=parts[0].device)

@@ -326,8 +326,8 @@ def _boundary(block: Block) -> tuple[list, list]:
 
 def _rows(values: list, n_rows: int, idx):
     """Take rows idx of every value whose first dim is the batch (others unchanged)."""
-    return [v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_rows else v
-            for v in values]
+    return [v.index_select(0, idx.to(v.device)) if isinstance(v, torch.Tensor) and v.dim() > 0
+            and v.shape[0] == n_rows else v for v in values]
 
 
 def _gather(values: list, picked: list, rows: list) -> list:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rapidquant.techniques.patterns import BNS, CONV_T, CONVS, LAYERS, ModuleGraph, out_axis, set_module
+from rapidquant.int32_bias import fit_int32_biases
 
 
 FOLDED_BN_ATTR = "rapidquant_folded_bn"  # a plain attribute: deepcopy and QuantSim keep it
@@ -237,5 +238,6 @@ def fold_batch_norms_to_scale(sim) -> BNFoldResult:
         else:
             set_module(sim.model, nxt.target, nn.Identity())
         res.folded.append((node.target, nxt.target, "backward"))
+    fit_int32_biases(sim)  # the folded biases on the frozen, rescaled grids: named where they clip
     res.seconds = time.perf_counter() - t0
     return res

@@ -110,9 +110,9 @@ class ActivationStore:
     def get(self, key) -> list:
         if key in self.mem:
             return self.mem[key]
-        # mapped, not read: pages come in as the batches are used and stay file-backed, so
-        # under memory pressure the kernel drops them again instead of the process holding
-        # a private copy of a value the budget sent to disk
+        # mapped, not read: pages come in as the batches are used and stay backed by the
+        # spill file (copy-on-write, so in-place ops never reach it); where the temp dir is
+        # on disk the kernel can drop them again under memory pressure
         return torch.load(self.disk[key], weights_only=False, mmap=True)
 
     def drop(self, key) -> None:

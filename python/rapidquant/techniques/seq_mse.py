@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rapidquant import ops
+from rapidquant.int32_bias import fit_int32_biases
 from rapidquant.progress import progress
 from rapidquant.techniques.patterns import out_axis
 from rapidquant.techniques.adaround import SUPPORTED, layer_forward, _rows
@@ -115,6 +116,12 @@ def seq_mse(sim, data, config: SeqMSEConfig = SeqMSEConfig(), show_progress: boo
         next(bar, None)
 
     run_layerwise(sim, batches, set(targets), on_layer, quantize_activations=config.quantize_activations)
+    chosen = [m.param_quantizers["weight"] for n, m in targets.items() if n in res.layers]
+    for q in chosen:  # a chosen grid too fine for its layer's int32 bias is widened, then frozen again
+        q.frozen = False
+    fit_int32_biases(sim)
+    for q in chosen:
+        q.frozen = True
     res.seconds = time.perf_counter() - t0
     return res
 
