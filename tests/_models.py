@@ -70,3 +70,16 @@ class Prototypes(nn.Module):
 
     def forward(self, x):
         return -torch.cdist(self.fc(x), self.centers)
+
+
+def output_fidelity(model, batches):
+    """An eval_fn for AutoQuant tests: 1 - the relative error energy of a model's outputs
+    against ``model``'s own on ``batches`` (1.0 for the float model itself)."""
+    with torch.no_grad():
+        refs = [model(x) for x in batches]
+
+    def fidelity(m):
+        with torch.no_grad():
+            return 1 - sum(float((r - m(x)).pow(2).sum()) for r, x in zip(refs, batches)) / \
+                sum(float(r.pow(2).sum()) for r in refs)
+    return fidelity

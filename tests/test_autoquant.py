@@ -16,7 +16,7 @@ import rapidquant.autoquant as AQ
 import rapidquant.autoquant.stages as AQS
 from rapidquant import zoo
 from rapidquant.export import OnnxRuntimeModule
-from _models import Prototypes
+from _models import Prototypes, output_fidelity
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -572,14 +572,7 @@ def test_grids_calibration_raised_are_in_the_result_and_report(tmp_path):
     g = torch.Generator().manual_seed(0)
     batches = [torch.exp(torch.randn(16, 8, generator=g) * 2 - 6) for _ in range(4)]
     m = Spec().eval()
-    with torch.no_grad():
-        refs = [m(x) for x in batches]
-
-    def fidelity(model):  # 1 - relative output error energy
-        with torch.no_grad():
-            return 1 - sum(float((r - model(x)).pow(2).sum()) for r, x in zip(refs, batches)) / \
-                sum(float(r.pow(2).sum()) for r in refs)
-
+    fidelity = output_fidelity(m, batches)
     cfg = rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=8, act_bw=8), allowed_drop=0.05, results_dir=str(tmp_path),
                              num_calibration_batches=4, use_block_reconstruction=False, latency_threads=None)
     res = rq.AutoQuant(m, batches[0], batches, fidelity, cfg, show_progress=False).optimize()

@@ -134,8 +134,8 @@ def test_a_parity_gap_is_warned_loudly():
     # a file closer to float than the sim (a ViT: 25.6 vs 24.2 dB on one batch) is said as such
     better = Parity(max_abs_diff=0.05, max_steps=9.0, frac_differing=0.02, elements=1000, file_sqnr_db=25.6,
                     sim_sqnr_db=24.2)
-    with pytest.warns(UserWarning, match=r"file is closer to the float model than the sim \(file 25\.6 dB, sim "
-                                         r"24\.2 dB.*may understate the file") as w:
+    with pytest.warns(UserWarning, match=r"file closer to the float model than the sim \(against the float "
+                                         r"model: file 25\.6 dB, sim 24\.2 dB.*may understate the file") as w:
         _warn_parity(ExportResult("m.onnx", "m.json", parity={"default": better}))
     assert not any("PARITY GAP" in str(x.message) for x in w)
     # above the output grid's ceiling both count as equal: 8-bit outputs 40 dB, 16-bit ones 88 dB

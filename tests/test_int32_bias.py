@@ -15,6 +15,7 @@ from torch import nn
 import rapidquant as rq
 from rapidquant.int32_bias import fit_int32_biases
 from rapidquant.qmodules import INT32_BIAS_LIMIT, QuantizedModule
+from _models import output_fidelity
 
 
 def big_bias_net(per_channel_only: bool = False):
@@ -142,14 +143,7 @@ def test_autoquant_stages_and_report_name_the_widened_grids(tmp_path):
     m = big_bias_net()
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(4, 3, 6, 6, generator=g) for _ in range(3)]
-    with torch.no_grad():
-        refs = [m(x) for x in batches]
-
-    def fidelity(model):  # 1 - relative output error energy
-        with torch.no_grad():
-            return 1 - sum(float((r - model(x)).pow(2).sum()) for r, x in zip(refs, batches)) / \
-                sum(float(r.pow(2).sum()) for r in refs)
-
+    fidelity = output_fidelity(m, batches)
     cfg = rq.AutoQuantConfig(sim=rq.QuantSimConfig(param_bw=16, act_bw=16), allowed_drop=0.01,
                              results_dir=str(tmp_path), num_calibration_batches=3, use_block_reconstruction=False,
                              latency_threads=None)
@@ -157,6 +151,12 @@ def test_autoquant_stages_and_report_name_the_widened_grids(tmp_path):
         warnings.simplefilter("ignore")
         res = rq.AutoQuant(m, batches[0], batches, fidelity, cfg, show_progress=False).optimize()
     assert res.met  # the clipped biases scored 1 - 0.97**2 here
+    # the reported score is the file's, in a default onnxruntime session
+    import onnxruntime as ort
+    sess = ort.InferenceSession(res.onnx_path)
+    name = sess.get_inputs()[0].name
+    file_score = fidelity(lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0]))
+    assert abs(file_score - res.score) <= 1e-6, (file_score, res.score)  # measured 0.0
     fits = [s.artifacts["bias_fits"] for s in res.stages if s.artifacts.get("bias_fits")]
     assert fits and all(set(f) == {"2", "5"} for f in fits), fits
     html = open(os.path.join(str(tmp_path), "report.html")).read()

@@ -18,6 +18,7 @@ layer is named in ``sim.saturated_biases`` when it clips.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ class BiasFit:
 
     def why(self) -> str:
         return (f"weight grid {self.factor:.3g}x coarser so the int32 bias fits on s_input * s_weight "
-                f"(it needs {31 + torch.log2(torch.tensor(self.factor)).item():.1f} bits on the calibrated grid)")
+                f"(it needs {31 + math.log2(self.factor):.1f} bits on the calibrated grid)")
 
 
 def overflow(m: QuantizedModule, weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:

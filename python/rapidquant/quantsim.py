@@ -501,7 +501,7 @@ class QuantSim:
         """
         sync = D.active() if sync is None else (sync and D.active())
         shard = sync if shard is None else shard
-        self.calibrate_params()
+        self._calibrate_weights()  # the int32 bias fit waits for the new activation encodings
         acts = [q for q in self.activation_quantizers().values()
                 if q.enabled and not (q.frozen and q.is_initialized)]
         for q in acts:
@@ -563,7 +563,12 @@ class QuantSim:
         fit_int32_biases(self)
 
     def calibrate_params(self) -> None:
-        """Parameter encodings from the current weights (no data needed; frozen ones kept)."""
+        """Parameter encodings from the current weights (no data needed; frozen ones kept),
+        widened where a layer's int32 bias needs it (rapidquant.int32_bias)."""
+        self._calibrate_weights()
+        fit_int32_biases(self)  # the input encodings may be there already (a scheme or precision change)
+
+    def _calibrate_weights(self) -> None:
         for m in self.model.modules():
             if isinstance(m, QuantizedModule):
                 pairs = [(q, m.param(m.param_name(k))) for k, q in m.param_quantizers.items()]
@@ -581,7 +586,6 @@ class QuantSim:
                 q.observer.update(p)
                 q.finish_calibration()
             m.clear_cache()
-        fit_int32_biases(self)  # the input encodings may be there already (a scheme or precision change)
 
 
     def run(self, batch):

@@ -587,18 +587,16 @@ def _warn_parity(res: ExportResult) -> None:
                                                  p.max_abs_diff)
         elif p.max_steps <= PARITY_WARN_STEPS:
             pass
-        elif p.same_quality():
+        elif p.same_quality() or p.file_better():  # steps apart, but the file is no worse
+            how, verdict = (("with the sim's quality", "rounding ties its kernels resolve the other way, "
+                             "carried through the layers; the file is as good as the sim scored")
+                            if p.same_quality() else
+                            ("and the file closer to the float model than the sim",
+                             "the sim's score may understate the file; score the file itself (AutoQuant does)"))
             warnings.warn(f"onnxruntime ({level} session options) differs from the sim by up to {p.max_steps:.1f} "
-                          f"output quantization steps on {100 * p.frac_differing:.1f}% of output elements, with the "
-                          f"sim's quality against the float model (file {p.file_sqnr_db:.1f} dB, sim "
-                          f"{p.sim_sqnr_db:.1f} dB on the dummy input): rounding ties its kernels resolve the other "
-                          "way, carried through the layers; the file is as good as the sim scored", stacklevel=3)
-        elif p.file_better():
-            warnings.warn(f"onnxruntime ({level} session options) differs from the sim by up to {p.max_steps:.1f} "
-                          f"output quantization steps on {100 * p.frac_differing:.1f}% of output elements, and the "
-                          f"file is closer to the float model than the sim (file {p.file_sqnr_db:.1f} dB, sim "
-                          f"{p.sim_sqnr_db:.1f} dB on the dummy input): the sim's score may understate the file; "
-                          "score the file itself (AutoQuant does)", stacklevel=3)
+                          f"output quantization steps on {100 * p.frac_differing:.1f}% of output elements, {how} "
+                          f"(against the float model: file {p.file_sqnr_db:.1f} dB, sim {p.sim_sqnr_db:.1f} dB on the "
+                          f"dummy input): {verdict}", stacklevel=3)
         else:
             quality = "" if p.same_quality() is None else (
                 f"; against the float model the file measures {p.file_sqnr_db:.1f} dB, the sim {p.sim_sqnr_db:.1f} dB")
