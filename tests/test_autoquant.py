@@ -184,6 +184,56 @@ def test_best_result_when_target_never_met_and_determinism(tmp_path):
     assert [s.score for s in again.stages] == [s.score for s in res.stages]  # deterministic
 
 
+def layer_iterations(res, stage):
+    return [layer["iterations"] for layer in record(res, stage).artifacts["layers"]]
+
+
+def test_short_adaround_that_meets_ends_the_run(tmp_path):
+    """W4A8 per-tensor digits: a fifth of the AdaRound schedule meets a 1-point drop on the
+    exported file, so the full schedule never runs."""
+    res = run(zoo.pretrained("digits_resnet"), tmp_path, sim=dict(param_bw=4, per_channel=False),
+              allowed_drop=0.01, adaround=rq.AdaRoundConfig(iterations=250))
+    st = status(res)
+    assert res.met and res.best_stage == "adaround_short" and st["adaround_short"] == "met"
+    assert st["adaround"] == "skipped" and "target met" in record(res, "adaround").message
+    assert max(layer_iterations(res, "adaround_short")) <= 50  # 0.2 x 250
+    assert "short schedule: at most 50 of 250" in record(res, "adaround_short").message
+    assert res.score == res.artifact_score >= res.target
+
+
+def test_short_adaround_that_misses_runs_the_full_schedule(tmp_path):
+    """Nothing recovers W2 per-tensor weights: the short schedule misses, the full one runs
+    from the same start, and the better of the two is the result."""
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path, sim=W2_PER_TENSOR, allowed_drop=0.005,
+              adaround=rq.AdaRoundConfig(iterations=250))
+    st = status(res)
+    assert not res.met and st["adaround_short"] == "ok" and st["adaround"] == "ok"
+    short, full = layer_iterations(res, "adaround_short"), layer_iterations(res, "adaround")
+    assert max(short) <= 50 < max(full) <= 250
+    scores = {k: record(res, k).score for k in ("adaround_short", "adaround")}
+    assert res.sim_score >= max(scores.values())
+    # too short to be worth a try: the full schedule only, and the report says why
+    res = run(zoo.pretrained("digits_mobilenet"), tmp_path / "b", sim=W2_PER_TENSOR, allowed_drop=0.005,
+              adaround=rq.AdaRoundConfig(iterations=100))
+    assert status(res)["adaround_short"] == "skipped" and "20 iterations" in record(res, "adaround_short").message
+    assert status(res)["adaround"] == "ok"
+
+
+def test_scheme_selection_stops_evaluating_once_one_meets(tmp_path):
+    """The best scheme by proxy meets a loose target: the second needs no eval_fn call. With a
+    target no scheme meets, both are evaluated and the better is chosen."""
+    m = zoo.pretrained("digits_mobilenet")
+    res = run(m, tmp_path / "a", allowed_drop=0.05, use_adaround=False)
+    sel = record(res, "scheme_selection")
+    assert res.best_stage == "scheme_selection" and sel.evaluations == 2  # one scheme, then its file
+    assert [("score" in r) for r in sel.artifacts["schemes"]] == [True, False]
+    assert "not evaluated" in sel.message
+    res = run(m, tmp_path / "b", allowed_drop=0.0, use_adaround=False, sim=W2_PER_TENSOR)
+    sel = record(res, "scheme_selection")
+    assert [("score" in r) for r in sel.artifacts["schemes"]] == [True, True] and "not evaluated" not in sel.message
+    assert sel.score == max(r["score"] for r in sel.artifacts["schemes"])
+
+
 def test_unfolded_bn_score_is_never_the_result(tmp_path):
     """A sim with BNs left unfolded is not what a target runs: scheme selection scores the
     BN-folded model, the same sim a plain user of the folded model gets, and a run that
@@ -352,6 +402,9 @@ def test_config_validation_and_legacy_fields():
         rq.AutoQuantConfig(amp_cost="time")
     with pytest.raises(ValueError, match="block_reconstruction"):
         rq.AutoQuantConfig(block_reconstruction=rq.AdaRoundConfig())
+    for bad in (0, 1, 1.5, True, "0.2"):
+        with pytest.raises(ValueError, match="short_adaround"):
+            rq.AutoQuantConfig(short_adaround=bad)
     with pytest.warns(DeprecationWarning, match="QuantSimConfig"):
         old = rq.AutoQuantConfig(param_bw=4, per_channel=False)
     assert old.sim.param_bw == 4 and old.sim.per_channel is False and old.param_bw is None

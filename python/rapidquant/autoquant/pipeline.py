@@ -75,6 +75,21 @@ def _adaround_skip(state: RunState) -> str | None:
     return why
 
 
+# below this many iterations per layer a short AdaRound schedule is not worth a try of its own
+SHORT_MIN_ITERATIONS = 50
+
+
+def _adaround_short_skip(state: RunState) -> str | None:
+    """The short schedule runs where AdaRound would, when it is shorter by a useful margin."""
+    why = _adaround_skip(state)
+    if why is None and state.config.short_adaround is None:
+        why = "short_adaround=None in the config: the full schedule only"
+    elif why is None and S.short_iterations(state) < SHORT_MIN_ITERATIONS:
+        why = (f"the short schedule would be {S.short_iterations(state)} iterations per layer "
+               f"(< {SHORT_MIN_ITERATIONS}): the full schedule only")
+    return why
+
+
 def _amp_skip(state: RunState) -> str | None:
     if not state.config.amp_candidates:
         return "no AMP candidates given"
@@ -95,6 +110,8 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("w32_check", S.w32_check, "activations only, on the BN-folded and equalized model: stop early when "
           "no weight technique can help", after=_w32_verdict),
     Stage("cle", S.cle, "cross-layer equalization (and high-bias folding) on the BN-folded model"),
+    Stage("adaround_short", S.adaround_short_stage, "AdaRound on a short schedule (short_adaround of its "
+          "iterations): the full schedule runs only if this misses", skip=_adaround_short_skip),
     Stage("adaround", S.adaround_stage, "learn the weight rounding layer by layer", skip=_adaround_skip),
     Stage("block_reconstruction", S.block_reconstruction_stage,
           "learn the rounding and activation steps of each residual/transformer block jointly (BRECQ/QDrop)",

@@ -114,14 +114,19 @@ def scheme_selection(state: RunState) -> Outcome:
         if D.mine(j):
             set_schemes(sim, cands[i])
             scores[i] = state.evaluator(sim.model, f"scheme {cands[i]}")
+            if not D.active() and state.target is not None and scores[i] >= state.target:
+                break  # the run stops at the first that meets the target: the rest need no eval_fn
     for part in D.gather_objects(scores):
         scores.update(part)
+    top = [i for i in top if i in scores]
     chosen = max(top, key=lambda i: scores[i])
     set_schemes(sim, cands[chosen])
     table = [{"scheme": list(cands[i]), "proxy_sqnr_db": proxies[i], **({"score": scores[i]} if i in scores else {})}
              for i in sorted(proxies, key=lambda i: -proxies[i])]
     msg = (f"one calibration pass; proxy (output SQNR) for {len(cands)} schemes, eval_fn for the best "
            f"{len(top)}; chose param={cands[chosen][0]}, act={cands[chosen][1]}")
+    if len(top) < min(c.schemes_fully_evaluated, len(cands)):
+        msg += " (it met the target: the next by proxy were not evaluated)"
     if fold.folded:
         msg += f"; on the BN-folded model ({len(fold.folded)} BNs folded)"
     return Outcome(scores[chosen], m, sim, {"schemes": table, "chosen": list(cands[chosen])}, msg)
@@ -165,6 +170,9 @@ def cle(state: RunState) -> Outcome:
                    {"scaled": r.scaled, "skipped": r.skipped}, msg)
 
 
+ROUNDING_STAGES = ("adaround_short", "adaround", "block_reconstruction")  # they write rounded weights
+
+
 def adaround_input(state: RunState):
     """The model AdaRound starts from: the better of the BN-folded (scheme selection's) and
     equalized models."""
@@ -177,7 +185,7 @@ def unrounded_weights(state: RunState, sim: QuantSim) -> dict:
     """AdaRound (and block reconstruction) wrote their rounding into the weights; a layer AMP
     moves to another precision must start from the weights before rounding (same names in
     their input model)."""
-    if state.best.stage not in ("adaround", "block_reconstruction"):
+    if state.best.stage not in ROUNDING_STAGES:
         return {}
     before = adaround_input(state)
     out = {}
@@ -190,19 +198,36 @@ def unrounded_weights(state: RunState, sim: QuantSim) -> dict:
     return out
 
 
-def adaround_stage(state: RunState) -> Outcome:
-    """AdaRound on the better of the BN-folded and equalized models (deployed models have
-    their BNs folded, so the rounding is learned on folded weights)."""
+def adaround_config(state: RunState) -> AdaRoundConfig:
+    """The run's AdaRound settings with the sim's weight grid and the chosen param scheme."""
     c = state.config
-    start = adaround_input(state)
     sim_cfg = c.sim
-    cfg = replace(c.adaround or AdaRoundConfig(), param_bw=sim_cfg.param_bw or 8, per_channel=sim_cfg.per_channel,
-                  hw_config=sim_cfg.hw_config, param_scheme=state.schemes[0], seed=c.seed,
-                  block_size=sim_cfg.block_size)
-    r = adaround(start, state.dummy_input, state.batches, cfg, show_progress=state.show_progress, sim_config=sim_cfg)
+    return replace(c.adaround or AdaRoundConfig(), param_bw=sim_cfg.param_bw or 8, per_channel=sim_cfg.per_channel,
+                   hw_config=sim_cfg.hw_config, param_scheme=state.schemes[0], seed=c.seed,
+                   block_size=sim_cfg.block_size)
+
+
+def short_iterations(state: RunState) -> int:
+    """The short schedule's iterations per layer (AutoQuantConfig.short_adaround of the full)."""
+    return int(round(state.config.short_adaround * adaround_config(state).iterations))
+
+
+def adaround_stage(state: RunState, iterations: int | None = None) -> Outcome:
+    """AdaRound on the better of the BN-folded and equalized models (deployed models have
+    their BNs folded, so the rounding is learned on folded weights); ``iterations``: a
+    shorter schedule than the config's (its annealing compressed to fit)."""
+    cfg = adaround_config(state)
+    full = cfg.iterations
+    if iterations is not None:
+        cfg = replace(cfg, iterations=iterations)
+    start = adaround_input(state)
+    r = adaround(start, state.dummy_input, state.batches, cfg, show_progress=state.show_progress,
+                 sim_config=state.config.sim)
     sim = calibrated_sim(state, r.model, adaround_result=r)
     layers = [asdict(layer) for layer in r.layers]
     msg = f"rounded {len(layers)} layers in {sum(layer['iterations'] for layer in layers)} iterations"
+    if iterations is not None:
+        msg += f" (short schedule: at most {iterations} of {full} per layer)"
     if r.skipped:
         msg += f"; left {len(r.skipped)} layers with nearest rounding (see artifacts)"
     if r.fp16_cached[0]:
@@ -210,6 +235,11 @@ def adaround_stage(state: RunState) -> Outcome:
                 f"{CACHE_FP16_OVER_MB} MB (cache_fp16)")
     return Outcome(state.evaluator(sim.model, "AdaRound model"), r.model, sim,
                    {"layers": layers, "skipped": [list(s) for s in r.skipped]}, msg)
+
+
+def adaround_short_stage(state: RunState) -> Outcome:
+    """AdaRound on a short schedule: when its file meets the target, the full one never runs."""
+    return adaround_stage(state, short_iterations(state))
 
 
 def block_reconstruction_stage(state: RunState) -> Outcome:
