@@ -219,6 +219,24 @@ def test_short_adaround_that_misses_runs_the_full_schedule(tmp_path):
     assert status(res)["adaround"] == "ok"
 
 
+def test_block_reconstruction_runs_short_then_full(tmp_path):
+    """Below 8-bit activations block reconstruction replaces AdaRound, with the same short
+    schedule first; a target the short schedule misses (W2A4 digits ResNet, 2-point drop)
+    makes the full one run."""
+    res = run(zoo.pretrained("digits_resnet"), tmp_path, sim=dict(param_bw=2, act_bw=4, per_channel=False),
+              allowed_drop=0.02, use_block_reconstruction=True, block_reconstruction=rq.BlockReconConfig(iterations=250))
+    assert record(res, "w32_check").score >= res.target  # 4-bit activations alone meet it: W2 weights do not
+    st = status(res)
+    for name in ("adaround_short", "adaround"):
+        assert st[name] == "skipped" and "4-bit activations" in record(res, name).message
+    assert st["block_reconstruction_short"] == "ok" and st["block_reconstruction"] in ("ok", "met")
+    short, full = (record(res, k).artifacts["blocks"] for k in ("block_reconstruction_short", "block_reconstruction"))
+    assert max(b["iterations"] for b in short) <= 50 < max(b["iterations"] for b in full) <= 250
+    assert "at most 50 of 250 per block" in record(res, "block_reconstruction_short").message
+    page = open(res.report_path).read()
+    assert "block_reconstruction_short: error per block" in page
+
+
 def test_scheme_selection_stops_evaluating_once_one_meets(tmp_path):
     """The best scheme by proxy meets a loose target: the second needs no eval_fn call. With a
     target no scheme meets, both are evaluated and the better is chosen."""
@@ -403,8 +421,8 @@ def test_config_validation_and_legacy_fields():
     with pytest.raises(ValueError, match="block_reconstruction"):
         rq.AutoQuantConfig(block_reconstruction=rq.AdaRoundConfig())
     for bad in (0, 1, 1.5, True, "0.2"):
-        with pytest.raises(ValueError, match="short_adaround"):
-            rq.AutoQuantConfig(short_adaround=bad)
+        with pytest.raises(ValueError, match="short_schedule"):
+            rq.AutoQuantConfig(short_schedule=bad)
     with pytest.warns(DeprecationWarning, match="QuantSimConfig"):
         old = rq.AutoQuantConfig(param_bw=4, per_channel=False)
     assert old.sim.param_bw == 4 and old.sim.per_channel is False and old.param_bw is None

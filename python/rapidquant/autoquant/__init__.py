@@ -9,10 +9,12 @@ The pipeline (``PIPELINE``, in order; each stage is a function in ``stages.py``)
   scheme_selection  one calibration; proxy for every range scheme, eval_fn for the best few
   w32_check         activations only: stop early when no weight technique can help
   cle               cross-layer equalization on the BN-folded model
-  adaround_short    AdaRound on a short schedule (short_adaround of its iterations)
+  adaround_short    AdaRound on a short schedule (short_schedule of its iterations)
   adaround          the full schedule, when the short one misses (below 8-bit activations,
-                    block_reconstruction takes the place of both when it is on)
-  block_reconstruction  learn rounding and activation steps per block (when still missed)
+                    block reconstruction takes the place of both when it is on)
+  block_reconstruction_short, block_reconstruction
+                    learn rounding and activation steps per block (when still missed):
+                    a short schedule first, as AdaRound
   amp               mixed precision over the AMP candidates
   export            the accepted candidate's ONNX + encodings into results_dir
 

@@ -40,9 +40,10 @@ class AutoQuantConfig:
     num_proxy_batches: int = 4
     use_adaround: bool = True
     adaround: AdaRoundConfig | None = None       # None: defaults at the sim's weight bitwidth
-    # AdaRound first on this fraction of its iterations (the same annealing, compressed); the
-    # full schedule runs only when that result misses the target. None: the full schedule only
-    short_adaround: float | None = 0.2
+    # AdaRound and block reconstruction first run this fraction of their iterations (the same
+    # annealing, compressed); the full schedule runs only when that result misses the target.
+    # None: the full schedules only
+    short_schedule: float | None = 0.2
     use_block_reconstruction: bool = True        # after AdaRound when still missed; in its place below A8
     block_reconstruction: BlockReconConfig | None = None  # None: defaults at the sim's weight bitwidth
     amp_candidates: tuple | None = None          # e.g. ("W8A8", "W8A16", "W16A16")
@@ -126,10 +127,10 @@ def _validate(c: AutoQuantConfig) -> None:
         bad("predict_samples", "must be a number of samples >= 1 (the size of your own test), or None")
     if c.predict_samples is not None and c.confidence is None:
         bad("predict_samples", "needs a confidence level (e.g. confidence=0.95) and per-sample eval results")
-    if c.short_adaround is not None and (isinstance(c.short_adaround, bool) or
-                                         not isinstance(c.short_adaround, numbers.Real) or not 0 < c.short_adaround < 1):
-        bad("short_adaround", "must be a fraction of AdaRound's iterations in (0, 1), e.g. 0.2, or None to run "
-            "only the full schedule")
+    if c.short_schedule is not None and (isinstance(c.short_schedule, bool) or
+                                         not isinstance(c.short_schedule, numbers.Real) or not 0 < c.short_schedule < 1):
+        bad("short_schedule", "must be a fraction of the rounding stages' iterations in (0, 1), e.g. 0.2, or None "
+            "to run only the full schedules")
     if c.adaround is not None and not isinstance(c.adaround, AdaRoundConfig):
         bad("adaround", "expected a rapidquant.AdaRoundConfig or None")
     if c.block_reconstruction is not None and not isinstance(c.block_reconstruction, BlockReconConfig):

@@ -75,19 +75,26 @@ def _adaround_skip(state: RunState) -> str | None:
     return why
 
 
-# below this many iterations per layer a short AdaRound schedule is not worth a try of its own
+# below this many iterations per layer/block a short schedule is not worth a try of its own
 SHORT_MIN_ITERATIONS = 50
 
 
-def _adaround_short_skip(state: RunState) -> str | None:
-    """The short schedule runs where AdaRound would, when it is shorter by a useful margin."""
-    why = _adaround_skip(state)
-    if why is None and state.config.short_adaround is None:
-        why = "short_adaround=None in the config: the full schedule only"
-    elif why is None and S.short_iterations(state) < SHORT_MIN_ITERATIONS:
-        why = (f"the short schedule would be {S.short_iterations(state)} iterations per layer "
-               f"(< {SHORT_MIN_ITERATIONS}): the full schedule only")
-    return why
+def _short_skip(full_skip: Callable[[RunState], str | None], config_of: Callable):
+    """The skip rule of a short-schedule stage: it runs where the full stage would, when the
+    short schedule is shorter by a useful margin."""
+    def skip(state: RunState) -> str | None:
+        why = full_skip(state)
+        if why is None and state.config.short_schedule is None:
+            why = "short_schedule=None in the config: the full schedule only"
+        elif why is None:
+            its = S.short_iterations(state, config_of(state))
+            if its < SHORT_MIN_ITERATIONS:
+                why = f"the short schedule would be {its} iterations (< {SHORT_MIN_ITERATIONS}): the full one only"
+        return why
+    return skip
+
+
+_block_skip = _rounding_skip(lambda s: s.config.use_block_reconstruction)
 
 
 def _amp_skip(state: RunState) -> str | None:
@@ -110,12 +117,16 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("w32_check", S.w32_check, "activations only, on the BN-folded and equalized model: stop early when "
           "no weight technique can help", after=_w32_verdict),
     Stage("cle", S.cle, "cross-layer equalization (and high-bias folding) on the BN-folded model"),
-    Stage("adaround_short", S.adaround_short_stage, "AdaRound on a short schedule (short_adaround of its "
-          "iterations): the full schedule runs only if this misses", skip=_adaround_short_skip),
+    Stage("adaround_short", S.adaround_short_stage, "AdaRound on a short schedule (short_schedule of its "
+          "iterations): the full schedule runs only if this misses",
+          skip=_short_skip(_adaround_skip, S.adaround_config)),
     Stage("adaround", S.adaround_stage, "learn the weight rounding layer by layer", skip=_adaround_skip),
+    Stage("block_reconstruction_short", S.block_reconstruction_short_stage,
+          "block reconstruction on a short schedule: the full schedule runs only if this misses",
+          skip=_short_skip(_block_skip, S.block_config)),
     Stage("block_reconstruction", S.block_reconstruction_stage,
           "learn the rounding and activation steps of each residual/transformer block jointly (BRECQ/QDrop)",
-          skip=_rounding_skip(lambda s: s.config.use_block_reconstruction)),
+          skip=_block_skip),
     Stage("amp", S.amp_stage, "mixed precision over the AMP candidates, from the best result so far",
           skip=_amp_skip, cached=False),
 )

@@ -170,7 +170,8 @@ def cle(state: RunState) -> Outcome:
                    {"scaled": r.scaled, "skipped": r.skipped}, msg)
 
 
-ROUNDING_STAGES = ("adaround_short", "adaround", "block_reconstruction")  # they write rounded weights
+# they write rounded weights
+ROUNDING_STAGES = ("adaround_short", "adaround", "block_reconstruction_short", "block_reconstruction")
 
 
 def adaround_input(state: RunState):
@@ -207,9 +208,19 @@ def adaround_config(state: RunState) -> AdaRoundConfig:
                    block_size=sim_cfg.block_size)
 
 
-def short_iterations(state: RunState) -> int:
-    """The short schedule's iterations per layer (AutoQuantConfig.short_adaround of the full)."""
-    return int(round(state.config.short_adaround * adaround_config(state).iterations))
+def block_config(state: RunState):
+    """The run's block reconstruction settings with the sim's weight grid and chosen scheme."""
+    from rapidquant.techniques.block_reconstruction import BlockReconConfig
+    c = state.config
+    sim_cfg = c.sim
+    return replace(c.block_reconstruction or BlockReconConfig(), param_bw=sim_cfg.param_bw or 8,
+                   per_channel=sim_cfg.per_channel, hw_config=sim_cfg.hw_config, param_scheme=state.schemes[0],
+                   seed=c.seed, block_size=sim_cfg.block_size)
+
+
+def short_iterations(state: RunState, cfg) -> int:
+    """A short schedule's iterations per layer or block (AutoQuantConfig.short_schedule of cfg's)."""
+    return int(round(state.config.short_schedule * cfg.iterations))
 
 
 def adaround_stage(state: RunState, iterations: int | None = None) -> Outcome:
@@ -239,20 +250,22 @@ def adaround_stage(state: RunState, iterations: int | None = None) -> Outcome:
 
 def adaround_short_stage(state: RunState) -> Outcome:
     """AdaRound on a short schedule: when its file meets the target, the full one never runs."""
-    return adaround_stage(state, short_iterations(state))
+    return adaround_stage(state, short_iterations(state, adaround_config(state)))
 
 
-def block_reconstruction_stage(state: RunState) -> Outcome:
+def block_reconstruction_stage(state: RunState, iterations: int | None = None) -> Outcome:
     """Block reconstruction (rounding and activation steps learned per residual/transformer
     block) on the model AdaRound starts from. The sim keeps the learned activation steps:
     they are loaded, frozen, after calibration (which still collects every statistic AMP
-    may need to re-derive an encoding at another bitwidth)."""
-    from rapidquant.techniques.block_reconstruction import BlockReconConfig, reconstruct_blocks
+    may need to re-derive an encoding at another bitwidth). ``iterations``: a shorter
+    schedule than the config's."""
+    from rapidquant.techniques.block_reconstruction import reconstruct_blocks
     c = state.config
     sim_cfg = c.sim
-    cfg = replace(c.block_reconstruction or BlockReconConfig(), param_bw=sim_cfg.param_bw or 8,
-                  per_channel=sim_cfg.per_channel, hw_config=sim_cfg.hw_config, param_scheme=state.schemes[0],
-                  seed=c.seed, block_size=sim_cfg.block_size)
+    cfg = block_config(state)
+    full = cfg.iterations
+    if iterations is not None:
+        cfg = replace(cfg, iterations=iterations)
     r = reconstruct_blocks(adaround_input(state), state.dummy_input, state.batches, cfg,
                            show_progress=state.show_progress, sim_config=replace(sim_cfg, act_scheme=state.schemes[1]))
     sim = build_sim(state, r.model)
@@ -262,6 +275,8 @@ def block_reconstruction_stage(state: RunState) -> Outcome:
     blocks = [asdict(b) for b in r.blocks]
     msg = (f"reconstructed {len(blocks)} blocks ({sum(len(b['layers']) for b in blocks)} layers) in "
            f"{sum(b['iterations'] for b in blocks)} iterations")
+    if iterations is not None:
+        msg += f" (short schedule: at most {iterations} of {full} per block)"
     if r.skipped:
         msg += f"; left {len(r.skipped)} layers with nearest rounding (see artifacts)"
     return Outcome(state.evaluator(sim.model, "block-reconstructed model"), r.model, sim,
@@ -291,3 +306,9 @@ def amp_stage(state: RunState) -> Outcome:
             for name in float_weights:
                 model.get_parameter(name).copy_(params[name])
     return Outcome(score, model, sim, artifacts, r.message)
+
+
+def block_reconstruction_short_stage(state: RunState) -> Outcome:
+    """Block reconstruction on a short schedule: when its file meets the target, the full one
+    never runs."""
+    return block_reconstruction_stage(state, short_iterations(state, block_config(state)))

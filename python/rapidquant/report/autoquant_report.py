@@ -149,6 +149,7 @@ def _score_chart(res) -> str:
 # stages whose artifacts list learned units: key, the error after learning, what a unit is
 _LEARNED = {"adaround_short": ("layers", "mse_adaround", "layer"),
             "adaround": ("layers", "mse_adaround", "layer"),
+            "block_reconstruction_short": ("blocks", "mse_reconstructed", "block"),
             "block_reconstruction": ("blocks", "mse_reconstructed", "block")}
 
 
