@@ -186,6 +186,32 @@ def test_backward_matches_reference_autograd(device, axis):
     assert (dx == 0).any() and (dx != 0).any()
 
 
+@pytest.mark.parametrize("axis", [None, 1])
+def test_eager_cpu_autograd_path_matches_the_op(axis):
+    """On plain CPU tensors with autograd, quantize_dequantize skips the dispatcher (a custom
+    autograd.Function over the same kernels); it must give the op's outputs and gradients
+    bit for bit."""
+    torch.manual_seed(0)
+    x0 = torch.randn(64, 48) * 2
+    C = 1 if axis is None else 48
+    s0, z0 = torch.rand(C) * 0.02 + 0.01, torch.randint(-10, 10, (C,)).float()
+    g = torch.randn(64, 48)
+    outs = []
+    for eager in (True, False):
+        x, s, z = (t.clone().requires_grad_() for t in (x0, s0, z0))
+        if eager:
+            y = ops.quantize_dequantize(x, s, z, -128, 127, axis=axis)
+            assert type(y.grad_fn).__name__ == "_EagerQDQBackward"
+        else:
+            spec = U.block_spec(x.shape, axis, None)
+            ps = U.param_shape(x.shape, spec)
+            y = torch.ops.rapidquant.quantize_dequantize(x, s.reshape(ps), z.reshape(ps), -128, 127, spec)
+        outs.append((y,) + torch.autograd.grad(y, (x, s, z), g))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert (outs[0][1] == 0).any() and outs[0][2].abs().sum() > 0  # clipped elements, a scale gradient
+
+
 def test_lsq_scale_gradient_against_central_differences():
     # Between rounding jumps, f(s) = sum(w * s * clamp(round(x / s))) has the exact derivative
     # sum(w * clamp(round(x / s))), which central differences measure in float64 with a step

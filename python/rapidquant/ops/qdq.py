@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rapidquant._ext import _C
 from rapidquant.ops import _utils as U
@@ -196,16 +197,40 @@ def _setup(ctx, inputs, output):
     ctx.block = block
 
 
-def _backward(ctx, grad):
+def _grads(ctx, grad, bwd):
+    """The gradients of quantize_dequantize's inputs (x, scale, zero point), through ``bwd``."""
     x, scale, zero_point = ctx.saved_tensors
     need_x, need_s, need_z = ctx.needs_input_grad[:3]
-    dx, ds, dz = torch.ops.rapidquant.quantize_dequantize_backward(
-        grad, x, scale, zero_point, *ctx.qrange, ctx.block, need_s, need_z)
+    dx, ds, dz = bwd(grad, x, scale, zero_point, *ctx.qrange, ctx.block, need_s, need_z)
     return (dx if need_x else None, ds if need_s else None, dz if need_z else None,
             None, None, None)
 
 
+def _backward(ctx, grad):
+    return _grads(ctx, grad, torch.ops.rapidquant.quantize_dequantize_backward)
+
+
 torch.library.register_autograd(QDQ, _backward, setup_context=_setup)
+
+_QDQ_BWD_CPU = _qdq_bwd_impl("cpu")
+
+
+class _EagerQDQ(torch.autograd.Function):
+    """The same CPU kernels and gradients without the operator dispatcher, for eager calls
+    that need gradients (block reconstruction's learned activation steps, LSQ): through
+    torch.library a call and its backward cost about 200 us on a small tensor, most of it
+    dispatch. Under torch.compile and torch.export the op is called instead."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, block):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.qrange, ctx.block = (qmin, qmax), block
+        return _QDQ_CPU(x, scale, zero_point, qmin, qmax, block)
+
+    @staticmethod
+    @once_differentiable  # as the op: its backward has no gradient of its own
+    def backward(ctx, grad):
+        return _grads(ctx, grad, _QDQ_BWD_CPU)
 
 
 def _drop_setup(ctx, inputs, output):
@@ -237,11 +262,12 @@ def prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size):
     return spec, s, z
 
 
-def _eager_cpu(*tensors) -> bool:
-    """True when the dispatcher adds nothing: plain CPU tensors, no autograd, no tracing."""
-    if torch.compiler.is_compiling():
+def _eager_cpu(*tensors, grad_ok: bool = False) -> bool:
+    """True when the dispatcher adds nothing: plain CPU tensors, no tracing, and (unless
+    ``grad_ok``) no autograd."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
-    grad = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled() and not grad_ok
     for t in tensors:
         if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
             return False
@@ -259,6 +285,8 @@ def quantize_dequantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, b
     spec, s, z = prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size)
     if _eager_cpu(x, s, z):  # same kernel, minus ~8 us of dispatcher per call
         return _QDQ_CPU(x, s, z, int(qmin), int(qmax), spec)
+    if _eager_cpu(x, s, z, grad_ok=True):  # with autograd: the same kernels and gradients
+        return _EagerQDQ.apply(x, s, z, int(qmin), int(qmax), spec)
     return torch.ops.rapidquant.quantize_dequantize(x, s, z, int(qmin), int(qmax), spec)
 
 
