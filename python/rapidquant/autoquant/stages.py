@@ -199,23 +199,21 @@ def unrounded_weights(state: RunState, sim: QuantSim) -> dict:
     return out
 
 
+def _on_the_sim_grid(state: RunState, cfg):
+    """A rounding config (AdaRound, block reconstruction) with the sim's weight grid, the
+    chosen param scheme and the run's seed."""
+    sim_cfg = state.config.sim
+    return replace(cfg, param_bw=sim_cfg.param_bw or 8, per_channel=sim_cfg.per_channel, hw_config=sim_cfg.hw_config,
+                   param_scheme=state.schemes[0], seed=state.config.seed, block_size=sim_cfg.block_size)
+
+
 def adaround_config(state: RunState) -> AdaRoundConfig:
-    """The run's AdaRound settings with the sim's weight grid and the chosen param scheme."""
-    c = state.config
-    sim_cfg = c.sim
-    return replace(c.adaround or AdaRoundConfig(), param_bw=sim_cfg.param_bw or 8, per_channel=sim_cfg.per_channel,
-                   hw_config=sim_cfg.hw_config, param_scheme=state.schemes[0], seed=c.seed,
-                   block_size=sim_cfg.block_size)
+    return _on_the_sim_grid(state, state.config.adaround or AdaRoundConfig())
 
 
 def block_config(state: RunState):
-    """The run's block reconstruction settings with the sim's weight grid and chosen scheme."""
     from rapidquant.techniques.block_reconstruction import BlockReconConfig
-    c = state.config
-    sim_cfg = c.sim
-    return replace(c.block_reconstruction or BlockReconConfig(), param_bw=sim_cfg.param_bw or 8,
-                   per_channel=sim_cfg.per_channel, hw_config=sim_cfg.hw_config, param_scheme=state.schemes[0],
-                   seed=c.seed, block_size=sim_cfg.block_size)
+    return _on_the_sim_grid(state, state.config.block_reconstruction or BlockReconConfig())
 
 
 def short_iterations(state: RunState, cfg) -> int:
@@ -260,8 +258,7 @@ def block_reconstruction_stage(state: RunState, iterations: int | None = None) -
     may need to re-derive an encoding at another bitwidth). ``iterations``: a shorter
     schedule than the config's."""
     from rapidquant.techniques.block_reconstruction import reconstruct_blocks
-    c = state.config
-    sim_cfg = c.sim
+    sim_cfg = state.config.sim
     cfg = block_config(state)
     full = cfg.iterations
     if iterations is not None:
@@ -281,6 +278,12 @@ def block_reconstruction_stage(state: RunState, iterations: int | None = None) -
         msg += f"; left {len(r.skipped)} layers with nearest rounding (see artifacts)"
     return Outcome(state.evaluator(sim.model, "block-reconstructed model"), r.model, sim,
                    {"blocks": blocks, "skipped": [list(s) for s in r.skipped]}, msg)
+
+
+def block_reconstruction_short_stage(state: RunState) -> Outcome:
+    """Block reconstruction on a short schedule: when its file meets the target, the full one
+    never runs."""
+    return block_reconstruction_stage(state, short_iterations(state, block_config(state)))
 
 
 def amp_stage(state: RunState) -> Outcome:
@@ -306,9 +309,3 @@ def amp_stage(state: RunState) -> Outcome:
             for name in float_weights:
                 model.get_parameter(name).copy_(params[name])
     return Outcome(score, model, sim, artifacts, r.message)
-
-
-def block_reconstruction_short_stage(state: RunState) -> Outcome:
-    """Block reconstruction on a short schedule: when its file meets the target, the full one
-    never runs."""
-    return block_reconstruction_stage(state, short_iterations(state, block_config(state)))
