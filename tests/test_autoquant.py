@@ -237,6 +237,24 @@ def test_block_reconstruction_runs_short_then_full(tmp_path):
     assert "block_reconstruction_short: error per block" in page
 
 
+def _png_size(img_tag: str) -> tuple:
+    import base64
+    import struct
+    png = base64.b64decode(img_tag.split("base64,")[1].split('"')[0])
+    return struct.unpack(">II", png[16:24])  # IHDR: width, height
+
+
+def test_flow_picture_fits_the_page_with_every_stage():
+    """The report's page is 1200 px wide: the flow of all the pipeline's stages (more than
+    fit one row) wraps into rows instead of running off the page."""
+    from rapidquant.report.autoquant_report import flow_picture
+    stages = [AQ.StageRecord(name, "ok") for name in AQ.STAGES]
+    assert len(stages) > 8
+    width, height = _png_size(flow_picture(stages))
+    one_row_w, one_row_h = _png_size(flow_picture(stages[:4]))
+    assert width <= 1200 and height > 1.5 * one_row_h  # two rows (1.7x measured)
+
+
 def test_scheme_selection_stops_evaluating_once_one_meets(tmp_path):
     """The best scheme by proxy meets a loose target: the second needs no eval_fn call. With a
     target no scheme meets, both are evaluated and the better is chosen."""

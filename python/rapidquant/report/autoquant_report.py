@@ -13,29 +13,51 @@ COLORS = {"met": "#2e9d42", "ok": "#3b78c2", "cached": "#3b78c2", "failed": "#c0
           "pending": "#dddddd"}
 
 
+FLOW_PER_ROW = 6  # boxes per row of the flow picture once the stages do not fit one page width
+PITCH, ROW_PITCH = 1.55, 1.3
+
+
 def flow_picture(stages) -> str:
+    """The stages as boxes joined by arrows, in rows of FLOW_PER_ROW when there are more than
+    eight (one row of twelve is wider than the page); a row's last box leads to the next
+    row's first."""
     plt = pyplot()
     from matplotlib.patches import FancyBboxPatch
-    fig, ax = plt.subplots(figsize=(1.55 * len(stages) + 0.5, 1.9))
-    ax.set_xlim(0, 1.55 * len(stages))
-    ax.set_ylim(0, 1.6)
+    per_row = len(stages) if len(stages) <= 8 else FLOW_PER_ROW
+    rows = -(-len(stages) // per_row)
+    height = 1.6 + (rows - 1) * ROW_PITCH
+    fig, ax = plt.subplots(figsize=(PITCH * per_row + 0.5, 1.9 * height / 1.6))
+    ax.set_xlim(0, PITCH * per_row)
+    ax.set_ylim(0, height)
     ax.axis("off")
+
+    def corner(i):  # (left, bottom) of box i
+        return 0.1 + PITCH * (i % per_row), 0.45 + (rows - 1 - i // per_row) * ROW_PITCH
+
+    def ran(st):
+        return st.status in ("ok", "met", "cached", "failed")
+
     for i, st in enumerate(stages):
-        x = 0.1 + 1.55 * i
-        ran = st.status in ("ok", "met", "cached", "failed")
-        box = FancyBboxPatch((x, 0.45), 1.2, 0.7, boxstyle="round,pad=0.05", fc=COLORS.get(st.status, "#ddd"),
-                             ec="black" if ran else "#999", lw=2.5 if st.status == "met" else 1)
+        x, y = corner(i)
+        box = FancyBboxPatch((x, y), 1.2, 0.7, boxstyle="round,pad=0.05", fc=COLORS.get(st.status, "#ddd"),
+                             ec="black" if ran(st) else "#999", lw=2.5 if st.status == "met" else 1)
         ax.add_patch(box)
-        ax.text(x + 0.6, 0.92, st.name.replace("_", "\n"), ha="center", va="center", fontsize=7.5,
-                color="white" if ran else "black", weight="bold")
+        ax.text(x + 0.6, y + 0.47, st.name.replace("_", "\n"), ha="center", va="center", fontsize=7.5,
+                color="white" if ran(st) else "black", weight="bold")
         score = "" if st.score is None else f"{st.score:.4f}"
-        ax.text(x + 0.6, 0.62, f"{st.status} {score}", ha="center", va="center", fontsize=6.5,
-                color="white" if ran else "black")
-        if i + 1 < len(stages):
-            nxt = stages[i + 1].status in ("ok", "met", "cached", "failed")
-            ax.annotate("", xy=(x + 1.52, 0.8), xytext=(x + 1.27, 0.8),
-                        arrowprops=dict(arrowstyle="->", lw=2 if (ran and nxt) else 0.8,
-                                        color="black" if (ran and nxt) else "#aaa"))
+        ax.text(x + 0.6, y + 0.17, f"{st.status} {score}", ha="center", va="center", fontsize=6.5,
+                color="white" if ran(st) else "black")
+        if i + 1 == len(stages):
+            continue
+        bold = ran(st) and ran(stages[i + 1])
+        style = dict(arrowstyle="->", lw=2 if bold else 0.8, color="black" if bold else "#aaa")
+        nx, ny = corner(i + 1)
+        if ny == y:  # the next box is to the right
+            ax.annotate("", xy=(nx - 0.03, y + 0.35), xytext=(x + 1.27, y + 0.35), arrowprops=style)
+        else:  # down from this box, back to the next row's first box
+            mid = y - ROW_PITCH / 2 + 0.35
+            ax.plot([x + 0.6, x + 0.6, nx + 0.6], [y - 0.07, mid, mid], color=style["color"], lw=style["lw"])
+            ax.annotate("", xy=(nx + 0.6, ny + 0.77), xytext=(nx + 0.6, mid), arrowprops=style)
     ax.text(0.1, 0.15, "path taken in bold; green = met the target, blue = ran, red = failed, grey = skipped",
             fontsize=7)
     return fig_to_img(fig)
