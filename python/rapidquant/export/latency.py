@@ -11,6 +11,7 @@ import os
 import statistics
 import time
 from rapidquant.batches import model_args
+from rapidquant.export.float_twin import write_float_twin
 from rapidquant.export.runtime import OnnxRuntimeModule
 
 
@@ -48,16 +49,27 @@ def median_latencies(runs: dict, *, repeats: int = 30, rounds: int = ROUNDS) -> 
     return {name: statistics.median(ms) for name, ms in per_round.items()}
 
 
+def float_reference(sim, dummy_input, quantized_onnx: str, folder: str) -> str:
+    """The float model as a file beside the quantized one: the quantized file with its
+    quantization undone (export/float_twin.py), or where that cannot be done the same sim
+    exported with every quantizer off. Written to ``folder``; returns its path."""
+    path = os.path.join(folder, "float_reference.onnx")
+    os.makedirs(folder, exist_ok=True)
+    if write_float_twin(quantized_onnx, path):
+        return path
+    with sim.disabled():
+        return sim.export(folder, dummy_input, "float_reference", overwrite=True).onnx
+
+
 def against_float(sim, dummy_input, files: dict, folder: str, *, threads: int = 1, repeats: int = 30) -> dict:
     """{name: ms} for each exported file in ``files`` ({name: path}) and, under "float", for
-    the same sim exported with every quantizer off (the float model through the same
-    exporter, written to ``folder``), all measured in the same interleaved rounds."""
+    the float twin of the first (``float_reference``), all measured in the same interleaved
+    rounds."""
     if repeats < 1 or threads < 1:
         raise ValueError(f"repeats and threads must be >= 1 (got {repeats}, {threads})")
-    with sim.disabled():
-        ref = sim.export(folder, dummy_input, "float_reference", overwrite=True)
+    ref = float_reference(sim, dummy_input, next(iter(files.values())), folder)
     runs = {name: session_runner(path, dummy_input, sim.n_inputs, threads)
-            for name, path in {"float": ref.onnx, **files}.items()}
+            for name, path in {"float": ref, **files}.items()}
     return median_latencies(runs, repeats=repeats)
 
 
