@@ -94,7 +94,7 @@ def watch(sim, found: dict):
         return fn
 
     for name, m in sim.model.named_modules():
-        if isinstance(m, QuantizedModule) and isinstance(m.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if isinstance(m, QuantizedModule) and isinstance(m.module, (*_CONVS, nn.Linear)):
             handles.append(m.register_forward_hook(hook(name)))
     try:
         yield found

@@ -221,22 +221,25 @@ def short_iterations(state: RunState, cfg) -> int:
     return int(round(state.config.short_schedule * cfg.iterations))
 
 
+def _schedule(cfg, iterations: int | None, unit: str):
+    """(cfg with ``iterations`` when given, the message's note on the short schedule)."""
+    if iterations is None:
+        return cfg, ""
+    note = f" (short schedule: at most {iterations} of {cfg.iterations} per {unit})"
+    return replace(cfg, iterations=iterations), note
+
+
 def adaround_stage(state: RunState, iterations: int | None = None) -> Outcome:
     """AdaRound on the better of the BN-folded and equalized models (deployed models have
     their BNs folded, so the rounding is learned on folded weights); ``iterations``: a
     shorter schedule than the config's (its annealing compressed to fit)."""
-    cfg = adaround_config(state)
-    full = cfg.iterations
-    if iterations is not None:
-        cfg = replace(cfg, iterations=iterations)
+    cfg, short = _schedule(adaround_config(state), iterations, "layer")
     start = adaround_input(state)
     r = adaround(start, state.dummy_input, state.batches, cfg, show_progress=state.show_progress,
                  sim_config=state.config.sim)
     sim = calibrated_sim(state, r.model, adaround_result=r)
     layers = [asdict(layer) for layer in r.layers]
-    msg = f"rounded {len(layers)} layers in {sum(layer['iterations'] for layer in layers)} iterations"
-    if iterations is not None:
-        msg += f" (short schedule: at most {iterations} of {full} per layer)"
+    msg = f"rounded {len(layers)} layers in {sum(layer['iterations'] for layer in layers)} iterations{short}"
     if r.skipped:
         msg += f"; left {len(r.skipped)} layers with nearest rounding (see artifacts)"
     if r.fp16_cached[0]:
@@ -259,10 +262,7 @@ def block_reconstruction_stage(state: RunState, iterations: int | None = None) -
     schedule than the config's."""
     from rapidquant.techniques.block_reconstruction import reconstruct_blocks
     sim_cfg = state.config.sim
-    cfg = block_config(state)
-    full = cfg.iterations
-    if iterations is not None:
-        cfg = replace(cfg, iterations=iterations)
+    cfg, short = _schedule(block_config(state), iterations, "block")
     r = reconstruct_blocks(adaround_input(state), state.dummy_input, state.batches, cfg,
                            show_progress=state.show_progress, sim_config=replace(sim_cfg, act_scheme=state.schemes[1]))
     sim = build_sim(state, r.model)
@@ -271,9 +271,7 @@ def block_reconstruction_stage(state: RunState, iterations: int | None = None) -
     r.apply_to(sim)
     blocks = [asdict(b) for b in r.blocks]
     msg = (f"reconstructed {len(blocks)} blocks ({sum(len(b['layers']) for b in blocks)} layers) in "
-           f"{sum(b['iterations'] for b in blocks)} iterations")
-    if iterations is not None:
-        msg += f" (short schedule: at most {iterations} of {full} per block)"
+           f"{sum(b['iterations'] for b in blocks)} iterations{short}")
     if r.skipped:
         msg += f"; left {len(r.skipped)} layers with nearest rounding (see artifacts)"
     return Outcome(state.evaluator(sim.model, "block-reconstructed model"), r.model, sim,

@@ -69,7 +69,6 @@ def strip_qdq(model):
         kept = [n for n in kept if n not in dead]
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in kept):
         return None  # a quantized value some other node reads: not a QDQ pair
-    used = {i for n in kept for i in n.input} | {o.name for o in g.output}
     del g.node[:]
     g.node.extend(kept)
     remaining = [i for i in g.initializer if i.name in used] + new_inits

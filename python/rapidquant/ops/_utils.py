@@ -124,6 +124,14 @@ def as_param(t, x: torch.Tensor, spec, name: str, float_param: bool = True) -> t
     return t.reshape(pshape)
 
 
+def plain_cpu(*tensors) -> bool:
+    """Plain CPU tensors outside torch.compile/torch.export: the eager kernels may be called
+    without the operator dispatcher (the autograd.Function paths of ops.qdq and ops.adaround)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+
+
 def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
     dev = named[0][1].device
     for name, t in named[1:]:

@@ -132,6 +132,6 @@ def adaround_weight(w, v, scale, zero_point, qmin: int, qmax: int, axis=None, be
     s = U.as_param(scale, w, spec, "scale")
     z = U.as_param(zero_point, w, spec, "zero_point")
     args = (w, v, s, z, int(qmin), int(qmax), spec, float(beta), bool(hard))
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or w.device.type != "cpu":
-        return torch.ops.rapidquant.adaround_forward(*args)
-    return _Eager.apply(*args)
+    if U.plain_cpu(w, v, s, z):
+        return _Eager.apply(*args)
+    return torch.ops.rapidquant.adaround_forward(*args)

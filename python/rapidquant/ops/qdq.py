@@ -262,18 +262,6 @@ def prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size):
     return spec, s, z
 
 
-def _eager_cpu(*tensors, grad_ok: bool = False) -> bool:
-    """True when the dispatcher adds nothing: plain CPU tensors, no tracing, and (unless
-    ``grad_ok``) no autograd."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return False
-    grad = torch.is_grad_enabled() and not grad_ok
-    for t in tensors:
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
-            return False
-    return True
-
-
 def quantize_dequantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, block_size=None):
     """Fake-quantize x: (clamp(round_half_even(x / scale) + zero_point, qmin, qmax) - zero_point) * scale.
 
@@ -283,10 +271,10 @@ def quantize_dequantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, b
     inside the range), scale and zero_point (LSQ-style).
     """
     spec, s, z = prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size)
-    if _eager_cpu(x, s, z):  # same kernel, minus ~8 us of dispatcher per call
-        return _QDQ_CPU(x, s, z, int(qmin), int(qmax), spec)
-    if _eager_cpu(x, s, z, grad_ok=True):  # with autograd: the same kernels and gradients
-        return _EagerQDQ.apply(x, s, z, int(qmin), int(qmax), spec)
+    if U.plain_cpu(x, s, z):  # the same kernels, minus the dispatcher
+        if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad or z.requires_grad):
+            return _EagerQDQ.apply(x, s, z, int(qmin), int(qmax), spec)
+        return _QDQ_CPU(x, s, z, int(qmin), int(qmax), spec)  # ~8 us less per call
     return torch.ops.rapidquant.quantize_dequantize(x, s, z, int(qmin), int(qmax), spec)
 
 

@@ -168,10 +168,9 @@ def _score_chart(res) -> str:
     return fig_to_img(fig)
 
 
-# stages whose artifacts list learned units: key, the error after learning, what a unit is
-_LEARNED = {"adaround_short": ("layers", "mse_adaround", "layer"),
-            "adaround": ("layers", "mse_adaround", "layer"),
-            "block_reconstruction_short": ("blocks", "mse_reconstructed", "block"),
+# stages whose artifacts list learned units (their short schedules too): key, the error
+# after learning, what a unit is
+_LEARNED = {"adaround": ("layers", "mse_adaround", "layer"),
             "block_reconstruction": ("blocks", "mse_reconstructed", "block")}
 
 
@@ -180,7 +179,7 @@ def _rounding_sections(res) -> list[str]:
     rounding and after learning, as a chart (log scale: errors span decades) and a table."""
     out = []
     for s in res.stages:
-        key, after, unit = _LEARNED.get(s.name, (None, None, None))
+        key, after, unit = _LEARNED.get(s.name.removesuffix("_short"), (None, None, None))
         units = s.artifacts.get(key) if key else None
         if not units:
             continue
