@@ -75,3 +75,32 @@ def test_opcheck_and_errors():
         ops.adaround_weight(w, torch.randn(3, 4), 0.1, 0.0, -8, 7)
     with pytest.raises(ValueError, match="beta must be > 1"):
         ops.adaround_weight(w, v, 0.1, 0.0, -8, 7, beta=1.0)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_eager_cpu_path_matches_the_op_for_parameters(axis):
+    """The learned rounding variables are nn.Parameters (block reconstruction): on CPU the
+    soft rounding skips the dispatcher for them too (an autograd.Function over the same
+    kernels), with the op's weight, regularizer and gradient bit for bit."""
+    torch.manual_seed(3)
+    w = torch.randn(16, 8, 3, 3)
+    C = 1 if axis is None else 16
+    s, z = torch.rand(C) * 0.05 + 0.02, torch.randint(-3, 3, (C,)).float()
+    v0 = torch.randn(16, 8, 3, 3)
+    g = torch.randn(16, 8, 3, 3)
+    outs = []
+    for eager in (True, False):
+        v = torch.nn.Parameter(v0.clone())
+        if eager:
+            wt, reg = ops.adaround_weight(w, v, s, z, -8, 7, axis=axis, beta=4.0)
+            assert type(wt.grad_fn).__name__ == "_EagerBackward"
+        else:
+            spec = U.block_spec(w.shape, axis, None)
+            ps = U.param_shape(w.shape, spec)
+            wt, reg = torch.ops.rapidquant.adaround_forward(w, v, s.reshape(ps), z.reshape(ps), -8, 7, spec, 4.0,
+                                                            False)
+        (wt * g).sum().add(reg * 0.3).backward()
+        outs.append((wt.detach(), reg.detach(), v.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert outs[0][2].abs().sum() > 0

@@ -124,12 +124,17 @@ def as_param(t, x: torch.Tensor, spec, name: str, float_param: bool = True) -> t
     return t.reshape(pshape)
 
 
+# nn.Parameter is a plain tensor to torch's dispatch (it disables __torch_function__): the
+# learned rounding variables of AdaRound and block reconstruction are Parameters
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_cpu(*tensors) -> bool:
     """Plain CPU tensors outside torch.compile/torch.export: the eager kernels may be called
     without the operator dispatcher (the autograd.Function paths of ops.qdq and ops.adaround)."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
-    return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+    return all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors)
 
 
 def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
