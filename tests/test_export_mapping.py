@@ -565,3 +565,37 @@ def test_an_integer_input_dim_a_float_leaf_reads_stays_fixed(tmp_path):
     (i,) = onnx.load(res.onnx).graph.input
     dims = [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
     assert isinstance(dims[0], str) and dims[1] == 12
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_named_qdq_traces_no_parameter_reshapes(per_channel):
+    """Under export the quantizers hand their one-dim scale and zero point to the named op as
+    they are: the traced graph has no reshape of them (two per quantizer before, 300 of
+    MiniLM's 1,050 nodes, which torch.onnx decomposes, translates and folds one by one)."""
+    from rapidquant.ops import named
+    from rapidquant.qmodules import float_biases
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    sim = sim_for(MobileNetV2ish(), x, rq.QuantSimConfig(param_bw=8, act_bw=8, per_channel=per_channel))
+    assert len(sim.quantizers()) > 10
+
+    def reshapes(model):
+        ep = torch.export.export(model.eval(), (x,))
+        return sum(n.op == "call_function" and ("reshape" in str(n.target) or "view" in str(n.target))
+                   for n in ep.graph.nodes)
+    with float_biases(), named.carrying_names():  # as export_sim traces (int32 biases go in after)
+        got = reshapes(sim.model)
+    assert got == reshapes(MobileNetV2ish())
+
+
+def test_named_qdq_runs_eagerly_on_one_dim_parameters():
+    """The named op's own kernel (outside tracing) takes the one-dim parameters too, and
+    computes the plain op's values."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5)
+    s, z = torch.rand(6) * 0.05 + 0.01, torch.randint(-4, 4, (6,)).float()
+    got = torch.ops.rapidquant.named_quantize_dequantize(x, s, z, -128, 127, [0, 1, 0, 0], "q")
+    assert torch.equal(got, rq.ops.quantize_dequantize(x, s, z, -128, 127, axis=1))
+    got = torch.ops.rapidquant.named_quantize_dequantize(x, s[:1].reshape(()), z[:1].reshape(()), -128, 127,
+                                                         [0, 0, 0, 0], "q")
+    assert torch.equal(got, rq.ops.quantize_dequantize(x, s[0], z[0], -128, 127))

@@ -161,9 +161,11 @@ def bias_correction(model, dummy, calib, param_bw=8, act_bw=8, per_channel=False
 
 
 def autoquant(model, dummy, calib, evaluate, param_bw, per_channel, allowed_drop, iterations, num_batches,
-              amp_candidates=None, proxy_batches=1):
+              amp_candidates=None, proxy_batches=1, prepare=True):
     """AIMET's AutoQuant (its range-scheme search over min-max, TF-enhanced and percentile, BN
-    fold, CLE, AdaRound, then AMP when candidates are given): returns (its score, seconds)."""
+    fold, CLE, AdaRound, then AMP when candidates are given): returns (its score, seconds).
+    prepare=False skips its model preparer (an fx trace that fails on models reading a
+    tensor's dtype in forward, e.g. a masked softmax's fill value), as its QuantSim here."""
     from aimet_torch.adaround.adaround_weight import AdaroundParameters
     from aimet_torch import auto_quant
     t0 = time.perf_counter()
@@ -171,7 +173,8 @@ def autoquant(model, dummy, calib, evaluate, param_bw, per_channel, allowed_drop
     cls = auto_quant.AutoQuantWithAutoMixedPrecision if amp_candidates else auto_quant.AutoQuant
     with tempfile.TemporaryDirectory() as d, _quiet():
         aq = cls(copy.deepcopy(model).eval(), dummy, loader, lambda m, n=None: evaluate(m),
-                 param_bw=param_bw, output_bw=8, config_file=_config(per_channel), results_dir=d)
+                 param_bw=param_bw, output_bw=8, config_file=_config(per_channel), results_dir=d,
+                 model_prepare_required=prepare)
         aq.set_adaround_params(AdaroundParameters(loader, num_batches=min(num_batches, len(calib)),
                                                   default_num_iterations=iterations,
                                                   forward_fn=lambda mod, b: mod(*_args(b))))

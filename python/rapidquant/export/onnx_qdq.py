@@ -181,7 +181,7 @@ def _translation_table(params: set, seen: list):
         if float_clamp and name not in params and not blocked:
             # activation: clamp in front of Q at the grid ends (torch.onnx may fuse a Relu into
             # this Clip; the Q then quantizes the clamped tensor, the same values)
-            x = _tag(_clamp(op, x, scale, zero_point, qmin, qmax, nz), name, "clamp")
+            x = _tag(_clamp(op, x, scale, zero_point, qmin, qmax, nz, rank), name, "clamp")
         q = _tag(op.QuantizeLinear(x, s, zq, **attrs), name, "quantize")
         if narrow and t in (T.INT8, T.UINT8):  # integer clamp onto the grid (see module doc)
             q = _tag(op.Clip(q, op.Cast(op.Constant(value_int=qmin + off), to=t),
@@ -192,7 +192,7 @@ def _translation_table(params: set, seen: list):
                                         s, zq, **attrs) for v in (qmin, qmax)]
             y = _tag(op.Min(op.Max(y, ends[0]), ends[1]), name, "clamp")
         elif float_clamp and name in params:  # weight: clamp after DQ, so Q reads the weight initializer
-            y = _tag(_clamp(op, y, scale, zero_point, qmin, qmax, nz), name, "clamp")
+            y = _tag(_clamp(op, y, scale, zero_point, qmin, qmax, nz, rank), name, "clamp")
         return y
 
     def float_qdq(x, scale, fmt: int, block, name: str = ""):
@@ -235,14 +235,17 @@ def _translation_table(params: set, seen: list):
             r.quantize_dequantize.default: unnamed_qdq, r.float_quantize_dequantize.default: unnamed_float_qdq}
 
 
-def _clamp(op, x, scale, zero_point, qmin: int, qmax: int, nz: list):
+def _clamp(op, x, scale, zero_point, qmin: int, qmax: int, nz: list, rank: int):
     """x clamped to [(qmin - zp) * scale, (qmax - zp) * scale]: exactly the values DQ gives the
     grid ends. Per tensor a Clip with scalar bounds (torch.onnx would rewrite Min/Max into one
-    anyway); per channel Min/Max with the op's full-rank (broadcastable) parameters."""
+    anyway); per channel Min/Max with the ends shaped to broadcast along the channel axis of
+    x's ``rank`` dims (the named op takes the quantizer's one-dim parameters)."""
     ends = [op.Mul(op.Sub(op.CastLike(v, scale), zero_point), scale) for v in (qmin, qmax)]
     if not nz:
         return op.Clip(x, *[op.ReduceMax(e, keepdims=0) for e in ends])
-    return op.Min(op.Max(x, ends[0]), ends[1])
+    shape = op.Constant(value_ints=[-1 if d == nz[0] else 1 for d in range(rank)])
+    lo, hi = (op.Reshape(e, shape) for e in ends)
+    return op.Min(op.Max(x, lo), hi)
 
 
 def _scalar_tensor(v: int, t):
