@@ -45,6 +45,7 @@ from rapidquant import recurrent as R
 from rapidquant.batches import unmarked
 from rapidquant.capture import without_graph_dumps
 from rapidquant.export.leaves import recorded_float_leaves
+from rapidquant.export.registry_cache import cached_torchlib_registry
 from rapidquant.export.onnx_graph import producers
 from rapidquant.scoring import sqnr_db
 from rapidquant.export.ort_guards import unsigned_weight_containers, widen_weight_only_matmul_containers
@@ -655,7 +656,8 @@ def _export_proto(model, args, table, opset: int, dynamic_batch: bool, extra_dim
     for lg in quiet:  # the exporter's progress chatter and constant-folding notes
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), named.carrying_names(), without_graph_dumps():
+        with warnings.catch_warnings(), named.carrying_names(), without_graph_dumps(), \
+                cached_torchlib_registry():
             warnings.simplefilter("ignore")
             kw = dict(dynamo=True, opset_version=opset, custom_translation_table=table, verbose=False)
             scan_failed = []
