@@ -76,20 +76,15 @@ def minilm_cases():
     quick setting). AIMET gets a quantized definition of its masked softmax and runs without
     its model preparer, whose fx trace fails on it (the softmax reads scores.dtype), as the
     suite's AIMET QuantSim does."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rapidquant.zoo import minilm as L
+    from suite.minilm import retrieval_task
     try:
-        fp = L.pretrained()
+        fp, qs, ds, calib = retrieval_task(quick=True)
     except ImportError as e:
         print(f"minilm: skipped ({e})")
         return
     if aimet.available():
         aimet.teach_minilm()
-    pairs = L.docstring_pairs()
-    ev, cal = pairs[:192], pairs[-64:]
-    qs = [L.tokenize([p[0] for p in ev[i:i + 64]]) for i in range(0, len(ev), 64)]
-    ds = [L.tokenize([p[1] for p in ev[i:i + 64]], 96) for i in range(0, len(ev), 64)]
-    calib = [L.tokenize([p[k] for p in cal[i:i + 16]], 96) for i in range(0, len(cal), 16) for k in (0, 1)]
     yield dict(name="all-MiniLM-L6-v2 (recall@1)", model=fp, calib=calib, dummy=calib[0],
                evaluate=lambda m: L.retrieval_recall(L.embed(m, qs), L.embed(m, ds)), bw=(8, 8), drop=0.01,
                iterations=20, ada_batches=4, aimet_prepare=False)

@@ -51,11 +51,8 @@ def digits(name):
 
 
 def minilm(_):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from rapidquant.zoo import minilm as L
-    model = L.pretrained()
-    pairs = L.docstring_pairs()[-64:]
-    calib = [L.tokenize([p[k] for p in pairs[i:i + 16]], 96) for i in range(0, 64, 16) for k in (0, 1)]
+    from suite.minilm import retrieval_task
+    model, _, _, calib = retrieval_task(quick=True)
     return model, calib[0], calib, rq.QuantSimConfig(param_bw=8, act_bw=8, per_channel=True)
 
 

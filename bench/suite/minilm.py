@@ -13,15 +13,14 @@ from .table import Timer, row
 CASE = "all-MiniLM-L6-v2"
 
 
-def minilm_case(quick: bool):
+def retrieval_task(quick: bool):
+    """(float model, summary batches, body batches, calibration batches) of the retrieval task:
+    the first 192 pairs (``quick``) or all but the last 64 scored, the last 64 calibrating
+    (summaries and bodies, 16 per batch). ImportError when the model's package is missing."""
     import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rapidquant.zoo import minilm as L
-    try:
-        fp = L.pretrained()
-    except ImportError as e:
-        print(f"  minilm: skipped ({e})")
-        return
+    fp = L.pretrained()
     pairs = L.docstring_pairs()
     n_eval = 192 if quick else len(pairs) - 64
     ev, cal = pairs[:n_eval], pairs[-64:]
@@ -29,8 +28,19 @@ def minilm_case(quick: bool):
     qs = [L.tokenize([p[0] for p in ev[i:i + 64]]) for i in range(0, len(ev), 64)]
     ds = [L.tokenize([p[1] for p in ev[i:i + 64]], body_len) for i in range(0, len(ev), 64)]
     calib = [L.tokenize([p[k] for p in cal[i:i + 16]], body_len) for i in range(0, len(cal), 16) for k in (0, 1)]
+    return fp, qs, ds, calib
+
+
+def minilm_case(quick: bool):
+    from rapidquant.zoo import minilm as L
+    try:
+        fp, qs, ds, calib = retrieval_task(quick)
+    except ImportError as e:
+        print(f"  minilm: skipped ({e})")
+        return
     q0, d0 = L.embed(fp, qs), L.embed(fp, ds)
-    print(f"  {CASE}: {len(ev)} summary/body pairs from stdlib docstrings, {len(calib)} calibration batches")
+    print(f"  {CASE}: {sum(len(q[0]) for q in qs)} summary/body pairs from stdlib docstrings, "
+          f"{len(calib)} calibration batches")
 
     def evaluate(model):
         q, d = L.embed(model, qs), L.embed(model, ds)

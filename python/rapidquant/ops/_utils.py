@@ -96,8 +96,10 @@ def param_shape(shape: Sequence[int], spec: Sequence[int]) -> list[int]:
     return [1 if b == 0 else s // b for s, b in zip(shape, spec)]
 
 
-def as_param(t, x: torch.Tensor, spec, name: str, float_param: bool = True) -> torch.Tensor:
-    """Reshape a scale/zero-point to the full-rank parameter shape, as float32."""
+def as_param(t, x: torch.Tensor, spec, name: str, float_param: bool = True, flat: bool = False) -> torch.Tensor:
+    """Reshape a scale/zero-point to the full-rank parameter shape, as float32. ``flat``: a
+    per-tensor or per-channel value of at most one dim is checked but kept as it is (under
+    export a reshape is a traced node torch.onnx then handles one by one)."""
     pshape = param_shape(x.shape, spec)
     if (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device == x.device
             and list(t.shape) == pshape):
@@ -121,6 +123,8 @@ def as_param(t, x: torch.Tensor, spec, name: str, float_param: bool = True) -> t
             f"{name} has shape {tuple(t.shape)} but x of shape {tuple(x.shape)} with this "
             f"axis/block_size needs {what}"
         )
+    if flat and t.dim() <= 1 and max(spec, default=0) <= 1:
+        return t
     return t.reshape(pshape)
 
 

@@ -70,19 +70,11 @@ def _(x, scale, fmt, block, name):
 def quantize_dequantize(x, scale, zero_point, qmin: int, qmax: int, axis=None, block_size=None, *, name: str):
     """:func:`rapidquant.ops.quantize_dequantize` with the quantizer's name on the traced node.
 
-    A per-tensor or per-channel scale and zero point go in as the quantizer keeps them (float32,
-    0 or 1 dims): the translation flattens them anyway, and a reshape to x's rank would be two
-    more traced nodes per quantizer that torch.onnx decomposes, translates and folds away
-    again (300 of MiniLM's 1,050). Per-block grids keep the full-rank layout their Tile needs."""
-    spec = U.block_spec(x.shape, axis, block_size)
-    flat = max(spec, default=0) <= 1 and all(
-        isinstance(t, torch.Tensor) and t.dim() <= 1 and t.dtype == torch.float32 for t in (scale, zero_point))
-    if flat and scale.numel() == zero_point.numel() == (1 if 1 not in spec else x.shape[spec.index(1)]):
-        U.dtype_code(x)
-        U.check_qrange(qmin, qmax)
-        s, z = scale, zero_point
-    else:
-        spec, s, z = prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size)
+    A per-tensor or per-channel scale and zero point go in as the quantizer keeps them (0 or 1
+    dims): the translation flattens them anyway, and a reshape to x's rank would be two more
+    traced nodes per quantizer that torch.onnx decomposes, translates and folds away again
+    (300 of MiniLM's 1,050). Per-block grids keep the full-rank layout their Tile needs."""
+    spec, s, z = prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size, flat=True)
     return torch.ops.rapidquant.named_quantize_dequantize(x, s, z, int(qmin), int(qmax), spec, name)
 
 

@@ -251,14 +251,15 @@ torch.library.register_autograd(QDQ_DROP, _drop_backward, setup_context=_drop_se
 
 
 # ---------------------------------------------------------------- public API
-def prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size):
+def prepare_encoding(x, scale, zero_point, qmin, qmax, axis, block_size, flat: bool = False):
+    """(block spec, scale, zero point) checked against x; ``flat``: see ``as_param``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
     U.dtype_code(x)
     U.check_qrange(qmin, qmax)
     spec = U.block_spec(x.shape, axis, block_size)
-    s = U.as_param(scale, x, spec, "scale")
-    z = U.as_param(zero_point, x, spec, "zero_point")
+    s = U.as_param(scale, x, spec, "scale", flat=flat)
+    z = U.as_param(zero_point, x, spec, "zero_point", flat=flat)
     return spec, s, z
 
 
