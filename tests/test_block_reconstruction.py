@@ -270,3 +270,25 @@ def test_large_steps_run_in_pieces_and_wide_values_stay_inside_blocks(resnet, mo
     monkeypatch.setattr(BR, "BOUNDARY_MAX_BYTES", 0)  # every value too wide: one block
     merged, _ = run()
     assert len(whole.blocks) > 1 and len(merged.blocks) == 1
+
+
+def test_rounding_runs_do_not_import_dynamo():
+    """AdaRound and block reconstruction in a process that never compiles or exports do not
+    import torch._dynamo (1.3-1.5 s): neither the kernels nor the optimizer pull it in."""
+    import subprocess
+    import sys
+    code = """
+import sys, rapidquant as rq
+from rapidquant import zoo
+m = zoo.pretrained("digits_resnet")
+rq.fold_batch_norms_(m)
+data = zoo.calibration_batches(2)
+cfg = dict(param_bw=4, per_channel=False, iterations=5)
+sim_cfg = rq.QuantSimConfig(param_bw=4, act_bw=4, per_channel=False)
+rq.adaround(m, data[0], data, rq.AdaRoundConfig(**cfg), sim_config=sim_cfg, show_progress=False)
+rq.reconstruct_blocks(m, data[0], data, rq.BlockReconConfig(**cfg), sim_config=sim_cfg, show_progress=False)
+assert "torch._dynamo" not in sys.modules, "a rounding run imported torch._dynamo"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -295,6 +295,34 @@ def test_torch_compile_fullgraph_and_export():
     assert any("rapidquant.quantize_dequantize" in str(n.target) for n in ep.graph.nodes)
 
 
+def test_op_calls_import_dynamo_only_when_it_is_there():
+    """The kernels do not import torch._dynamo (1.3-1.5 s, once per process) in a process
+    that never compiles or exports; once dynamo is imported, they run behind
+    torch._dynamo.disable as torch.library.register_kernel would put them."""
+    import subprocess
+    import sys
+    code = """
+import sys, torch, rapidquant
+x, s, z = torch.randn(4, 8), torch.tensor([0.05]), torch.tensor([0.0])
+torch.ops.rapidquant.quantize_dequantize(x, s, z, -128, 127, [0, 0])
+torch.ops.rapidquant.minmax(x, [0, 0])
+assert "torch._dynamo" not in sys.modules, "an op call imported torch._dynamo"
+import torch._dynamo
+guarded = []
+real = torch._dynamo.disable
+def recording(fn=None, recursive=True, **kw):
+    guarded.append(fn.__name__)
+    return real(fn, recursive, **kw)
+torch._dynamo.disable = recording
+y = torch.ops.rapidquant.quantize_dequantize(x, s, z, -128, 127, [0, 0])
+assert guarded == ["impl"], guarded  # the CPU kernel of ops/qdq.py
+assert torch.equal(y, torch.ops.rapidquant.quantize_dequantize(x, s, z, -128, 127, [0, 0]))
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("kwargs,exc,msg", [
     (dict(scale=0.0), ValueError, "must be finite and > 0"),

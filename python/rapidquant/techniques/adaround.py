@@ -24,6 +24,7 @@ from rapidquant.progress import progress
 from rapidquant.batches import cast_floats, model_float_dtype
 from rapidquant.modelcopy import bake_computed_weights, copy_model
 from rapidquant.qmodules import conv_with_weight
+from rapidquant.techniques.fused_adam import FusedAdam
 from rapidquant.techniques.layerwise import (collect_batches, following_activation,
                                              run_layerwise, untreated_weights, check_finite_weights)
 
@@ -232,7 +233,7 @@ def optimize_layer(layer, q, xq: list, target: Callable, act, cfg: AdaRoundConfi
     axis = q.axis
     block = q.block_size
     V = init_rounding(w, s, z, axis, block).requires_grad_()
-    opt = torch.optim.Adam([V], lr=cfg.lr, fused=True)  # one kernel per step: half the time of the default
+    opt = FusedAdam([{"params": [V], "lr": cfg.lr}])  # one kernel per step
     xq = joined(xq)
     n = sum(p.shape[0] for p in xq)
     warm = int(cfg.warm_start * cfg.iterations)
@@ -244,7 +245,7 @@ def optimize_layer(layer, q, xq: list, target: Callable, act, cfg: AdaRoundConfi
         idx = torch.randint(0, n, (min(cfg.batch_rows, n),), generator=gen)
         beta, lam = anneal(it, cfg)
         wt, reg = soft_weight(w, V, s, z, (qmin, qmax), axis, beta, block, cfg.use_reference_math)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         if len(idx) <= piece:
             loss = reconstruction_loss(layer_forward(layer, take_rows(xq, idx), wt), target(idx), act)
             (loss + lam * reg if lam else loss).backward()

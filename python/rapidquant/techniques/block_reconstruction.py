@@ -32,6 +32,7 @@ from rapidquant.progress import progress
 from rapidquant.quantizer import Quantizer
 from rapidquant.techniques.adaround import (CACHE_FP16_OVER_MB, RoundingSettings, anneal, hard_weight,
                                             init_rounding, rounding_sim, rounding_targets, soft_weight, undecided)
+from rapidquant.techniques.fused_adam import FusedAdam
 from rapidquant.techniques.layerwise import ActivationStore, collect_batches, float_twin, run_node
 from rapidquant.modelcopy import bake_computed_weights, copy_model
 
@@ -196,7 +197,7 @@ class _Learning:
             groups.append({"params": list(self.biases.values()), "lr": cfg.bias_lr})
         if cfg.learn_act_steps and acts:
             groups.append({"params": [u for _, u in self.steps.values()], "lr": cfg.act_lr})
-        self.opt = torch.optim.Adam(groups, fused=True)  # one kernel per step
+        self.opt = FusedAdam(groups)  # one kernel per group and step
 
     def set_drop(self, on: bool) -> None:
         """QDrop in the activation quantizers (the fused kernel), a fresh choice per call."""
@@ -230,7 +231,7 @@ class _Learning:
         self.opt.step()
 
     def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
 
     def undecided(self) -> float:
         fr = [undecided(s.V) for s in self.soft.values()]
