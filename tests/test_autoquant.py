@@ -188,6 +188,31 @@ def layer_iterations(res, stage):
     return [layer["iterations"] for layer in record(res, stage).artifacts["layers"]]
 
 
+def test_run_keeps_the_collector_off_old_objects_and_restores_it(tmp_path):
+    """During a run the objects that existed before it are frozen (full collections scan
+    only the run's own); afterwards they are back, and a process that froze objects itself
+    keeps exactly its own freeze."""
+    import gc
+    seen = []
+
+    def counting(model, num_samples=None):
+        seen.append(gc.get_freeze_count())
+        return ev(model)
+    assert gc.get_freeze_count() == 0
+    run(zoo.pretrained("digits_mobilenet"), tmp_path / "a", sim=dict(act_bw=2), eval_fn=counting)
+    assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
+    gc.freeze()  # the user's own
+    try:
+        theirs = gc.get_freeze_count()
+        seen.clear()
+        run(zoo.pretrained("digits_mobilenet"), tmp_path / "b", sim=dict(act_bw=2), eval_fn=counting)
+        # not frozen again (that would add the objects made since), not unfrozen (0); frozen
+        # objects that die leave the count, so it may only fall
+        assert seen and max(seen) <= theirs and 0 < gc.get_freeze_count() <= theirs
+    finally:
+        gc.unfreeze()
+
+
 def test_short_adaround_that_meets_ends_the_run(tmp_path):
     """W4A8 per-tensor digits: a fifth of the AdaRound schedule meets a 1-point drop on the
     exported file, so the full schedule never runs."""

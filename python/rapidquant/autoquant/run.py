@@ -18,7 +18,7 @@ from rapidquant.autoquant.evaluation import Evaluator
 from rapidquant.autoquant.pipeline import PIPELINE, STAGES, accept, prefer_checked, run_pipeline
 from rapidquant.autoquant.state import AutoQuantResult, RunState, StageRecord
 from rapidquant.autoquant.verify import deciding_upper, interval_text, verify
-from rapidquant.memory import start_peak_window, window_peak_rss_mb
+from rapidquant.memory import old_objects_frozen, start_peak_window, window_peak_rss_mb
 from rapidquant.modelcopy import copy_model
 
 
@@ -87,8 +87,9 @@ class AutoQuant:
         was = self.model.training
         self.model.eval()
         try:
-            run_pipeline(state)
-            return finish(state)
+            with old_objects_frozen():
+                run_pipeline(state)
+                return finish(state)
         finally:
             self.model.train(was)
 
