@@ -190,8 +190,7 @@ def layer_iterations(res, stage):
 
 def test_run_keeps_the_collector_off_old_objects_and_restores_it(tmp_path):
     """During a run the objects that existed before it are frozen (full collections scan
-    only the run's own); afterwards they are back, and a process that froze objects itself
-    keeps exactly its own freeze."""
+    only the run's own); afterwards they are back with the collector."""
     import gc
     seen = []
 
@@ -199,16 +198,31 @@ def test_run_keeps_the_collector_off_old_objects_and_restores_it(tmp_path):
         seen.append(gc.get_freeze_count())
         return ev(model)
     assert gc.get_freeze_count() == 0
-    run(zoo.pretrained("digits_mobilenet"), tmp_path / "a", sim=dict(act_bw=2), eval_fn=counting)
+    run(zoo.pretrained("digits_mobilenet"), tmp_path, sim=dict(act_bw=2), eval_fn=counting)
     assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
-    gc.freeze()  # the user's own
+
+
+def test_old_objects_frozen_leaves_the_process_as_it_found_it():
+    import gc
+    from rapidquant.memory import old_objects_frozen
+    with pytest.raises(RuntimeError):  # an error inside still unfreezes
+        with old_objects_frozen():
+            assert gc.get_freeze_count() > 0
+            raise RuntimeError
+    assert gc.get_freeze_count() == 0
+    gc.disable()  # the collector off: nothing to spare it, nothing frozen
     try:
+        with old_objects_frozen():
+            assert gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
+    gc.freeze()  # the process's own freeze: neither frozen again (that would add the objects
+    try:         # made since) nor unfrozen (0); frozen objects that die leave the count
         theirs = gc.get_freeze_count()
-        seen.clear()
-        run(zoo.pretrained("digits_mobilenet"), tmp_path / "b", sim=dict(act_bw=2), eval_fn=counting)
-        # not frozen again (that would add the objects made since), not unfrozen (0); frozen
-        # objects that die leave the count, so it may only fall
-        assert seen and max(seen) <= theirs and 0 < gc.get_freeze_count() <= theirs
+        keep = [[i] for i in range(1000)]  # new objects: freezing again would count them
+        with old_objects_frozen():
+            assert gc.get_freeze_count() <= theirs
+        assert 0 < gc.get_freeze_count() <= theirs and keep
     finally:
         gc.unfreeze()
 

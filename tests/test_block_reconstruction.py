@@ -274,7 +274,7 @@ def test_large_steps_run_in_pieces_and_wide_values_stay_inside_blocks(resnet, mo
 
 def test_rounding_runs_do_not_import_dynamo():
     """AdaRound and block reconstruction in a process that never compiles or exports do not
-    import torch._dynamo (1.3-1.5 s): neither the kernels nor the optimizer pull it in."""
+    import torch._dynamo (about 1.1 s): neither the kernels nor the optimizer pull it in."""
     import subprocess
     import sys
     code = """

@@ -296,7 +296,7 @@ def test_torch_compile_fullgraph_and_export():
 
 
 def test_op_calls_import_dynamo_only_when_it_is_there():
-    """The kernels do not import torch._dynamo (1.3-1.5 s, once per process) in a process
+    """The kernels do not import torch._dynamo (about 1.1 s, once per process) in a process
     that never compiles or exports; once dynamo is imported, they run behind
     torch._dynamo.disable as torch.library.register_kernel would put them."""
     import subprocess

@@ -79,13 +79,17 @@ def old_objects_frozen():
     """Python's cycle collector leaves the objects that exist on entry alone until exit
     (``gc.freeze``): a full collection then scans only what the run made. A process that has
     loaded torch, onnx and onnxruntime holds 0.5-0.9 million tracked objects, and each full
-    collection during an AutoQuant run scanned them all (0.3-0.5 s on this project's 2-core
-    machine, 5-7 % of a digits run). On exit they go back to the collector (``gc.unfreeze``),
-    so garbage among them is collected later as before. A process that froze objects itself,
-    or has the collector off, is left as it is."""
+    collection during an AutoQuant run scanned them all (several tenths of a second on this
+    project's 2-core machine). The young generations are collected first, so that recent
+    garbage is not kept; older garbage cycles, and old objects that become cyclic garbage
+    during the run, wait until exit, when everything goes back to the collector
+    (``gc.unfreeze``) and is collected as before. The freeze is process-wide (other threads'
+    old objects too). A process that froze objects itself, or has the collector off, is left
+    as it is; one that freezes objects during the run has them unfrozen at its end."""
     if gc.get_freeze_count() or not gc.isenabled():
         yield
         return
+    gc.collect(1)
     gc.freeze()
     try:
         yield

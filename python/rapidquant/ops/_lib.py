@@ -20,9 +20,10 @@ def define(schema: str) -> str:
 def _dynamo_disabled(fn):
     """fn behind torch._dynamo.disable, as torch.library.register_kernel guards a Python
     kernel, but without importing dynamo in a process that has not: register_kernel's guard
-    imports it on a process's first op call (1.3-1.5 s on this project's 2-core machine,
-    paid by every run that never compiles or exports). A process that has not imported
-    torch._dynamo cannot be tracing, so the kernel runs as it is until dynamo is there."""
+    imports it on a process's first op call (about 1.1 s on this project's 2-core machine,
+    bench/bench_rounding_overheads.py), paid by every run that never compiles or exports. A
+    process that has not imported torch._dynamo cannot be running it, so the kernel runs as it
+    is until dynamo is there."""
     guarded = None
 
     @functools.wraps(fn)
@@ -30,7 +31,7 @@ def _dynamo_disabled(fn):
         nonlocal guarded
         if guarded is None:
             dynamo = sys.modules.get("torch._dynamo")
-            if dynamo is None or not hasattr(dynamo, "disable"):  # absent, or still importing
+            if dynamo is None or not hasattr(dynamo, "disable"):  # absent, or too early in its import
                 return fn(*args, **kwargs)
             guarded = dynamo.disable(fn, recursive=True, wrapping=False)  # what torch._disable_dynamo makes
         return guarded(*args, **kwargs)
