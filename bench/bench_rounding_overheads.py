@@ -48,14 +48,29 @@ def groups():
             {"params": [make(()), make(())], "lr": 2e-3}]
 
 
-def optimizer(kind, gs):
-    return FusedAdam(gs) if kind == "FusedAdam" else torch.optim.Adam(gs, fused=True)
+class TorchAdam(torch.optim.Adam):
+    """torch.optim.Adam(fused=True) behind FusedAdam's interface."""
+
+    def __init__(self, groups):
+        super().__init__(groups, fused=True)
 
 
-def steps(kind, n, seed=1):
+OPTIMIZERS = {"FusedAdam": FusedAdam, "torch.optim.Adam(fused=True)": TorchAdam}
+
+
+def alternating(rounds, fn):
+    """{optimizer name: [fn(optimizer class) per round]}, the two taking turns going first."""
+    out = {k: [] for k in OPTIMIZERS}
+    for r in range(rounds):
+        for k in list(OPTIMIZERS) if r % 2 == 0 else list(OPTIMIZERS)[::-1]:
+            out[k].append(fn(OPTIMIZERS[k]))
+    return out
+
+
+def steps(opt_cls, n, seed=1):
     """(microseconds per step, final parameters) of n steps on fixed random gradients."""
     gs = groups()
-    opt = optimizer(kind, gs)
+    opt = opt_cls(gs)
     params = [p for g in gs for p in g["params"]]
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(p.shape, generator=gen) for p in params]
@@ -76,13 +91,6 @@ assert "torch._dynamo" not in sys.modules
 import torch._dynamo
 print(t1 - t0, time.perf_counter() - t1)
 """
-
-
-class TorchAdam(torch.optim.Adam):
-    """torch.optim.Adam(fused=True) behind FusedAdam's interface."""
-
-    def __init__(self, groups):
-        super().__init__(groups, fused=True)
 
 
 def reconstruction(opt_cls, iterations):
@@ -125,33 +133,23 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    kinds = ("FusedAdam", "torch.optim.Adam(fused=True)")
-    finals = [steps(k, 50)[1] for k in kinds]  # checked before timing: the same steps
+    finals = [steps(cls, 50)[1] for cls in OPTIMIZERS.values()]  # checked before timing: the same steps
     if not all(torch.equal(a, b) for a, b in zip(*finals)):
         raise SystemExit("FusedAdam and torch.optim.Adam(fused=True) took different steps")
-    times = {k: [] for k in kinds}
-    for r in range(args.rounds):
-        for k in kinds if r % 2 == 0 else kinds[::-1]:
-            times[k].append(steps(k, args.steps)[0])
-    ours, theirs = (statistics.median(times[k]) for k in kinds)
-    rows = [{"what": f"Adam step ({k})", "median": f"{statistics.median(times[k]):.1f} us",
-             "runs": ", ".join(f"{t:.0f}" for t in times[k])} for k in kinds]
+    times = {k: [t for t, _ in v] for k, v in alternating(args.rounds, lambda c: steps(c, args.steps)).items()}
+    ours, theirs = (statistics.median(t) for t in times.values())
+    rows = [{"what": f"Adam step ({k})", "median": f"{statistics.median(t):.1f} us",
+             "runs": ", ".join(f"{x:.0f}" for x in t)} for k, t in times.items()]
     rows.append({"what": "Adam step: FusedAdam / torch.optim", "median": f"{ours / theirs:.2f}x", "runs": ""})
     calls, imports = first_calls(args.rounds)
     rows.append({"what": "first op call in a fresh process", "median": f"{statistics.median(calls) * 1e3:.1f} ms",
                  "runs": ", ".join(f"{t * 1e3:.1f}" for t in calls)})
     rows.append({"what": "import torch._dynamo in a fresh process", "median": f"{statistics.median(imports):.2f} s",
                  "runs": ", ".join(f"{t:.2f}" for t in imports)})
-    recon = {"FusedAdam": FusedAdam, "torch.optim.Adam(fused=True)": TorchAdam}
-    seconds = {k: [] for k in recon}
-    learned = {}
-    for r in range(args.recon_rounds):
-        for k in list(recon) if r % 2 == 0 else list(recon)[::-1]:
-            t, weights = reconstruction(recon[k], args.recon_iterations)
-            seconds[k].append(t)
-            learned.setdefault(k, weights)
-    if not all(torch.equal(a, b) for a, b in zip(*learned.values())):
+    runs = alternating(args.recon_rounds, lambda c: reconstruction(c, args.recon_iterations))
+    if not all(torch.equal(a, b) for a, b in zip(*(v[0][1] for v in runs.values()))):
         raise SystemExit("block reconstruction learned different weights with the two optimizers")
+    seconds = {k: [t for t, _ in v] for k, v in runs.items()}
     for k, ts in seconds.items():
         rows.append({"what": f"block reconstruction, {args.recon_iterations} it/block ({k})",
                      "median": f"{statistics.median(ts):.2f} s", "runs": ", ".join(f"{t:.2f}" for t in ts)})
